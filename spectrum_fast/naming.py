@@ -1,0 +1,80 @@
+"""Module names and module types of weight tensors (SPEC.md §2), for any architecture.
+
+No list of known names: a tensor is "in a block" when one component of its dotted name is a number
+(``model.layers.12...``, ``transformer.h.3...``, ``encoder.layer.5...``, ``blocks.7...``); its module type
+is everything after that first number, as in the reference tool. Mixture-of-experts tensors carry a
+second number (``block_sparse_moe.experts.5.w1``): the reference keeps it in the type, so every expert
+index is a type of its own; :func:`pooled_type` replaces it with ``*`` to rank all experts together.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+MOE_EXPERT = "expert"  # reference behaviour: one type per expert index
+MOE_POOLED = "pooled"  # all experts of a projection form one type
+MOE_GROUPINGS = (MOE_EXPERT, MOE_POOLED)
+
+_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embedding)\.weight$")
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$|^output\.weight$")
+
+
+def module_name(tensor_name: str) -> str:
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
+
+
+def block_index(module: str) -> int | None:
+    """Position of the first numeric component of a dotted name, or None."""
+    for i, part in enumerate(module.split(".")):
+        if part.isdigit():
+            return i
+    return None
+
+
+def module_type(module: str) -> str:
+    """Reference module type: the part after the block index, or the whole name outside blocks."""
+    parts = module.split(".")
+    i = block_index(module)
+    return ".".join(parts[i + 1:]) if i is not None and i + 1 < len(parts) else module
+
+
+def pooled_type(mtype: str) -> str:
+    """``block_sparse_moe.experts.5.w1`` -> ``block_sparse_moe.experts.*.w1`` (numbers become ``*``)."""
+    return ".".join("*" if p.isdigit() else p for p in mtype.split("."))
+
+
+def group_of(mtype: str, grouping: str) -> str:
+    if grouping == MOE_EXPERT:
+        return mtype
+    if grouping == MOE_POOLED:
+        return pooled_type(mtype)
+    raise ValueError(f"unknown MoE grouping {grouping!r}; expected one of {', '.join(MOE_GROUPINGS)}")
+
+
+def is_embedding(tensor_name: str) -> bool:
+    return block_index(tensor_name) is None and bool(_EMBED.search(tensor_name)) and "position" not in tensor_name
+
+
+def is_head(tensor_name: str) -> bool:
+    return block_index(tensor_name) is None and bool(_HEAD.search(tensor_name))
+
+
+def is_scanned_by_default(tensor_name: str, shape: tuple[int, ...]) -> bool:
+    """2-D ``*.weight`` inside a numbered block (SPEC.md §2)."""
+    return len(shape) == 2 and tensor_name.endswith(".weight") and block_index(tensor_name) is not None
+
+
+def wants(tensor_name: str, shape: tuple[int, ...], *, include_embeddings: bool,
+          types: list[str] | None) -> bool:
+    """Whether a scan with these settings covers this tensor."""
+    if len(shape) != 2 or not tensor_name.endswith(".weight"):
+        return False
+    if not is_scanned_by_default(tensor_name, shape):
+        if not (include_embeddings and (is_embedding(tensor_name) or is_head(tensor_name))):
+            return False
+    if types:
+        mtype = module_type(module_name(tensor_name))
+        return any(fnmatch.fnmatchcase(mtype, pat) or fnmatch.fnmatchcase(pooled_type(mtype), pat)
+                   for pat in types)
+    return True

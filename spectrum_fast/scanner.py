@@ -1,0 +1,158 @@
+"""``scan()``: stream a checkpoint's matrices through an engine and collect their SNR records.
+
+A reader thread reads the next tensors from disk while the engine works on the current one (LAPACK and
+``pread`` both release the GIL), so disk and math overlap on the CPU path. At most ``_PREFETCH``
+tensors wait in memory, so peak memory is a small multiple of the largest tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+
+from . import __version__
+from .checkpoint import TensorInfo, dtype_supported, open_checkpoint, read_matrix
+from .cpu_engine import STATUS_OK, matrix_stats
+from .errors import SpectrumError
+from .naming import is_embedding, is_head, module_name, module_type, wants
+from .result import MatrixRecord, ScanResult
+
+_PREFETCH = 2
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class DegenerateMatrixWarning(UserWarning):
+    """A matrix is all zeros or holds NaN/Inf: it gets no SNR and is never selected."""
+
+
+def _resolve_device(device: str) -> tuple[str, str | None]:
+    """The backend that will run, and why it is the CPU when ``auto`` could not use a GPU."""
+    if device not in DEVICES:
+        raise SpectrumError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        return "cpu", None
+    from .backends import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        # A GPU is there, but the CUDA engine is not wired into scan() yet (see the CUDA-engine issue).
+        reason = "the CUDA scan engine is not part of this build yet"
+    if device == "cuda":
+        raise SpectrumError(f"device='cuda' is not available: {reason} (see `python -m spectrum_fast`)")
+    return "cpu", f"using the CPU: {reason}"
+
+
+def _prefetch(infos: Sequence[TensorInfo], stop: threading.Event) -> Iterator[tuple[TensorInfo, object]]:
+    """Yield ``(info, array or exception)`` read by a background thread, in order."""
+    q: queue.Queue = queue.Queue(maxsize=_PREFETCH)
+
+    def reader() -> None:
+        for info in infos:
+            if stop.is_set():
+                return
+            try:
+                item: object = read_matrix(info)
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = e
+            while not stop.is_set():
+                try:
+                    q.put((info, item), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    t = threading.Thread(target=reader, name="spectrum_fast-reader", daemon=True)
+    t.start()
+    try:
+        for _ in infos:
+            info, item = q.get()
+            yield info, item
+            if isinstance(item, BaseException):
+                return
+    finally:
+        stop.set()
+        t.join()
+
+
+def _progress(total_bytes: int, n: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="scanning",
+                disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix} [{elapsed}<{remaining}, {rate_fmt}]",
+                postfix=f"0/{n} tensors")
+
+
+def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str] | None = None,
+         include_embeddings: bool = False, progress: bool = True, exact: bool = False) -> ScanResult:
+    """Spectrum SNR of every weight matrix of a safetensors checkpoint, streamed one tensor at a time.
+
+    ``model``: a directory (single or sharded safetensors), a ``.safetensors`` file, a Hugging Face repo
+    id present in the local cache, or ``"demo"``. ``types``: module types to scan (shell-style patterns
+    such as ``"mlp.*"``); default all. ``include_embeddings`` adds embeddings and ``lm_head``.
+    ``exact=True`` computes every matrix with the float64 SVD (slow; the reference definition).
+    """
+    t0 = time.perf_counter()
+    backend, backend_note = _resolve_device(device)
+    if backend_note and progress:
+        print(f"spectrum_fast: {backend_note}", file=sys.stderr)
+    ckpt = open_checkpoint(model)
+    types = list(types) if types else None
+    chosen: list[TensorInfo] = []
+    skipped: list[dict[str, str]] = []
+    for info in ckpt.tensors.values():
+        if not wants(info.name, info.shape, include_embeddings=include_embeddings, types=types):
+            continue
+        if not dtype_supported(info.dtype):
+            skipped.append({"name": info.name, "reason": f"unsupported dtype {info.dtype}"})
+            continue
+        chosen.append(info)
+    if not chosen:
+        what = f" of types {', '.join(types)}" if types else ""
+        raise SpectrumError(f"{model}: no 2-D weight matrices{what} to scan"
+                            + (f" ({len(skipped)} skipped for their dtype)" if skipped else ""))
+    chosen.sort(key=lambda i: (str(i.file), i.offset))  # sequential reads
+
+    records: list[MatrixRecord] = []
+    stop = threading.Event()
+    with _progress(sum(i.nbytes for i in chosen), len(chosen), progress) as bar:
+        for done, (info, item) in enumerate(_prefetch(chosen, stop), start=1):
+            if isinstance(item, BaseException):
+                raise item
+            out = matrix_stats(item, exact=exact)  # type: ignore[arg-type]
+            del item
+            mod = module_name(info.name)
+            st = out.stats
+            records.append(MatrixRecord(
+                module=mod, type=module_type(mod), snr=out.snr, shape=(info.shape[0], info.shape[1]),
+                dtype=info.dtype, status=out.status, method=out.method,
+                sigma_max=st.sigma_max if st else None, tau=st.tau if st else None,
+                n_signal=st.n_signal if st else None, noise_free=st.noise_free if st else None))
+            if out.status != STATUS_OK:
+                warnings.warn(f"{info.file.name}: tensor '{info.name}' is {_describe(out.status)}: "
+                              "no SNR, never selected", DegenerateMatrixWarning, stacklevel=2)
+            bar.update(info.nbytes)
+            bar.set_postfix_str(f"{done}/{len(chosen)} tensors", refresh=False)
+
+    order = {info.name: i for i, info in enumerate(ckpt.tensors.values())}
+    records.sort(key=lambda r: order.get(r.module + ".weight", 0))
+    names = list(ckpt.tensors)
+    return ScanResult(
+        model=ckpt.model, slug=ckpt.slug, records=records, skipped=skipped,
+        settings={"types": types, "include_embeddings": include_embeddings, "exact": exact,
+                  "device": device, "backend_note": backend_note},
+        sources=[s.to_json() for s in ckpt.sources],
+        embedding_names=[n for n in names if is_embedding(n)],
+        head_names=[n for n in names if is_head(n)],
+        backend=backend, elapsed_s=round(time.perf_counter() - t0, 3), tool_version=__version__)
+
+
+def _describe(status: str) -> str:
+    return {"zero": "all zeros", "nonfinite": "not finite (NaN or Inf)", "empty": "empty"}.get(status, status)
