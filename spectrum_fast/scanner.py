@@ -101,8 +101,6 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     """
     t0 = time.perf_counter()
     backend, backend_note = _resolve_device(device)
-    if backend_note and progress:
-        print(f"spectrum_fast: {backend_note}", file=sys.stderr)
     ckpt = open_checkpoint(model)
     types = list(types) if types else None
     chosen: list[TensorInfo] = []
@@ -119,6 +117,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         raise SpectrumError(f"{model}: no 2-D weight matrices{what} to scan"
                             + (f" ({len(skipped)} skipped for their dtype)" if skipped else ""))
     chosen.sort(key=lambda i: (str(i.file), i.offset))  # sequential reads
+    if backend_note and progress:
+        print(f"spectrum_fast: {backend_note}", file=sys.stderr)
 
     records: list[MatrixRecord] = []
     stop = threading.Event()
