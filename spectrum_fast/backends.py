@@ -19,7 +19,7 @@ def cuda_unavailable_reason() -> str | None:
         return "the native extension spectrum_fast._C was not built (no nvcc when installing)"
     try:
         count = int(ext.device_count())
-    except Exception as e:  # the CUDA runtime reports why (no driver, no device, ...)
+    except RuntimeError as e:  # the CUDA runtime reports why (no driver, no device, ...)
         return f"no usable GPU ({e})"
     if count == 0:
         return "no GPU found"

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,17 +181,14 @@ def _looks_like_repo_id(model: str) -> bool:
 
 
 def _from_hf_cache(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.constants import HF_HUB_CACHE
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointError(f"'{repo_id}' is not a local path, and huggingface_hub is not installed") from None
-    try:
-        path = snapshot_download(repo_id, local_files_only=True,
-                                 allow_patterns=["*.safetensors", "*.json"])
-    except Exception:
+        path = snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.safetensors", "*.json"])
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
         raise CheckpointError(
-            f"'{repo_id}' is not a local path and not in the Hugging Face cache ({HF_HUB_CACHE}); "
+            f"'{repo_id}' is not a local path and not in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
             f"downloading is not supported yet: fetch it first, e.g. "
             f"`hf download {repo_id} --include '*.safetensors' '*.json'`") from None
     return Path(path)
@@ -255,9 +251,3 @@ def read_matrix(info: TensorInfo) -> np.ndarray:
     else:
         arr = raw
     return arr.reshape(info.shape)
-
-
-def iter_matrices(infos: Iterable[TensorInfo]):
-    """Yield ``(info, array)`` in the given order."""
-    for info in infos:
-        yield info, read_matrix(info)

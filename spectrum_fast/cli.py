@@ -160,28 +160,21 @@ def _existing_result(args: argparse.Namespace) -> tuple[ScanResult | None, str]:
 
 
 def selection_table(sel: Selection) -> str:
+    """Per group: modules selected of all, and their parameters when the shapes are known."""
     width = max([len("type")] + [len(g) for g in sel.groups])
     lines = [f"{'type':<{width}}  {'selected':>8}  {'of':>5}  {'parameters':>13}"]
-    tot_sel = tot = 0
-    params = 0
-    params_known = True
+    shapes_known = all(r.numel is not None for r in sel.result.records)
     for g, recs in sel.groups.items():
-        numels = [r.numel for r in recs]
-        known = all(n is not None for n in numels)
-        params_known &= known
-        p = sum(n for n in numels if n is not None)
-        params += p
-        tot_sel += len(recs)
-        tot += sel.group_sizes[g]
-        lines.append(f"{g:<{width}}  {len(recs):>8}  {sel.group_sizes[g]:>5}  {p if known else 'n/a':>13,}"
-                     if known else f"{g:<{width}}  {len(recs):>8}  {sel.group_sizes[g]:>5}  {'n/a':>13}")
-    all_params = [r.numel for r in sel.result.records]
-    if params_known and all(n is not None for n in all_params):
-        total_params = sum(n for n in all_params if n is not None)
-        ptxt = f"{params:,} of {total_params:,} scanned parameters ({100 * params / max(total_params, 1):.1f}%)"
+        params = f"{sum(r.numel or 0 for r in recs):,}" if shapes_known else "n/a"
+        lines.append(f"{g:<{width}}  {len(recs):>8}  {sel.group_sizes[g]:>5}  {params:>13}")
+    total = f"total: {len(sel)} of {sum(sel.group_sizes.values())} modules"
+    if shapes_known:
+        chosen = sum(r.numel or 0 for recs in sel.groups.values() for r in recs)
+        scanned = sum(r.numel or 0 for r in sel.result.records)
+        total += f"; {chosen:,} of {scanned:,} scanned parameters ({100 * chosen / max(scanned, 1):.1f}%)"
     else:
-        ptxt = "parameter counts unknown (result file without shapes)"
-    lines.append(f"total: {tot_sel} of {tot} modules; {ptxt}")
+        total += "; parameter counts unknown (result file without shapes)"
+    lines.append(total)
     return "\n".join(lines)
 
 

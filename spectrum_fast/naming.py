@@ -21,7 +21,7 @@ _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$|^output\.weight$")
 
 
 def module_name(tensor_name: str) -> str:
-    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
+    return tensor_name.removesuffix(".weight")
 
 
 def block_index(module: str) -> int | None:

@@ -138,7 +138,7 @@ class ScanResult:
             raise ResultFileError(
                 f"{source}: not a Spectrum result (expected {{module: {{snr, type}}}} or {{type: {{module: snr}}}})")
         stem = Path(source).stem
-        slug = stem[len("snr_results_"):] if stem.startswith("snr_results_") else stem
+        slug = stem.removeprefix("snr_results_")
         return cls(model=slug, slug=slug, records=records, origin=origin)
 
     @classmethod

@@ -57,7 +57,7 @@ def _prefetch(infos: Sequence[TensorInfo], stop: threading.Event) -> Iterator[tu
                 return
             try:
                 item: object = read_matrix(info)
-            except BaseException as e:  # handed to the consumer, which raises it
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
                 item = e
             while not stop.is_set():
                 try:
