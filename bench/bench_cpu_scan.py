@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,11 @@ def ensure_checkpoint(workdir: Path) -> Path:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         staging = Path(tmp) / "model"
-        build_checkpoint(staging)
+        # In a child process: Linux carries a process's peak RSS over into the programs it starts
+        # (the high-water mark survives fork and exec), so a parent that once held the model in
+        # memory would inflate every later measurement. The parent stays small instead.
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "build", str(staging), "-"],
+                       check=True)
         (staging / "bench_recipe.json").write_text(json.dumps(recipe))
         if model_dir.exists():
             import shutil
@@ -180,14 +184,17 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def warm_page_cache(model_dir: Path) -> None:
     """Read every weight file once so both sides find them in the page cache."""
+    # A small reused buffer: the parent's own peak RSS is a floor for its children's (see above).
+    buf = bytearray(4 << 20)
     for f in weight_files(model_dir):
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
                 pass
 
 
 # --------------------------------------------------------------------------------------------------
-# Child processes (run as `python bench_cpu_scan.py --child {reference,ours} MODEL_DIR OUT.json`)
+# Child processes (run as `python bench_cpu_scan.py --child {reference,ours} MODEL_DIR OUT.json`;
+# `--child build DIR -` builds the checkpoint)
 # --------------------------------------------------------------------------------------------------
 
 def child_reference(model_dir: Path, out: Path) -> None:
@@ -201,11 +208,13 @@ def child_reference(model_dir: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     t_load = time.perf_counter()
     snrs: dict[str, float] = {}
+    slowest = (0.0, "")
     with torch.no_grad():
         for name, p in model.named_parameters():
             module = scanned_module(name, p.ndim)
             if module is None:
                 continue
+            t_matrix = time.perf_counter()
             w = p.detach().float()
             s = torch.linalg.svdvals(w)
             q75, q25 = torch.quantile(s, torch.tensor([0.75, 0.25], dtype=s.dtype))
@@ -216,9 +225,11 @@ def child_reference(model_dir: Path, out: Path) -> None:
             below = s[s <= tau]
             noise = below.sum() if below.numel() else torch.tensor(1.0)
             snrs[module] = float((signal / noise) / s.max())
+            slowest = max(slowest, (time.perf_counter() - t_matrix, module))
     t_done = time.perf_counter()
     _write_child(out, snrs, {"import_s": t_import - t0, "load_s": t_load - t_import,
-                             "compute_s": t_done - t_load, "torch_threads": torch.get_num_threads()})
+                             "compute_s": t_done - t_load, "slowest_matrix_s": slowest[0],
+                             "slowest_matrix": slowest[1], "torch_threads": torch.get_num_threads()})
 
 
 def child_ours(model_dir: Path, out: Path) -> None:
@@ -343,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         kind, model_dir, out = args.child
-        {"reference": child_reference, "ours": child_ours}[kind](Path(model_dir), Path(out))
+        if kind == "build":
+            build_checkpoint(Path(model_dir))
+        else:
+            {"reference": child_reference, "ours": child_ours}[kind](Path(model_dir), Path(out))
         return 0
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
@@ -367,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     ref_rss = min(r.peak_rss_mb for r in runs["reference"])
     our_rss = min(r.peak_rss_mb for r in runs["ours"])
 
+    import resource
+
+    # Children start from the parent's peak RSS (see ensure_checkpoint), so it must stay below theirs.
+    parent_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     check = compare(ref, ours)
     speedup = ref.wall_s / ours.wall_s
     rss_ratio = our_rss / ref_rss
@@ -377,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": {"path": str(model_dir), "bytes": ckpt_bytes, "mb": round(ckpt_bytes / 2**20, 1),
                        "dtype": "bf16", "config": LLAMA_CONFIG, "recipe": CHECKPOINT_RECIPE},
         "repeat": args.repeat,
+        "parent_peak_rss_mb": round(parent_rss, 1),
         "reference": {"method": "transformers from_pretrained(float32) + torch.linalg.svdvals",
                       "wall_s": round(ref.wall_s, 3), "peak_rss_mb": round(ref_rss, 1),
                       "all_wall_s": [round(r.wall_s, 3) for r in runs["reference"]],
