@@ -56,6 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="module types to scan, shell patterns allowed (e.g. 'mlp.*' self_attn.q_proj)")
     p.add_argument("--include-embeddings", action="store_true", help="also scan embeddings and lm_head")
     p.add_argument("--exact", action="store_true", help="float64 SVD for every matrix (slow reference path)")
+    p.add_argument("--workers", type=int, metavar="N", help="matrices computed at once on the CPU (default 2)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no table")
 
 
@@ -64,7 +65,8 @@ def _scan_and_save(args: argparse.Namespace) -> ScanResult:
 
     ensure_writable_dir(args.out)  # fail before the scan, not after it
     result = scan(args.model, device=args.device, types=args.types,
-                  include_embeddings=args.include_embeddings, progress=not args.quiet, exact=args.exact)
+                  include_embeddings=args.include_embeddings, progress=not args.quiet, exact=args.exact,
+                  workers=args.workers)
     full, ref = result.save(args.out)
     if not args.quiet:
         print(f"wrote {ref} and {full}", file=sys.stderr)

@@ -151,3 +151,24 @@ def test_types_filter_and_embeddings(tmp_path):
     assert {r.module for r in res.records} >= {"lm_head", "model.embed_tokens", "model.layers.1.self_attn.q_proj"}
     with pytest.raises(spectrum_fast.SpectrumError, match="no 2-D weight matrices of types nothing"):
         spectrum_fast.scan(path, types=["nothing"], progress=False)
+
+
+def test_memory_is_bounded_by_the_largest_tensor(tmp_path):
+    """Streaming: peak traced memory stays a small multiple of one tensor, not the model's size."""
+    import tracemalloc
+
+    from .conftest import save_np
+
+    rng = np.random.default_rng(0)
+    one = rng.standard_normal((512, 1024)).astype(np.float32)  # 2 MiB
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": one * (1 + i / 10) for i in range(40)}  # 80 MiB
+    path = save_np(tmp_path / "model.safetensors", tensors)
+    del tensors
+    tracemalloc.start()
+    try:
+        res = spectrum_fast.scan(path, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(res) == 40
+    assert peak < 16 * one.nbytes, f"peak {peak / 2**20:.1f} MiB for 2 MiB tensors"
