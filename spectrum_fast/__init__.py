@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # `python -m spectrum_fast.scan` finds the package already imported instead of rebinding the name.
 from . import freeze as _freeze_cli  # noqa: F401
 from . import scan as _scan_cli  # noqa: F401
+from .apply import FreezeReport, freeze, fsdp_auto_wrap_policy, lora_target_modules
 from .errors import CheckpointError, ResultFileError, SpectrumError
 from .result import MatrixRecord, ScanResult
 from .scanner import DegenerateMatrixWarning, scan
@@ -24,13 +25,17 @@ load_result = ScanResult.load
 __all__ = [
     "CheckpointError",
     "DegenerateMatrixWarning",
+    "FreezeReport",
     "MatrixRecord",
     "ResultFileError",
     "ScanResult",
     "Selection",
     "SpectrumError",
     "__version__",
+    "freeze",
+    "fsdp_auto_wrap_policy",
     "load_result",
+    "lora_target_modules",
     "scan",
     "select",
 ]

@@ -136,6 +136,8 @@ def freeze_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescan", action="store_true", help="ignore existing results and scan again")
     p.add_argument("--no-embed-head", action="store_true",
                    help="leave the ^embedding$ / ^lm_head$ lines out of the YAML")
+    p.add_argument("--train-dtype", choices=sorted(_TRAIN_BYTES), default="bf16",
+                   help="training precision for the memory estimate (default bf16)")
     return p
 
 
@@ -191,8 +193,43 @@ def _freeze(args: argparse.Namespace) -> int:
     path = sel.save_yaml(args.out, embed_head=not args.no_embed_head)
     if not args.quiet:
         print(selection_table(sel))
+        print(training_estimate(sel, args.model, embed_head=not args.no_embed_head, train_dtype=args.train_dtype))
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+# bytes per trainable parameter beyond the weights: gradient in the training dtype, AdamW's two fp32
+# moments, and an fp32 master copy when training in 16-bit (mixed precision)
+_TRAIN_BYTES = {"bf16": 2 + 8 + 4, "fp16": 2 + 8 + 4, "fp32": 4 + 8}
+
+
+def training_estimate(sel: Selection, model: str, *, embed_head: bool, train_dtype: str) -> str:
+    """Trainable parameters of the whole model under this selection, and the memory it saves."""
+    import re
+
+    from .checkpoint import open_checkpoint
+
+    try:
+        tensors = open_checkpoint(model).tensors
+    except SpectrumError:
+        return "trainable parameters of the whole model: unknown (weights not available here)"
+    chosen = set(sel.modules)
+    patterns = [re.compile(h.replace(".", "\\.")) for h in sel.head_lines()] if embed_head else []
+    total = trainable = 0
+    for name, info in tensors.items():
+        n = 1
+        for d in info.shape:
+            n *= d
+        if not name.endswith((".weight", ".bias")) or "position_ids" in name:
+            continue
+        total += n
+        if name.rsplit(".", 1)[0] in chosen or any(p.match(name) for p in patterns):
+            trainable += n
+    per = _TRAIN_BYTES[train_dtype]
+    saved = (total - trainable) * per
+    return (f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.1f}%); "
+            f"estimated training memory saved vs full fine-tune: {saved / 2**30:.2f} GiB "
+            f"(gradients + AdamW states{' + fp32 master weights' if train_dtype != 'fp32' else ''}, {train_dtype})")
 
 
 def freeze_main(argv: Sequence[str] | None = None) -> int:

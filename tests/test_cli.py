@@ -167,3 +167,14 @@ def test_device_cuda_without_gpu_is_a_clear_error(model_dir, capsys):
 def test_device_auto_falls_back_with_message(model_dir, capsys):
     assert scan_main([str(model_dir), "--out", str(model_dir / "o")]) == 0
     assert "spectrum_fast: using the CPU:" in capsys.readouterr().err
+
+
+def test_freeze_prints_trainable_parameters_and_saving(model_dir, tmp_path, capsys):
+    assert freeze_main([str(model_dir), "--top", "0.5", "--out", str(tmp_path / "o"), "--train-dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    # 2 of 4 q_proj (32x32) + 2 of 4 down_proj (32x80) + embed and head lines (100x32 each)
+    trainable, total = 2 * 32 * 32 + 2 * 32 * 80 + 2 * 100 * 32, 4 * (32 * 32 + 32 * 80) + 2 * 100 * 32
+    assert f"trainable: {trainable:,} of {total:,} parameters" in out
+    assert "(gradients + AdamW states, fp32)" in out
+    assert freeze_main([str(model_dir), "--top", "0.5", "--out", str(tmp_path / "o"), "--no-embed-head"]) == 0
+    assert f"trainable: {trainable - 6400:,} of {total:,}" in capsys.readouterr().out

@@ -1,0 +1,228 @@
+"""Applying a selection to a live model: ``requires_grad`` on exactly the selected modules (SPEC.md §5).
+
+Parameter names are compared after removing what wrappers add: PEFT's ``base_model.model.`` and
+``.base_layer``, DDP / DeepSpeed's leading ``module.``, FSDP1's ``_fsdp_wrapped_module.``, activation
+checkpointing's ``_checkpoint_wrapped_module.`` and ``torch.compile``'s ``_orig_mod.``. A selection
+entry that matches no parameter is an error by default: a typo must never become a silent full
+fine-tune (or a silent no-op). Nothing here reads ``param.shape`` to decide anything, because under
+DeepSpeed ZeRO-3 live parameters have shape ``[0]``; sizes come from ``ds_numel`` there and from the
+global shape of DTensors under FSDP2.
+
+Apply the selection *before* the optimizer is built (and before ``deepspeed.initialize``): an
+optimizer keeps the parameter list it was given.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import SpectrumError
+from .naming import block_index, is_embedding, is_head, module_type
+from .result import ScanResult
+from .selection import Selection
+
+if TYPE_CHECKING:
+    import torch
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "base_layer")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter or module name without the components wrappers insert."""
+    parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
+    while True:
+        if parts[:1] == ["module"]:  # DDP, DeepSpeed engine
+            parts = parts[1:]
+        elif parts[:2] == ["base_model", "model"]:  # PEFT
+            parts = parts[2:]
+        else:
+            return ".".join(parts)
+
+
+def numel(p: torch.nn.Parameter) -> int:
+    """Number of elements of the full parameter, also when it is sharded (ZeRO-3, FSDP2)."""
+    ds = getattr(p, "ds_numel", None)
+    if ds is not None:
+        return int(ds)
+    return int(p.numel())  # a DTensor reports its global size
+
+
+@dataclass
+class FreezeReport:
+    """What :func:`freeze` did."""
+
+    trainable: list[str] = field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+    per_type: dict[str, int] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+    input_require_grads: bool = False
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def __str__(self) -> str:
+        return (f"{len(self.trainable)} trainable tensors, {self.trainable_params:,} of {self.total_params:,} "
+                f"parameters ({100 * self.fraction:.1f}%)")
+
+
+@dataclass(frozen=True)
+class _Entries:
+    modules: tuple[str, ...]  # plain module names: prefix match on whole components
+    patterns: tuple[str, ...]  # ^...$ lines of the axolotl file: regular expressions
+
+
+def read_unfrozen_yaml(path: str | os.PathLike) -> list[str]:
+    """The ``unfrozen_parameters`` list of an axolotl / reference YAML file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise SpectrumError(f"{path}: cannot read the unfrozen_parameters YAML ({e})") from None
+    entries = data.get("unfrozen_parameters") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise SpectrumError(f"{path}: expected a list of strings under 'unfrozen_parameters'")
+    return entries
+
+
+def _entries(source: Any, top: float, grouping: str) -> _Entries:
+    """Turn any supported ``source`` into module names and ``^...$`` patterns."""
+    if isinstance(source, Selection):
+        names: list[str] = source.modules
+    elif isinstance(source, ScanResult):
+        names = source.select(top, grouping=grouping).modules
+    elif isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if p.suffix in (".yaml", ".yml") and p.is_file():
+            names = read_unfrozen_yaml(p)
+        elif p.suffix == ".json" and p.is_file():
+            names = ScanResult.load(p).select(top, grouping=grouping).modules
+        else:  # a model to scan
+            from .scanner import scan
+
+            names = scan(os.fspath(source), progress=False).select(top, grouping=grouping).modules
+    elif isinstance(source, Iterable):
+        names = list(source)
+        if not all(isinstance(n, str) for n in names):
+            raise SpectrumError("a selection given as a list must hold module names (strings)")
+    else:
+        raise SpectrumError(f"cannot take a selection from {type(source).__name__}")
+    modules = tuple(n for n in names if not n.startswith("^"))
+    patterns = tuple(n for n in names if n.startswith("^"))
+    return _Entries(modules, patterns)
+
+
+def _is_norm(param: str) -> bool:
+    """``...input_layernorm.weight``, ``model.norm.weight``, ``...LayerNorm.bias``, GPT-2 ``ln_f.weight``."""
+    owner = param.rsplit(".", 2)[-2].lower() if param.count(".") else ""
+    return "norm" in owner or owner == "ln" or owner.startswith("ln_")
+
+
+def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: str = "expert",
+           train_embeddings: bool = False, train_lm_head: bool = False, train_norms: bool = False,
+           strict: bool = True) -> FreezeReport:
+    """Set ``requires_grad`` per SPEC.md §5 and report what is trainable.
+
+    ``source``: a :class:`ScanResult` or :class:`Selection`, a result file (ours or the reference's,
+    flat or grouped), an axolotl ``unfrozen_parameters`` YAML, a model path / repo id to scan, or a
+    list of module names (``^...$`` entries are regular expressions over full parameter names, as in
+    the YAML). ``top`` and ``grouping`` apply where a selection must still be made. With ``strict``
+    an entry that matches no parameter raises, naming it.
+
+    When embeddings stay frozen and gradient checkpointing is on, a ``transformers`` model gets
+    ``enable_input_require_grads()``, without which backward fails with "element 0 of tensors does
+    not require grad".
+    """
+    entries = _entries(source, top, grouping)
+    compiled = [(pat, re.compile(pat)) for pat in entries.patterns]
+    wanted = set(entries.modules)
+    hits: set[str] = set()
+    report = FreezeReport()
+    embed_trainable = False
+    for name, p in model.named_parameters():
+        canon = canonical_name(name)
+        parts = canon.split(".")
+        on = False
+        # the module path is any dotted prefix of the parameter name
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in wanted:
+                hits.add(prefix)
+                on = True
+                break
+        for pat, rx in compiled:
+            if rx.match(canon):
+                hits.add(pat)
+                on = True
+        if (train_embeddings and is_embedding(canon)) or (train_lm_head and is_head(canon)):
+            on = True
+        if train_norms and _is_norm(canon):
+            on = True
+        p.requires_grad_(on)
+        n = numel(p)
+        report.total_params += n
+        if on:
+            report.trainable.append(name)
+            report.trainable_params += n
+            mod = canon.rsplit(".", 1)[0]
+            key = module_type(mod) if block_index(mod) is not None else mod
+            report.per_type[key] = report.per_type.get(key, 0) + n
+            embed_trainable |= is_embedding(canon)
+    report.unmatched = sorted((set(entries.modules) | set(entries.patterns)) - hits)
+    if report.unmatched and strict:
+        shown = ", ".join(report.unmatched[:3]) + (f" and {len(report.unmatched) - 3} more"
+                                                   if len(report.unmatched) > 3 else "")
+        hint = _fused_experts_hint(model, report.unmatched)
+        raise SpectrumError(f"{len(report.unmatched)} selection entries match no parameter of the model: "
+                            f"{shown}{hint}")
+    if not embed_trainable and getattr(model, "is_gradient_checkpointing", False):
+        enable = getattr(model, "enable_input_require_grads", None)
+        if enable is not None:
+            enable()
+            report.input_require_grads = True
+    return report
+
+
+def _fused_experts_hint(model: torch.nn.Module, unmatched: Sequence[str]) -> str:
+    """Explain the one common cause of unmatched expert entries: experts fused into 3-D parameters."""
+    if not any(re.search(r"\.experts\.\d+\.", u) for u in unmatched):
+        return ""
+    fused = [n for n, p in model.named_parameters()
+             if ".experts." in n and len(getattr(p, "ds_shape", p.shape)) == 3]
+    if not fused:
+        return ""
+    return (f" (this model stores its experts fused in 3-D parameters such as '{fused[0]}', so a per-expert "
+            "selection cannot be applied with requires_grad; leave the experts out of the selection, "
+            "e.g. by scanning with types that exclude them, or pass strict=False to skip these entries)")
+
+
+def lora_target_modules(source: Any, *, top: float = 0.5, grouping: str = "expert") -> list[str]:
+    """Module names for ``peft.LoraConfig(target_modules=...)``: LoRA on the selected modules only.
+
+    PEFT matches a list of names against the end of each module's full name, so full module names
+    address exactly one module each.
+    """
+    return list(_entries(source, top, grouping).modules)
+
+
+def fsdp_auto_wrap_policy(model: torch.nn.Module):
+    """An FSDP1 ``auto_wrap_policy`` giving every trainable module its own FSDP unit.
+
+    FSDP1 with ``use_orig_params=False`` flattens each unit's parameters into one tensor and needs them
+    all trainable or all frozen. Call :func:`freeze` first, then wrap with this policy: every module
+    that directly owns a trainable parameter becomes a unit of its own, everything else stays frozen.
+    """
+    import functools
+
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    own = {id(m) for m in model.modules()
+           if any(p.requires_grad for p in m.parameters(recurse=False))}
+    return functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in own)
