@@ -7,6 +7,7 @@ stdout. User errors end in one line on stderr and exit status 2; Ctrl-C in statu
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -217,11 +218,9 @@ def training_estimate(sel: Selection, model: str, *, embed_head: bool, train_dty
     patterns = [re.compile(h.replace(".", "\\.")) for h in sel.head_lines()] if embed_head else []
     total = trainable = 0
     for name, info in tensors.items():
-        n = 1
-        for d in info.shape:
-            n *= d
-        if not name.endswith((".weight", ".bias")) or "position_ids" in name:
+        if not name.endswith((".weight", ".bias")):  # buffers saved with the weights (position_ids, ...)
             continue
+        n = math.prod(info.shape)
         total += n
         if name.rsplit(".", 1)[0] in chosen or any(p.match(name) for p in patterns):
             trainable += n
