@@ -200,7 +200,7 @@ def _fused_experts_hint(model: torch.nn.Module, unmatched: Sequence[str]) -> str
         return ""
     return (f" (this model stores its experts fused in 3-D parameters such as '{fused[0]}', so a per-expert "
             "selection cannot be applied with requires_grad; leave the experts out of the selection, "
-            "e.g. by scanning with types that exclude them, or pass strict=False to skip these entries)")
+            "e.g. scan with types=['self_attn.*'], or pass strict=False to skip these entries)")
 
 
 def lora_target_modules(source: Any, *, top: float = 0.5, grouping: str = "expert") -> list[str]:
