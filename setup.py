@@ -23,6 +23,25 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _cuda_libs() -> tuple[Path, Path] | None:
+    """(include, lib) folders holding cuSOLVER and cuBLAS: the nvidia-* wheels, or a CUDA toolkit."""
+    import sysconfig
+
+    candidates = []
+    if os.environ.get("SPECTRUM_FAST_CUDA_INCLUDE") and os.environ.get("SPECTRUM_FAST_CUDA_LIB"):
+        candidates.append((Path(os.environ["SPECTRUM_FAST_CUDA_INCLUDE"]), Path(os.environ["SPECTRUM_FAST_CUDA_LIB"])))
+    # purelib is the target environment's site-packages, also inside pip's isolated build
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}:
+        root = Path(site) / "nvidia" / "cu13"
+        candidates.append((root / "include", root / "lib"))
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    candidates.append((Path(cuda_home) / "include", Path(cuda_home) / "lib64"))
+    for inc, lib in candidates:
+        if (inc / "cusolverDn.h").is_file() and (inc / "cublas_v2.h").is_file() and any(lib.glob("libcusolver.so*")):
+            return inc, lib
+    return None
+
+
 def _missing() -> str | None:
     """Why the native engine cannot be built here, or None."""
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
@@ -34,6 +53,8 @@ def _missing() -> str | None:
         import pybind11  # noqa: F401
     except ImportError:
         return "pybind11 not importable (pip install pybind11, or build without --no-build-isolation)"
+    if _cuda_libs() is None:
+        return "cuSOLVER/cuBLAS headers and libraries not found (pip install nvidia-cusolver nvidia-cublas)"
     return None
 
 
@@ -68,8 +89,11 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
+        libs = _cuda_libs()
+        if libs:
+            args += [f"-DSPECTRUM_FAST_CUDA_INCLUDE={libs[0]}", f"-DSPECTRUM_FAST_CUDA_LIB={libs[1]}"]
         if cuda_home:
-            args.append(f"-DCUDAToolkit_ROOT={cuda_home}")
+            args += [f"-DCUDAToolkit_ROOT={cuda_home}", f"-DCMAKE_CUDA_COMPILER={Path(cuda_home) / 'bin' / 'nvcc'}"]
         if shutil.which("ninja"):
             args += ["-G", "Ninja"]
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_temp), *args], check=True)

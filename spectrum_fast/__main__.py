@@ -28,7 +28,7 @@ def main() -> int:
         print(f"CUDA: {ext.device_count()} GPU(s), runtime {ext.runtime_version()}")
     from .scanner import _resolve_device
 
-    backend, note = _resolve_device("auto")
+    backend, note = _resolve_device("auto", None)
     print(f"backend for device='auto': {backend}" + (f" ({note})" if note else ""))
     return 0
 

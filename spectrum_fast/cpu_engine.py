@@ -4,7 +4,7 @@ The fast path forms the Gram matrix on the smaller side in float32 (a BLAS SYRK)
 eigenvalues with LAPACK's MRRR solver (values only): 2-4x faster than an SVD. It loses the small
 singular values of ill-conditioned matrices, and it can move a value across the Marchenko-Pastur
 threshold ``tau``, where the SNR jumps. So every matrix goes through a guard (SPEC.md §1, see
-:func:`_accept_gram`); a matrix that fails it is recomputed with a float64 Gram matrix, and if that
+:func:`stats_from_gram`); a matrix that fails it is recomputed with a float64 Gram matrix, and if that
 still fails, with a float64 SVD (the reference definition itself).
 
 The guard needs the error of each computed eigenvalue. Its model,
@@ -69,7 +69,7 @@ def _gram_eigenvalues(w: np.ndarray) -> tuple[np.ndarray, float]:
     return np.asarray(lam, dtype=np.float64), fro2
 
 
-def _accept_gram(lam: np.ndarray, fro2: float, eps: float, m: int, n: int) -> SnrStats | None:
+def stats_from_gram(lam: np.ndarray, fro2: float, eps: float, m: int, n: int) -> SnrStats | None:
     """The SNR from Gram eigenvalues if the guard finds it accurate, else ``None``.
 
     ``delta`` bounds the error of each eigenvalue (see the module docstring). Two checks:
@@ -137,12 +137,12 @@ def matrix_stats(w: np.ndarray, *, exact: bool = False) -> MatrixStats:
     if not exact:
         if w.dtype == np.float32:
             lam, fro2 = _gram_eigenvalues(w)
-            stats = _accept_gram(lam, fro2, float(np.finfo(np.float32).eps), m, n)
+            stats = stats_from_gram(lam, fro2, float(np.finfo(np.float32).eps), m, n)
             if stats is not None:
                 return rescaled(stats, METHOD_GRAM32)
         w = w.astype(np.float64, copy=False)
         lam, fro2 = _gram_eigenvalues(w)
-        stats = _accept_gram(lam, fro2, float(np.finfo(np.float64).eps), m, n)
+        stats = stats_from_gram(lam, fro2, float(np.finfo(np.float64).eps), m, n)
         if stats is not None:
             return rescaled(stats, METHOD_GRAM64)
     s = scipy.linalg.svdvals(w.astype(np.float64, copy=False), check_finite=False)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from threadpoolctl import threadpool_limits
@@ -33,7 +33,7 @@ class DegenerateMatrixWarning(UserWarning):
     """A matrix is all zeros or holds NaN/Inf: it gets no SNR and is never selected."""
 
 
-def _resolve_device(device: str) -> tuple[str, str | None]:
+def _resolve_device(device: str, devices: Sequence[int] | None) -> tuple[str, str | None]:
     """The backend that will run, and why it is the CPU when ``auto`` could not use a GPU."""
     if device not in DEVICES:
         raise SpectrumError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -43,9 +43,8 @@ def _resolve_device(device: str) -> tuple[str, str | None]:
 
     reason = cuda_unavailable_reason()
     if reason is None:
-        # A GPU is there, but the CUDA engine is not wired into scan() yet (see the CUDA-engine issue).
-        reason = "the CUDA scan engine is not part of this build yet"
-    if device == "cuda":
+        return "cuda", None
+    if device == "cuda" or devices:
         raise SpectrumError(f"device='cuda' is not available: {reason} (see `python -m spectrum_fast`)")
     return "cpu", f"using the CPU: {reason}"
 
@@ -95,7 +94,7 @@ def _progress(total_bytes: int, n: int, enabled: bool):
 
 def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str] | None = None,
          include_embeddings: bool = False, progress: bool = True, exact: bool = False,
-         workers: int | None = None) -> ScanResult:
+         workers: int | None = None, devices: Sequence[int] | None = None) -> ScanResult:
     """Spectrum SNR of every weight matrix of a safetensors checkpoint, streamed one tensor at a time.
 
     ``model``: a directory (single or sharded safetensors), a ``.safetensors`` file, a Hugging Face repo
@@ -104,10 +103,11 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     ``exact=True`` computes every matrix with the float64 SVD (slow; the reference definition).
     ``workers``: matrices computed at once on the CPU (default: 2, or 1 on one core); the cores are
     shared among them as BLAS threads. Memory stays bounded: at most ``workers`` matrices in flight
-    plus two read ahead.
+    plus two read ahead. ``devices``: GPU indices for ``device="cuda"`` (default: GPU 0); matrices are
+    spread over them, largest first.
     """
     t0 = time.perf_counter()
-    backend, backend_note = _resolve_device(device)
+    backend, backend_note = _resolve_device(device, devices)
     ckpt = open_checkpoint(model)
     types = list(types) if types else None
     chosen: list[TensorInfo] = []
@@ -127,35 +127,20 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     if backend_note and progress:
         print(f"spectrum_fast: {backend_note}", file=sys.stderr)
 
-    n_workers, blas_threads = _parallelism(workers)
     records: list[MatrixRecord] = []
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="spectrum_fast-engine")
-    in_flight: dict[Future, TensorInfo] = {}
-    try:
-        with threadpool_limits(blas_threads), _progress(sum(i.nbytes for i in chosen), len(chosen), progress) as bar:
+    with _progress(sum(i.nbytes for i in chosen), len(chosen), progress) as bar:
 
-            def collect(block_until: int) -> None:
-                # wait for whichever matrix finishes first: waiting for the oldest would idle a core
-                # behind one slow matrix while a quick one is already done
-                while len(in_flight) > block_until:
-                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        info = in_flight.pop(future)
-                        records.append(_record(info, future.result()))
-                        bar.update(info.nbytes)
-                    bar.set_postfix_str(f"{len(records)}/{len(chosen)} tensors", refresh=False)
+        def done(info: TensorInfo, out: MatrixStats) -> None:
+            records.append(_record(info, out))
+            bar.update(info.nbytes)
+            bar.set_postfix_str(f"{len(records)}/{len(chosen)} tensors", refresh=False)
 
-            for info, item in _prefetch(chosen, stop):
-                if isinstance(item, BaseException):
-                    raise item
-                in_flight[pool.submit(matrix_stats, item, exact=exact)] = info
-                del item
-                collect(n_workers - 1)  # at most n_workers matrices in flight
-            collect(0)
-    finally:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        if backend == "cuda" and not exact:
+            from .cuda_engine import cuda_stats
+
+            cuda_stats(chosen, list(devices) if devices else [0], done)
+        else:
+            _cpu_stats(chosen, workers, exact, done)
 
     order = {info.name: i for i, info in enumerate(ckpt.tensors.values())}
     records.sort(key=lambda r: order.get(r.module + ".weight", 0))
@@ -168,6 +153,36 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         embedding_names=[n for n in names if is_embedding(n)],
         head_names=[n for n in names if is_head(n)],
         backend=backend, elapsed_s=round(time.perf_counter() - t0, 3), tool_version=__version__)
+
+
+def _cpu_stats(chosen: Sequence[TensorInfo], workers: int | None, exact: bool,
+               done: Callable[[TensorInfo, MatrixStats], None]) -> None:
+    """Compute every matrix on the CPU: read ahead in one thread, ``workers`` matrices at once."""
+    n_workers, blas_threads = _parallelism(workers)
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="spectrum_fast-engine")
+    in_flight: dict[Future, TensorInfo] = {}
+
+    def collect(block_until: int) -> None:
+        # wait for whichever matrix finishes first: waiting for the oldest would idle a core
+        # behind one slow matrix while a quick one is already done
+        while len(in_flight) > block_until:
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done(in_flight.pop(future), future.result())
+
+    try:
+        with threadpool_limits(blas_threads):
+            for info, item in _prefetch(chosen, stop):
+                if isinstance(item, BaseException):
+                    raise item
+                in_flight[pool.submit(matrix_stats, item, exact=exact)] = info
+                del item
+                collect(n_workers - 1)  # at most n_workers matrices in flight
+            collect(0)
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _parallelism(workers: int | None) -> tuple[int, int]:

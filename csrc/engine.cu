@@ -1,0 +1,371 @@
+// GramEngine: streamed Gram + eigensolver on one GPU. See engine.h for the contract.
+#include "engine.h"
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "cuda_check.h"
+
+namespace spectrum_fast {
+
+namespace {
+
+constexpr int kSlots = 2;  // pinned host buffers / device raw buffers in the ring
+
+size_t element_size(DType d) { return d == DType::F32 ? 4 : 2; }
+
+// Device buffer that only grows, so matrices of one shape reuse it.
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  void reserve(size_t n) {
+    if (n <= bytes) return;
+    if (ptr) check_cuda(cudaFree(ptr), "cudaFree");
+    ptr = nullptr;
+    bytes = 0;
+    check_cuda(cudaMalloc(&ptr, n), "cudaMalloc");
+    bytes = n;
+  }
+  ~DeviceBuffer() {
+    if (ptr) cudaFree(ptr);
+  }
+};
+
+struct PinnedBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  void reserve(size_t n) {
+    if (n <= bytes) return;
+    if (ptr) check_cuda(cudaFreeHost(ptr), "cudaFreeHost");
+    ptr = nullptr;
+    bytes = 0;
+    check_cuda(cudaHostAlloc(&ptr, n, cudaHostAllocPortable), "cudaHostAlloc");
+    bytes = n;
+  }
+  ~PinnedBuffer() {
+    if (ptr) cudaFreeHost(ptr);
+  }
+};
+
+// Widen stored values to T and track max |w| (NaN wins, so a NaN anywhere shows in amax).
+template <typename T>
+__global__ void widen_kernel(const void* __restrict__ in, int dtype, T* __restrict__ out, int64_t n,
+                             unsigned int* __restrict__ amax_bits) {
+  unsigned int local = 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v;
+    if (dtype == static_cast<int>(DType::BF16)) {
+      v = __uint_as_float(static_cast<unsigned int>(static_cast<const unsigned short*>(in)[i]) << 16);
+    } else if (dtype == static_cast<int>(DType::F16)) {
+      v = __half2float(static_cast<const __half*>(in)[i]);
+    } else {
+      v = static_cast<const float*>(in)[i];
+    }
+    out[i] = static_cast<T>(v);
+    // |v| as bits: for non-negative floats the bit pattern orders like the value; NaN > Inf.
+    local = max(local, __float_as_uint(v) & 0x7fffffffu);
+  }
+  // warp reduction, then one atomic per warp
+  for (int offset = 16; offset > 0; offset /= 2) local = max(local, __shfl_down_sync(0xffffffffu, local, offset));
+  if ((threadIdx.x & 31) == 0) atomicMax(amax_bits, local);
+}
+
+void check_cublas(cublasStatus_t s, const char* call) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    throw std::runtime_error(std::string(call) + " failed: cublasStatus " + std::to_string(static_cast<int>(s)));
+  }
+}
+
+void check_cusolver(cusolverStatus_t s, const char* call) {
+  if (s != CUSOLVER_STATUS_SUCCESS) {
+    throw std::runtime_error(std::string(call) + " failed: cusolverStatus " + std::to_string(static_cast<int>(s)));
+  }
+}
+
+void pread_all(const Task& t, void* dst) {
+  int fd = ::open(t.path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error(t.path + ": cannot open: " + std::strerror(errno));
+  char* p = static_cast<char*>(dst);
+  int64_t done = 0;
+  while (done < t.nbytes) {
+    ssize_t got = ::pread(fd, p + done, static_cast<size_t>(t.nbytes - done), t.offset + done);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      int err = errno;
+      ::close(fd);
+      throw std::runtime_error(t.path + ": short read at byte " + std::to_string(t.offset + done) +
+                               (got < 0 ? std::string(": ") + std::strerror(err) : std::string(" (truncated)")));
+    }
+    done += got;
+  }
+  ::close(fd);
+}
+
+}  // namespace
+
+struct GramEngine::Impl {
+  cudaStream_t copy_stream = nullptr;
+  cudaStream_t compute_stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  cusolverDnHandle_t solver = nullptr;
+  cusolverDnParams_t params = nullptr;
+  cudaEvent_t copied[kSlots] = {};
+  cudaEvent_t widened[kSlots] = {};
+  cudaEvent_t finished[kSlots] = {};
+  PinnedBuffer pinned[kSlots];
+  PinnedBuffer eig_host[kSlots];
+  DeviceBuffer raw[kSlots];
+  DeviceBuffer matrix, gram, eig, work, amax, info;
+  std::vector<char> host_work;
+};
+
+GramEngine::GramEngine(int device) : impl_(new Impl), device_(device) {
+  try {
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    check_cuda(cudaStreamCreateWithFlags(&impl_->copy_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    check_cuda(cudaStreamCreateWithFlags(&impl_->compute_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    for (int s = 0; s < kSlots; ++s) {
+      check_cuda(cudaEventCreateWithFlags(&impl_->copied[s], cudaEventDisableTiming), "cudaEventCreate");
+      check_cuda(cudaEventCreateWithFlags(&impl_->widened[s], cudaEventDisableTiming), "cudaEventCreate");
+      check_cuda(cudaEventCreateWithFlags(&impl_->finished[s], cudaEventDisableTiming), "cudaEventCreate");
+    }
+    check_cublas(cublasCreate(&impl_->cublas), "cublasCreate");
+    check_cublas(cublasSetStream(impl_->cublas, impl_->compute_stream), "cublasSetStream");
+    // Pedantic: no TF32 and no reduced-precision shortcuts in SYRK; the guard's error model assumes fp32.
+    check_cublas(cublasSetMathMode(impl_->cublas, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");
+    check_cusolver(cusolverDnCreate(&impl_->solver), "cusolverDnCreate");
+    check_cusolver(cusolverDnSetStream(impl_->solver, impl_->compute_stream), "cusolverDnSetStream");
+    check_cusolver(cusolverDnCreateParams(&impl_->params), "cusolverDnCreateParams");
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+GramEngine::~GramEngine() { release(); }
+
+void GramEngine::release() noexcept {
+  if (!impl_) return;
+  cudaSetDevice(device_);
+  if (impl_->compute_stream) cudaStreamSynchronize(impl_->compute_stream);
+  if (impl_->copy_stream) cudaStreamSynchronize(impl_->copy_stream);
+  if (impl_->params) cusolverDnDestroyParams(impl_->params);
+  if (impl_->solver) cusolverDnDestroy(impl_->solver);
+  if (impl_->cublas) cublasDestroy(impl_->cublas);
+  for (int s = 0; s < kSlots; ++s) {
+    if (impl_->copied[s]) cudaEventDestroy(impl_->copied[s]);
+    if (impl_->widened[s]) cudaEventDestroy(impl_->widened[s]);
+    if (impl_->finished[s]) cudaEventDestroy(impl_->finished[s]);
+  }
+  if (impl_->copy_stream) cudaStreamDestroy(impl_->copy_stream);
+  if (impl_->compute_stream) cudaStreamDestroy(impl_->compute_stream);
+  delete impl_;
+  impl_ = nullptr;
+}
+
+std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, const StopCheck& stop) {
+  Impl& im = *impl_;
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  const size_t n_tasks = tasks.size();
+  std::vector<Result> results(n_tasks);
+  for (const Task& t : tasks) {
+    if (t.rows <= 0 || t.cols <= 0) throw std::invalid_argument(t.path + ": matrix shape must be positive");
+    if (t.nbytes != t.rows * t.cols * static_cast<int64_t>(element_size(t.dtype))) {
+      throw std::invalid_argument(t.path + ": nbytes does not match rows * cols * element size");
+    }
+  }
+
+  // Reader thread: fills pinned slot (i % kSlots) with task i once the slot's previous copy is done.
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<int> state(n_tasks, 0);  // 0 waiting, 1 read into its slot
+  size_t released = 0;                 // tasks whose pinned slot has been copied out (slot reusable)
+  bool abort = false;
+  std::exception_ptr reader_error;
+  std::thread reader([&] {
+    try {
+      check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+      for (size_t i = 0; i < n_tasks; ++i) {
+        {
+          std::unique_lock<std::mutex> lock(mu);
+          cv.wait(lock, [&] { return abort || i < released + kSlots; });
+          if (abort) return;
+        }
+        PinnedBuffer& slot = im.pinned[i % kSlots];
+        slot.reserve(static_cast<size_t>(tasks[i].nbytes));
+        pread_all(tasks[i], slot.ptr);
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          state[i] = 1;
+        }
+        cv.notify_all();
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu);
+      reader_error = std::current_exception();
+      abort = true;
+      cv.notify_all();
+    }
+  });
+
+  auto finish_reader = [&] {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      abort = true;
+    }
+    cv.notify_all();
+    reader.join();
+  };
+
+  auto collect = [&](size_t i) {
+    const int s = static_cast<int>(i % kSlots);
+    check_cuda(cudaEventSynchronize(im.finished[s]), "cudaEventSynchronize");
+    const int64_t k = std::min(tasks[i].rows, tasks[i].cols);
+    Result& r = results[i];
+    r.eigenvalues.resize(static_cast<size_t>(k));
+    const char* host = static_cast<const char*>(im.eig_host[s].ptr);
+    if (fp64) {
+      std::memcpy(r.eigenvalues.data(), host, static_cast<size_t>(k) * sizeof(double));
+    } else {
+      const float* f = reinterpret_cast<const float*>(host);
+      for (int64_t j = 0; j < k; ++j) r.eigenvalues[static_cast<size_t>(j)] = f[j];
+    }
+    unsigned int bits;
+    int info;
+    std::memcpy(&bits, host + k * (fp64 ? 8 : 4), sizeof bits);
+    std::memcpy(&info, host + k * (fp64 ? 8 : 4) + 4, sizeof info);
+    float amax;
+    std::memcpy(&amax, &bits, sizeof amax);
+    r.amax = amax;
+    r.info = info;
+  };
+
+  try {
+    const cudaDataType dt = fp64 ? CUDA_R_64F : CUDA_R_32F;
+    const size_t esize = fp64 ? sizeof(double) : sizeof(float);
+    for (size_t i = 0; i < n_tasks; ++i) {
+      if (stop && stop()) throw Interrupted();
+      const Task& t = tasks[i];
+      const int s = static_cast<int>(i % kSlots);
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return abort || state[i] == 1; });
+        if (reader_error) std::rethrow_exception(reader_error);
+      }
+      // H2D on the copy stream; the raw slot must no longer be read by the widen of task i - kSlots.
+      im.raw[s].reserve(static_cast<size_t>(t.nbytes));
+      if (i >= kSlots) check_cuda(cudaStreamWaitEvent(im.copy_stream, im.widened[s], 0), "cudaStreamWaitEvent");
+      check_cuda(cudaMemcpyAsync(im.raw[s].ptr, im.pinned[s].ptr, static_cast<size_t>(t.nbytes),
+                                 cudaMemcpyHostToDevice, im.copy_stream), "cudaMemcpyAsync(H2D)");
+      check_cuda(cudaEventRecord(im.copied[s], im.copy_stream), "cudaEventRecord");
+
+      // Compute stream: widen, Gram (SYRK on the smaller side), eigenvalues, results to pinned host.
+      const int64_t n_el = t.rows * t.cols;
+      const int64_t k = std::min(t.rows, t.cols);
+      im.matrix.reserve(static_cast<size_t>(n_el) * esize);
+      im.gram.reserve(static_cast<size_t>(k * k) * esize);
+      im.eig.reserve(static_cast<size_t>(k) * esize);
+      im.amax.reserve(sizeof(unsigned int));
+      im.info.reserve(sizeof(int));
+      im.eig_host[s].reserve(static_cast<size_t>(k) * esize + 8);
+      check_cuda(cudaStreamWaitEvent(im.compute_stream, im.copied[s], 0), "cudaStreamWaitEvent");
+      check_cuda(cudaMemsetAsync(im.amax.ptr, 0, sizeof(unsigned int), im.compute_stream), "cudaMemsetAsync");
+      const int threads = 256;
+      const int blocks = static_cast<int>(std::min<int64_t>((n_el + threads - 1) / threads, 4096));
+      if (fp64) {
+        widen_kernel<double><<<blocks, threads, 0, im.compute_stream>>>(
+            im.raw[s].ptr, static_cast<int>(t.dtype), static_cast<double*>(im.matrix.ptr), n_el,
+            static_cast<unsigned int*>(im.amax.ptr));
+      } else {
+        widen_kernel<float><<<blocks, threads, 0, im.compute_stream>>>(
+            im.raw[s].ptr, static_cast<int>(t.dtype), static_cast<float*>(im.matrix.ptr), n_el,
+            static_cast<unsigned int*>(im.amax.ptr));
+      }
+      check_cuda(cudaGetLastError(), "widen_kernel launch");
+      check_cuda(cudaEventRecord(im.widened[s], im.compute_stream), "cudaEventRecord");
+      // The pinned slot can be refilled once its bytes are on the device.
+      check_cuda(cudaEventSynchronize(im.copied[s]), "cudaEventSynchronize");
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        released = i + 1;
+      }
+      cv.notify_all();
+
+      // Row-major W (rows x cols) is column-major W^T with ld = cols. rows >= cols: G = W^T W = A A^T
+      // with A = W^T (cols x rows); rows < cols: G = W W^T = A^T A.
+      const cublasOperation_t op = t.rows >= t.cols ? CUBLAS_OP_N : CUBLAS_OP_T;
+      const int nk = static_cast<int>(k);
+      const int kk = static_cast<int>(std::max(t.rows, t.cols));
+      const int lda = static_cast<int>(t.cols);
+      if (fp64) {
+        const double one = 1.0, zero = 0.0;
+        check_cublas(cublasDsyrk(im.cublas, CUBLAS_FILL_MODE_LOWER, op, nk, kk, &one,
+                                 static_cast<const double*>(im.matrix.ptr), lda, &zero,
+                                 static_cast<double*>(im.gram.ptr), nk), "cublasDsyrk");
+      } else {
+        const float one = 1.0f, zero = 0.0f;
+        check_cublas(cublasSsyrk(im.cublas, CUBLAS_FILL_MODE_LOWER, op, nk, kk, &one,
+                                 static_cast<const float*>(im.matrix.ptr), lda, &zero,
+                                 static_cast<float*>(im.gram.ptr), nk), "cublasSsyrk");
+      }
+      size_t dev_ws = 0, host_ws = 0;
+      check_cusolver(cusolverDnXsyevd_bufferSize(im.solver, im.params, CUSOLVER_EIG_MODE_NOVECTOR,
+                                                 CUBLAS_FILL_MODE_LOWER, k, dt, im.gram.ptr, k, dt, im.eig.ptr,
+                                                 dt, &dev_ws, &host_ws), "cusolverDnXsyevd_bufferSize");
+      im.work.reserve(std::max<size_t>(dev_ws, 1));
+      if (im.host_work.size() < host_ws) im.host_work.resize(host_ws);
+      check_cusolver(cusolverDnXsyevd(im.solver, im.params, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_LOWER, k,
+                                      dt, im.gram.ptr, k, dt, im.eig.ptr, dt, im.work.ptr, dev_ws,
+                                      host_ws ? im.host_work.data() : nullptr, host_ws,
+                                      static_cast<int*>(im.info.ptr)), "cusolverDnXsyevd");
+      char* host = static_cast<char*>(im.eig_host[s].ptr);
+      check_cuda(cudaMemcpyAsync(host, im.eig.ptr, static_cast<size_t>(k) * esize, cudaMemcpyDeviceToHost,
+                                 im.compute_stream), "cudaMemcpyAsync(D2H)");
+      check_cuda(cudaMemcpyAsync(host + k * esize, im.amax.ptr, 4, cudaMemcpyDeviceToHost, im.compute_stream),
+                 "cudaMemcpyAsync(D2H)");
+      check_cuda(cudaMemcpyAsync(host + k * esize + 4, im.info.ptr, 4, cudaMemcpyDeviceToHost, im.compute_stream),
+                 "cudaMemcpyAsync(D2H)");
+      check_cuda(cudaEventRecord(im.finished[s], im.compute_stream), "cudaEventRecord");
+      // Collect the previous matrix now: its eigensolve overlapped this one's read and copy.
+      if (i >= 1) collect(i - 1);
+    }
+    if (n_tasks) collect(n_tasks - 1);
+  } catch (...) {
+    finish_reader();
+    cudaStreamSynchronize(im.compute_stream);
+    cudaStreamSynchronize(im.copy_stream);
+    throw;
+  }
+  finish_reader();
+  return results;
+}
+
+int device_count() {
+  int n = 0;
+  check_cuda(cudaGetDeviceCount(&n), "cudaGetDeviceCount");
+  return n;
+}
+
+int runtime_version() {
+  int v = 0;
+  check_cuda(cudaRuntimeGetVersion(&v), "cudaRuntimeGetVersion");
+  return v;
+}
+
+}  // namespace spectrum_fast

@@ -1,0 +1,129 @@
+"""The GPU path of ``scan()``: the native engine (``spectrum_fast._C``) computes Gram eigenvalues, Python
+applies the same accuracy guard as on the CPU (:func:`spectrum_fast.cpu_engine.stats_from_gram`).
+
+Per matrix: fp32 Gram + ``cusolverDnXsyevd`` on the GPU; if the guard cannot vouch for the result, the
+matrix goes through the engine again in float64; if that fails too, the CPU computes its float64 SVD.
+Matrices whose largest entry lies outside the range where an fp32 Gram matrix is safe from overflow and
+underflow, or that are all zero or not finite, are handed to the CPU engine, which handles them.
+
+Several GPUs: one engine and one thread per device, matrices dealt out largest first to the device
+with the least estimated work (cost ``max(m, n)·k² + k³``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .checkpoint import TensorInfo, read_matrix
+from .cpu_engine import (
+    _SAFE_EXP,
+    METHOD_GRAM32,
+    METHOD_GRAM64,
+    STATUS_OK,
+    MatrixStats,
+    matrix_stats,
+    stats_from_gram,
+)
+
+_EPS32 = float(np.finfo(np.float32).eps)
+_EPS64 = float(np.finfo(np.float64).eps)
+# Tasks per engine call: progress is reported between calls, the engine pipelines within one.
+_CHUNK_BYTES = 1 << 30
+
+
+def _cost(info: TensorInfo) -> float:
+    m, n = info.shape
+    k = min(m, n)
+    return float(max(m, n)) * k * k + float(k) ** 3
+
+
+def plan(infos: Sequence[TensorInfo], n_devices: int) -> list[list[TensorInfo]]:
+    """Largest first, each to the device with the least work so far (LPT scheduling)."""
+    loads = [0.0] * n_devices
+    out: list[list[TensorInfo]] = [[] for _ in range(n_devices)]
+    for info in sorted(infos, key=_cost, reverse=True):
+        d = loads.index(min(loads))
+        out[d].append(info)
+        loads[d] += _cost(info)
+    return out
+
+
+def _task(info: TensorInfo) -> tuple[str, int, int, str, int, int]:
+    return (str(info.file), info.offset, info.nbytes, info.dtype, info.shape[0], info.shape[1])
+
+
+def _chunks(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
+    chunks: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if chunks[-1] and size + info.nbytes > _CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(info)
+        size += info.nbytes
+    return [c for c in chunks if c]
+
+
+def _judge(info: TensorInfo, lam: np.ndarray, amax: float, info_code: int, eps: float) -> MatrixStats | None:
+    """Statistics from engine output if they can be trusted, else None (recompute elsewhere)."""
+    if not math.isfinite(amax) or amax == 0.0 or abs(math.frexp(amax)[1]) > _SAFE_EXP or info_code != 0:
+        return None  # degenerate or badly scaled: the CPU engine has the exact handling
+    m, n = info.shape
+    stats = stats_from_gram(lam, float(lam.sum()), eps, m, n)
+    if stats is None:
+        return None
+    return MatrixStats(STATUS_OK, METHOD_GRAM32 if eps == _EPS32 else METHOD_GRAM64, stats)
+
+
+def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None]) -> None:
+    for chunk in _chunks(infos):
+        retry: list[TensorInfo] = []
+        for info, (lam, amax, code) in zip(chunk, engine.run([_task(i) for i in chunk], fp64=False)):
+            out = _judge(info, lam, amax, code, _EPS32)
+            if out is None:
+                retry.append(info)
+            else:
+                done(info, out)
+        if not retry:
+            continue
+        fp64 = engine.run([_task(i) for i in retry], fp64=True)
+        for info, (lam, amax, code) in zip(retry, fp64):
+            out = _judge(info, lam, amax, code, _EPS64)
+            done(info, out if out is not None else matrix_stats(read_matrix(info)))
+
+
+def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
+               done: Callable[[TensorInfo, MatrixStats], None]) -> None:
+    """Compute every matrix on the GPUs; ``done`` is called (under a lock) as each one finishes."""
+    from . import _C  # type: ignore[attr-defined]
+
+    lock = threading.Lock()
+
+    def report(info: TensorInfo, out: MatrixStats) -> None:
+        with lock:
+            done(info, out)
+
+    work = plan(infos, len(devices))
+    if len(devices) == 1:
+        _run_device(_C.GramEngine(devices[0]), work[0], report)
+        return
+    errors: list[BaseException] = []
+
+    def worker(device: int, items: list[TensorInfo]) -> None:
+        try:
+            _run_device(_C.GramEngine(device), items, report)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(d, w), name=f"spectrum_fast-cuda{d}")
+               for d, w in zip(devices, work) if w]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

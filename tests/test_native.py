@@ -1,0 +1,133 @@
+"""The native CUDA engine: built where nvcc is, imports and validates arguments without a GPU; with a GPU,
+matches the float64 reference (those cases skip on CPU-only machines)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import spectrum_fast
+from spectrum_fast.backends import cuda_unavailable_reason, native_extension
+
+from .conftest import ref_snr, rel_err, save_np
+
+_C = native_extension()
+needs_ext = pytest.mark.skipif(_C is None, reason="spectrum_fast._C was not built (no nvcc / cuSOLVER here)")
+needs_gpu = pytest.mark.skipif(_C is None or cuda_unavailable_reason() is not None,
+                               reason=f"no usable GPU: {cuda_unavailable_reason()}")
+
+
+def _cusolver_headers() -> bool:
+    import sysconfig
+    from pathlib import Path
+
+    return (Path(sysconfig.get_paths()["purelib"]) / "nvidia" / "cu13" / "include" / "cusolverDn.h").is_file()
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") and _cusolver_headers()),
+                    reason="no nvcc or no cuSOLVER headers: the extension is optional here")
+def test_extension_is_built_where_it_can_be():
+    assert _C is not None, "nvcc and cuSOLVER are present, so `pip install` must have built spectrum_fast._C"
+
+
+@needs_ext
+@pytest.mark.parametrize("task,match", [
+    (("m.safetensors", 0, 8, "I8", 2, 4), "unsupported dtype 'I8'"),
+    (("m.safetensors", 0, 9, "BF16", 2, 2), "nbytes 9 != rows \\* cols \\* 2"),
+    (("m.safetensors", -1, 8, "BF16", 2, 2), "negative offset"),
+    (("m.safetensors", 0, 0, "F32", 0, 2), "rows and cols must be positive"),
+])
+def test_engine_rejects_bad_tasks(task, match):
+    with pytest.raises(ValueError, match=match):
+        _C.validate_tasks([task])
+    assert _C.validate_tasks([("m.safetensors", 0, 16, "F32", 2, 2)]) == 1
+
+
+@needs_ext
+@pytest.mark.skipif(cuda_unavailable_reason() is None, reason="a GPU is present")
+def test_engine_without_gpu_names_the_failed_call():
+    with pytest.raises(RuntimeError, match=r"cuda\w+ failed: cudaError"):
+        _C.GramEngine(0)
+
+
+@pytest.mark.skipif(cuda_unavailable_reason() is None, reason="a GPU is present")
+def test_cuda_request_without_gpu_is_a_clear_error(tmp_path):
+    save_np(tmp_path / "model.safetensors", {"h.0.attn.weight": np.ones((4, 4), np.float32)})
+    with pytest.raises(spectrum_fast.SpectrumError, match="device='cuda' is not available"):
+        spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+
+
+# -- on a GPU -------------------------------------------------------------------------------------
+
+
+def _adversarial():
+    rng = np.random.default_rng(11)
+    yield "gauss", (rng.standard_normal((1536, 512)) * 0.02).astype(np.float32)
+    yield "wide", rng.standard_normal((256, 2048)).astype(np.float32)
+    yield "rank128", (rng.standard_normal((2048, 128)) @ rng.standard_normal((128, 512))).astype(np.float32)
+    yield "dups", np.repeat(rng.standard_normal((64, 256)), 8, axis=0).astype(np.float32)
+    yield "tall", rng.standard_normal((16384, 16)).astype(np.float32)
+    yield "row", rng.standard_normal((1, 300)).astype(np.float32)
+    yield "tiny", (rng.standard_normal((256, 128)) * 1e-30).astype(np.float32)
+    spikes = rng.standard_normal((1024, 8)) @ rng.standard_normal((8, 1024)) * 3
+    yield "spiked", (rng.standard_normal((1024, 1024)) + spikes).astype(np.float32)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_gpu_parity_with_float64_reference(tmp_path, dtype):
+    import torch
+
+    tensors = {f"model.layers.{i}.mlp.{name}.weight": torch.from_numpy(w).to(getattr(torch, dtype))
+               for i, (name, w) in enumerate(_adversarial())}
+    tensors["model.layers.99.mlp.zero.weight"] = torch.zeros(64, 32, dtype=getattr(torch, dtype))
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", spectrum_fast.DegenerateMatrixWarning)
+        gpu = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+        cpu = spectrum_fast.scan(tmp_path, device="cpu", progress=False)
+    for r in gpu.records:
+        stored = tensors[r.module + ".weight"].double().numpy()
+        if not stored.any():
+            assert r.status == "zero"
+            continue
+        assert rel_err(r.snr, ref_snr(stored)) <= 1e-4, (r.module, r.method)
+    assert gpu.select(0.5).modules == cpu.select(0.5).modules
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_selection_matches_cpu_on_a_llama(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+    gpu = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    cpu = spectrum_fast.scan(tmp_path, device="cpu", progress=False)
+    for a, b in zip(gpu.records, cpu.records):
+        assert a.module == b.module and rel_err(a.snr, b.snr) <= 1e-4
+    for top in (0.25, 0.5):
+        assert gpu.select(top).modules == cpu.select(top).modules
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(_C is None or cuda_unavailable_reason() is not None or _C.device_count() < 2,
+                    reason="needs two GPUs")
+def test_two_gpus_match_one(tmp_path):
+    rng = np.random.default_rng(3)
+    save_np(tmp_path / "model.safetensors",
+            {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((512, 256)).astype(np.float32)
+             for i in range(8)})
+    one = spectrum_fast.scan(tmp_path, device="cuda", devices=[0], progress=False)
+    two = spectrum_fast.scan(tmp_path, device="cuda", devices=[0, 1], progress=False)
+    assert [r.snr for r in one.records] == [r.snr for r in two.records]
