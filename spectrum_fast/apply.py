@@ -1,5 +1,7 @@
 """Applying a selection to a live model: ``requires_grad`` on exactly the selected modules (SPEC.md §5).
 
+Call it before wrapping for FSDP1 with ``use_orig_params=False`` (flattened parameters cannot be
+frozen one by one; :func:`fsdp_auto_wrap_policy` then gives trainable modules units of their own).
 Parameter names are compared after removing what wrappers add: PEFT's ``base_model.model.`` and
 ``.base_layer``, DDP / DeepSpeed's leading ``module.``, FSDP1's ``_fsdp_wrapped_module.``, activation
 checkpointing's ``_checkpoint_wrapped_module.`` and ``torch.compile``'s ``_orig_mod.``. A selection
@@ -44,12 +46,30 @@ def canonical_name(name: str) -> str:
             return ".".join(parts)
 
 
-def numel(p: torch.nn.Parameter) -> int:
-    """Number of elements of the full parameter, also when it is sharded (ZeRO-3, FSDP2)."""
+def numel(p: torch.nn.Parameter, fsdp1_sizes: dict[int, int] | None = None) -> int:
+    """Number of elements of the full parameter, also when it is sharded (ZeRO-3, FSDP2, FSDP1)."""
     ds = getattr(p, "ds_numel", None)
     if ds is not None:
         return int(ds)
+    if fsdp1_sizes and id(p) in fsdp1_sizes:
+        return fsdp1_sizes[id(p)]
     return int(p.numel())  # a DTensor reports its global size
+
+
+def _fsdp1_sizes(model: torch.nn.Module) -> dict[int, int]:
+    """Full sizes of FSDP1 ``use_orig_params=True`` parameters, which are views of this rank's shard.
+
+    FSDP1 keeps each unit's original parameters and their unsharded shapes on its FlatParameter.
+    """
+    import math
+
+    sizes: dict[int, int] = {}
+    for m in model.modules():
+        flat = getattr(m, "_flat_param", None)
+        params, shapes = getattr(flat, "_params", None), getattr(flat, "_shapes", None)
+        if params is not None and shapes is not None:
+            sizes.update({id(p): math.prod(shape) for p, shape in zip(params, shapes)})
+    return sizes
 
 
 @dataclass
@@ -146,7 +166,12 @@ def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: s
     hits: set[str] = set()
     report = FreezeReport()
     embed_trainable = False
+    fsdp1 = _fsdp1_sizes(model)
     for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] == "_flat_param":
+            raise SpectrumError("this model is wrapped in FSDP1 with use_orig_params=False, whose flattened "
+                                "parameters cannot be frozen one by one: call freeze() before wrapping, and wrap "
+                                "with auto_wrap_policy=spectrum_fast.fsdp_auto_wrap_policy(model)")
         canon = canonical_name(name)
         parts = canon.split(".")
         on = False
@@ -166,7 +191,7 @@ def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: s
         if train_norms and _is_norm(canon):
             on = True
         p.requires_grad_(on)
-        n = numel(p)
+        n = numel(p, fsdp1)
         report.total_params += n
         if on:
             report.trainable.append(name)
