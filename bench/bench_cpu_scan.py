@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from _machine import machine_info  # bench/ is on sys.path when a script there runs
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("/tmp/spectrum_fast_bench")
@@ -291,24 +292,6 @@ def warm_imports() -> None:
     """Load both sides' libraries once so that neither measured run pays for a cold disk."""
     subprocess.run([sys.executable, "-c", "import torch, transformers, spectrum_fast, scipy.linalg"],
                    check=True)
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "cpu_model": cpu, "mem_gib": mem_gib}
 
 
 def library_versions() -> dict[str, str]:
