@@ -47,7 +47,28 @@ def _assert_trained_exactly(model, before, selected_prefixes, opt):
     assert with_state == {id(p) for p in model.parameters() if p.requires_grad}
 
 
-def test_plain_transformers_model_trains_only_selection():
+@pytest.fixture(scope="module")
+def scanned(tmp_path_factory):
+    """A real scan of the test Llama's checkpoint, and its top-half selection."""
+    path = tmp_path_factory.mktemp("llama")
+    _llama().save_pretrained(path, safe_serialization=True)
+    result = spectrum_fast.scan(path, progress=False)
+    return result, result.select(0.5).modules
+
+
+def test_plain_transformers_model_trains_scan_selection(scanned):
+    result, selected = scanned
+    assert len(selected) == 7  # floor(2 * 0.5) of each of the 7 projection types
+    model = _llama()
+    rep = spectrum_fast.freeze(model, result, top=0.5)
+    sizes = dict(model.named_parameters())
+    assert rep.trainable_params == sum(sizes[s + ".weight"].numel() for s in selected)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = _train_two_steps(model)
+    _assert_trained_exactly(model, before, selected, opt)
+
+
+def test_report_counts_and_types():
     model = _llama()
     rep = spectrum_fast.freeze(model, SELECTED)
     assert rep.unmatched == []
@@ -58,9 +79,6 @@ def test_plain_transformers_model_trains_only_selection():
     assert rep.per_type == {"mlp.down_proj": sizes[SELECTED[0] + ".weight"].numel(),
                             "self_attn.q_proj": sizes[SELECTED[1] + ".weight"].numel(),
                             "mlp.up_proj": sizes[SELECTED[2] + ".weight"].numel()}
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = _train_two_steps(model)
-    _assert_trained_exactly(model, before, SELECTED, opt)
 
 
 def test_plain_module_without_transformers():
@@ -141,24 +159,25 @@ def test_ddp_style_and_compiled_wrappers():
     assert len(rep.trainable) == 3 and all(n.startswith("_orig_mod.") for n in rep.trainable)
 
 
-def test_peft_lora_model():
+def test_peft_lora_model(scanned):
     peft = pytest.importorskip("peft")
+    result, selected = scanned
     model = _llama()
-    targets = spectrum_fast.lora_target_modules(SELECTED)
-    assert targets == SELECTED
+    targets = spectrum_fast.lora_target_modules(result, top=0.5)
+    assert targets == selected
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     pm = peft.get_peft_model(model, config)
     lora_modules = {n.split(".lora_A")[0] for n, _ in pm.named_parameters() if ".lora_A." in n}
-    assert {canonical_name(m) for m in lora_modules} == set(SELECTED)  # LoRA exactly on the selection
+    assert {canonical_name(m) for m in lora_modules} == set(selected)  # LoRA exactly on the selection
     # Spectrum + LoRA: the selected base weights and their adapters train, all else is frozen
-    rep = spectrum_fast.freeze(pm, SELECTED)
+    rep = spectrum_fast.freeze(pm, result, top=0.5)
     assert rep.unmatched == []
     on = {canonical_name(n) for n, p in pm.named_parameters() if p.requires_grad}
-    assert {s + ".weight" for s in SELECTED} <= on
-    assert all(any(n.startswith(s + ".") for s in SELECTED) for n in on)
+    assert {s + ".weight" for s in selected} <= on
+    assert all(any(n.startswith(s + ".") for s in selected) for n in on)
     before = {n: p.detach().clone() for n, p in pm.named_parameters()}
     opt = _train_two_steps(pm)
-    _assert_trained_exactly(pm, before, SELECTED, opt)
+    _assert_trained_exactly(pm, before, selected, opt)
 
 
 def _checkpointed_llama():
