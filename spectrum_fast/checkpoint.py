@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,8 @@ _DTYPES: dict[str, tuple[int, np.dtype]] = {
     "F32": (4, np.dtype("<f4")),
     "F16": (2, np.dtype("<f2")),
     "BF16": (2, np.dtype("<u2")),
+    "F8_E4M3": (1, np.dtype("u1")),
+    "F8_E5M2": (1, np.dtype("u1")),
 }
 #: Every dtype the safetensors format defines, with its size, so shapes of unsupported ones still check.
 _ALL_SIZES = {
@@ -41,6 +43,27 @@ def dtype_supported(dtype: str) -> bool:
     return dtype in _DTYPES
 
 
+def _fp8_table(exp_bits: int, man_bits: int, finite_only: bool) -> np.ndarray:
+    """float32 value of each of the 256 FP8 codes (OCP E4M3 'fn': no Inf, one NaN; E5M2: IEEE-like)."""
+    codes = np.arange(256, dtype=np.uint32)
+    sign = np.where(codes >> 7, -1.0, 1.0)
+    exp = (codes >> man_bits) & ((1 << exp_bits) - 1)
+    man = codes & ((1 << man_bits) - 1)
+    bias = (1 << (exp_bits - 1)) - 1
+    frac = man / float(1 << man_bits)
+    vals = np.where(exp == 0, frac * 2.0 ** (1 - bias), (1 + frac) * 2.0 ** (exp.astype(np.int64) - bias))
+    top = (1 << exp_bits) - 1
+    if finite_only:
+        vals = np.where((exp == top) & (man == (1 << man_bits) - 1), np.nan, vals)
+    else:
+        vals = np.where(exp == top, np.where(man == 0, np.inf, np.nan), vals)
+    return (sign * vals).astype(np.float32)
+
+
+_FP8 = {"F8_E4M3": _fp8_table(4, 3, finite_only=True), "F8_E5M2": _fp8_table(5, 2, finite_only=False)}
+_SCALE_SUFFIXES = ("_scale_inv", "_scale")  # DeepSeek-V3 block scales; compressed-tensors scales
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: file, absolute byte offset, stored dtype and shape."""
@@ -51,6 +74,8 @@ class TensorInfo:
     nbytes: int
     dtype: str
     shape: tuple[int, ...]
+    #: For FP8 weights: the tensor their values are multiplied by (``<name>_scale_inv``), if any.
+    scale: TensorInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +246,11 @@ def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
                 raise CheckpointError(f"tensor '{name}' appears in both {tensors[name].file} and {f}")
         tensors.update(table)
         sources.append(source)
+    for name, info in tensors.items():
+        if info.dtype in _FP8:
+            scale = next((tensors[name + sfx] for sfx in _SCALE_SUFFIXES if name + sfx in tensors), None)
+            if scale is not None:
+                tensors[name] = replace(info, scale=scale)
     return Checkpoint(model, slugify(model), files, tensors, sources)
 
 
@@ -248,6 +278,36 @@ def read_matrix(info: TensorInfo) -> np.ndarray:
         arr = out.view(np.float32)
     elif info.dtype == "F16":
         arr = raw.astype(np.float32)
+    elif info.dtype in _FP8:
+        arr = _FP8[info.dtype][raw]
     else:
         arr = raw
-    return arr.reshape(info.shape)
+    arr = arr.reshape(info.shape)
+    if info.scale is not None:
+        arr = _dequantize(arr, info)
+    return arr
+
+
+def _dequantize(w: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """Multiply FP8 values by their scale: one number, one per row, or one per square block.
+
+    Blocks are DeepSeek-V3's layout: ``scale[i // b, j // b]`` with ``b = 128`` (or whatever block size
+    the scale's shape implies).
+    """
+    assert info.scale is not None
+    if info.scale.dtype not in ("F32", "BF16", "F16") or len(info.shape) != 2:
+        raise CheckpointError(f"{info.file}: cannot apply scale '{info.scale.name}' ({info.scale.dtype}"
+                              f"{list(info.scale.shape)}) to '{info.name}' {list(info.shape)}")
+    s = read_matrix(replace(info.scale, scale=None)).astype(np.float32)
+    m, n = info.shape
+    if s.size == 1:
+        return w * s.reshape(())
+    if s.shape in ((m,), (m, 1)):
+        return w * s.reshape(m, 1)
+    if s.ndim == 2:
+        sm, sn = s.shape
+        for b in (128, *range(1, max(m, n) + 1)):
+            if -(-m // b) == sm and -(-n // b) == sn:
+                return w * np.repeat(np.repeat(s, b, axis=0)[:m], b, axis=1)[:, :n]
+    raise CheckpointError(f"{info.file}: scale '{info.scale.name}' {list(s.shape)} does not fit "
+                          f"'{info.name}' {list(info.shape)} (scalar, per-row or square blocks expected)")

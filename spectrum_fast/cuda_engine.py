@@ -33,6 +33,8 @@ _EPS32 = float(np.finfo(np.float32).eps)
 _EPS64 = float(np.finfo(np.float64).eps)
 # Tasks per engine call: progress is reported between calls, the engine pipelines within one.
 _CHUNK_BYTES = 1 << 30
+#: Stored dtypes the native engine widens itself; others (FP8 with scales, F64) go through the CPU.
+ENGINE_DTYPES = ("F32", "F16", "BF16")
 
 
 def _cost(info: TensorInfo) -> float:
@@ -107,7 +109,10 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
         with lock:
             done(info, out)
 
-    work = plan(infos, len(devices))
+    on_cpu = [i for i in infos if i.dtype not in ENGINE_DTYPES]
+    work = plan([i for i in infos if i.dtype in ENGINE_DTYPES], len(devices))
+    for info in on_cpu:
+        report(info, matrix_stats(read_matrix(info)))
     if len(devices) == 1:
         _run_device(_C.GramEngine(devices[0]), work[0], report)
         return

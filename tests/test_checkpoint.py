@@ -156,3 +156,64 @@ def test_empty_file(tmp_path):
     f.write_bytes(b"")
     with pytest.raises(CheckpointError, match="shorter than 8 bytes"):
         open_checkpoint(Path(f))
+
+
+# -- FP8 -------------------------------------------------------------------------------------------
+
+
+def _deepseek_fp8(w, block=128):
+    """DeepSeek-V3 layout: E4M3 values and one float32 scale_inv per block (dequant: fp8 * scale_inv)."""
+    import torch
+
+    m, n = w.shape
+    sm, sn = -(-m // block), -(-n // block)
+    scale = torch.zeros(sm, sn)
+    q = torch.zeros(m, n, dtype=torch.float8_e4m3fn)
+    for i in range(sm):
+        for j in range(sn):
+            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            s = blk.abs().max() / 448.0
+            scale[i, j] = s
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / s).to(torch.float8_e4m3fn)
+    deq = q.float() * scale.repeat_interleave(block, 0)[:m].repeat_interleave(block, 1)[:, :n]
+    return q, scale, deq
+
+
+def test_fp8_block_scaled_weights_are_dequantized(tmp_path):
+    import torch
+
+    import spectrum_fast
+
+    from .conftest import ref_snr, rel_err
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 200, generator=g) * torch.linspace(0.1, 2.0, 200)  # blocks get different scales
+    q, scale, deq = _deepseek_fp8(w)
+    save_torch(tmp_path / "model.safetensors", {"model.layers.0.mlp.down_proj.weight": q,
+                                                "model.layers.0.mlp.down_proj.weight_scale_inv": scale})
+    info = open_checkpoint(tmp_path).tensors["model.layers.0.mlp.down_proj.weight"]
+    np.testing.assert_array_equal(read_matrix(info), deq.numpy())
+    res = spectrum_fast.scan(tmp_path, progress=False)
+    assert [r.module for r in res.records] == ["model.layers.0.mlp.down_proj"]  # the scale is not scanned
+    assert res.records[0].dtype == "F8_E4M3"
+    assert rel_err(res.records[0].snr, ref_snr(deq.double().numpy())) <= 1e-4
+
+
+def test_fp8_e5m2_without_scale(tmp_path):
+    import torch
+
+    w = (torch.randn(64, 48, generator=torch.Generator().manual_seed(1)) * 4).to(torch.float8_e5m2)
+    save_torch(tmp_path / "model.safetensors", {"model.layers.0.attn.weight": w})
+    got = read_matrix(open_checkpoint(tmp_path).tensors["model.layers.0.attn.weight"])
+    np.testing.assert_array_equal(got, w.float().numpy())
+
+
+def test_fp8_scale_that_does_not_fit(tmp_path):
+    import torch
+
+    q = torch.zeros(64, 64, dtype=torch.float8_e4m3fn)
+    save_torch(tmp_path / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": q,
+                                                "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(3, 5)})
+    info = open_checkpoint(tmp_path).tensors["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"scale 'model.layers.0.mlp.up_proj.weight_scale_inv' \[3, 5\] does not fit"):
+        read_matrix(info)
