@@ -122,8 +122,9 @@ def child_train(workdir: Path, config: str, steps: int, out: Path) -> None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     torch.set_num_threads(THREADS)
+    device = os.environ.get("SPECTRUM_BENCH_DEVICE", "cpu")  # set by the parent's --device
     rss_import = peak_mb()
-    model = LlamaForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32).to(device)
     model.train()
     rss_loaded_peak, rss_loaded_now = peak_mb(), _current_rss_mb()
 
@@ -150,7 +151,10 @@ def child_train(workdir: Path, config: str, steps: int, out: Path) -> None:
     # The same token batches in every configuration.
     gen = torch.Generator().manual_seed(SEED + 2)
     vocab = LLAMA_CONFIG["vocab_size"]
-    batches = torch.randint(0, vocab, (steps, BATCH, SEQ_LEN), generator=gen)
+    batches = torch.randint(0, vocab, (steps, BATCH, SEQ_LEN), generator=gen).to(device)
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     times: list[float] = []
     cpu_times: list[float] = []
     losses: list[float] = []
@@ -160,6 +164,8 @@ def child_train(workdir: Path, config: str, steps: int, out: Path) -> None:
         loss = model(input_ids=batches[step], labels=batches[step]).loss
         loss.backward()
         opt.step()
+        if on_gpu:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
         losses.append(float(loss.detach()))
@@ -202,7 +208,8 @@ def child_train(workdir: Path, config: str, steps: int, out: Path) -> None:
         "step_times_s": times, "step_cpu_times_s": cpu_times, "losses": losses,
         "rss_after_import_mb": rss_import, "peak_rss_after_load_mb": rss_loaded_peak,
         "rss_after_load_mb": rss_loaded_now,
-        "peak_rss_mb": peak_mb(), "torch_threads": torch.get_num_threads(),
+        "peak_rss_mb": peak_mb(), "torch_threads": torch.get_num_threads(), "device": device,
+        "cuda_max_memory_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
     }))
 
 
@@ -307,6 +314,9 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "training_state_reduction_pct": less(state, full_state),
             "peak_rss_mb": round(r["peak_rss_mb"], 1),
             "peak_rss_reduction_pct": less(r["peak_rss_mb"], full["peak_rss_mb"]),
+            "cuda_max_memory_allocated_mb": r.get("cuda_max_memory_allocated_mb"),
+            "cuda_max_memory_reduction_pct": (less(r["cuda_max_memory_allocated_mb"], full["cuda_max_memory_allocated_mb"])
+                                              if r.get("cuda_max_memory_allocated_mb") else None),
             "rss_after_import_mb": round(r["rss_after_import_mb"], 1),
             "peak_rss_after_load_mb": round(r["peak_rss_after_load_mb"], 1),
             "rss_after_load_mb": round(r["rss_after_load_mb"], 1),
@@ -410,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"result file (default {DEFAULT_JSON})")
     ap.add_argument("--steps", type=int, default=10, help="training steps per configuration; the first is warm-up")
+    ap.add_argument("--device", default="cpu", help="torch device for training (cuda: also records "
+                    "torch.cuda.max_memory_allocated per configuration)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps < 2:
@@ -424,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             child_train(Path(workdir), config, args.steps, Path(out))
         return 0
 
+    os.environ["SPECTRUM_BENCH_DEVICE"] = args.device  # read by the training children
     t_start = time.perf_counter()
     load_before = _loadavg()
     runs: dict[str, dict[str, Any]] = {}

@@ -17,4 +17,5 @@ SPECTRUM_FAST_CUDA=1 timeout 240 $PY -m pip install -q --no-build-isolation --no
 $PY -m spectrum_fast | tee -a "$OUT/env.txt"
 timeout 180 $PY -m pytest -q -rs tests/test_native.py tests/test_cpu_engine.py -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/tests.log"
 GIT_COMMIT=$commit timeout 300 $PY bench/bench_gpu.py --json "$OUT/gpu_check.json" 2>&1 | tail -40 | tee "$OUT/bench.log"
+timeout 150 $PY bench/bench_freeze_memory.py --device cuda --json "$OUT/freeze_memory_gpu.json" 2>&1 | tail -8 | tee "$OUT/freeze.log"
 echo "results in $OUT"
