@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, replace
@@ -107,11 +108,10 @@ def slugify(model: str) -> str:
     """Name used in result file names (SPEC.md §4)."""
     if model == DEMO:
         model = DEMO_MODEL_ID
-    p = Path(model)
-    if os.path.exists(model):
+    p = Path(model).expanduser()
+    if p.exists():
         p = p.resolve()
-        name = p.parent.name if p.is_file() else p.name
-        return name.replace("_", "-") or "model"
+        return (p.parent.name if p.is_file() else p.name) or "model"
     return model.replace("/", "-").replace("_", "-")
 
 
@@ -132,7 +132,7 @@ def _read_header(path: Path) -> tuple[dict, int, bytes]:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
@@ -149,11 +149,15 @@ def read_tensor_table(path: Path) -> tuple[dict[str, TensorInfo], SourceFile]:
         if name == "__metadata__":
             continue
         try:
-            dtype = str(meta["dtype"])
-            shape = tuple(int(d) for d in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            dtype, shape_list, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        except (KeyError, TypeError):
             raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from None
+        if (not isinstance(dtype, str) or not isinstance(shape_list, list) or not isinstance(offsets, list)
+                or len(offsets) != 2 or not all(type(x) is int for x in shape_list + offsets)):
+            raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry "
+                                  "(dtype must be a string, shape and data_offsets lists of integers)")
+        shape = tuple(shape_list)
+        begin, end = offsets
         if not 0 <= begin <= end or any(d < 0 for d in shape):
             raise CheckpointError(f"{path}: tensor '{name}' has invalid offsets or shape")
         if end > data_len:
@@ -161,10 +165,10 @@ def read_tensor_table(path: Path) -> tuple[dict[str, TensorInfo], SourceFile]:
                 f"{path}: tensor '{name}' ends at byte {start + end} but the file has {st.st_size} bytes "
                 "(truncated or corrupt shard)")
         itemsize = _ALL_SIZES.get(dtype)
-        if itemsize is not None and dtype != "F4" and int(np.prod(shape)) * itemsize != end - begin:
+        if itemsize is not None and dtype != "F4" and math.prod(shape) * itemsize != end - begin:
             raise CheckpointError(
                 f"{path}: tensor '{name}' has {end - begin} bytes, but {dtype}{list(shape)} needs "
-                f"{int(np.prod(shape)) * itemsize}")
+                f"{math.prod(shape) * itemsize}")
         tensors[name] = TensorInfo(name, path, start + begin, end - begin, dtype, shape)
     source = SourceFile(str(path.resolve()), st.st_size, st.st_mtime_ns, hashlib.sha256(raw).hexdigest())
     return tensors, source

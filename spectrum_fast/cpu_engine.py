@@ -123,14 +123,16 @@ def matrix_stats(w: np.ndarray, *, exact: bool = False) -> MatrixStats:
     if amax == 0.0:
         return MatrixStats(STATUS_ZERO)
     exponent = math.frexp(amax)[1]
-    scale = 1.0
-    if abs(exponent) > _SAFE_EXP:
-        scale = math.ldexp(1.0, exponent)
-        w = w * np.asarray(1.0 / scale, dtype=w.dtype)  # power of two: exact
+    if abs(exponent) <= _SAFE_EXP:
+        exponent = 0
+    else:
+        w = np.ldexp(w, -exponent).astype(w.dtype, copy=False)  # power of two: exact, no overflow
 
     def rescaled(stats: SnrStats, method: str) -> MatrixStats:
-        if scale != 1.0:
-            stats = SnrStats(stats.snr / scale, stats.sigma_max * scale, stats.tau * scale,
+        if exponent:
+            # sigma_max and tau scale with W; the SNR as 1/scale, except noise-free (signal / S[0])
+            snr = stats.snr if stats.noise_free else math.ldexp(stats.snr, -exponent)
+            stats = SnrStats(snr, math.ldexp(stats.sigma_max, exponent), math.ldexp(stats.tau, exponent),
                              stats.n_signal, stats.noise_free)
         return MatrixStats(STATUS_OK, method, stats)
 

@@ -55,7 +55,12 @@ def snr_from_singular_values(s: np.ndarray, m: int, n: int) -> SnrStats:
     n_noise = int(s.size - above.sum())
     noise = float(s[~above].sum()) if n_noise else 1.0
     sigma_max = float(s[-1])
-    snr = (signal / noise) / sigma_max if sigma_max > 0 and noise > 0 else math.nan
+    if sigma_max <= 0:
+        snr = math.nan
+    elif noise > 0:
+        snr = (signal / noise) / sigma_max
+    else:  # values <= tau exist but are all exactly 0: the reference's `inf`
+        snr = math.inf
     return SnrStats(snr, sigma_max, tau, int(above.sum()), n_noise == 0)
 
 

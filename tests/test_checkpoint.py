@@ -80,9 +80,14 @@ def test_hub_id_not_cached_says_so(tmp_path, monkeypatch):
         open_checkpoint("nobody/nothing-here")
 
 
-def test_slugs():
+def test_slugs(tmp_path, monkeypatch):
     assert slugify("mistralai/Mistral-7B-v0.1") == "mistralai-Mistral-7B-v0.1"
     assert slugify("Qwen/Qwen1.5_32B") == "Qwen-Qwen1.5-32B"
+    d = tmp_path / "my_model"  # a local path: its directory's base name, as it is (SPEC §4)
+    f = save_np(d / "model.safetensors", _two_tensors())
+    assert slugify(str(d)) == slugify(str(f)) == "my_model"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert slugify("~/my_model") == "my_model"
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -149,6 +154,38 @@ def test_index_not_json(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="not a valid safetensors index"):
         open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("entry", [
+    '{"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 1e400]}',
+    '{"dtype": "F32", "shape": [1e400, 4], "data_offsets": [0, 64]}',
+    '{"dtype": "F32", "shape": "44", "data_offsets": [0, 64]}',
+    '{"dtype": "F32", "shape": [4.5, 4], "data_offsets": [0, 64]}',
+    '{"dtype": 3, "shape": [4, 4], "data_offsets": [0, 64]}',
+    '{"dtype": "F32", "shape": [4, 4], "data_offsets": [0]}',
+])
+def test_malformed_header_entries(tmp_path, entry):
+    header = ('{"model.layers.0.w.weight": ' + entry + "}").encode()
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="'model.layers.0.w.weight' has a malformed header entry"):
+        open_checkpoint(f)
+
+
+def test_huge_shape_does_not_wrap_around(tmp_path):
+    header = json.dumps({"a.0.w.weight": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}}).encode()
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match="needs 73786976294838206464"):
+        open_checkpoint(f)
+
+
+def test_deeply_nested_header(tmp_path):
+    header = b"[" * 100000
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match="header is not valid JSON"):
+        open_checkpoint(f)
 
 
 def test_empty_file(tmp_path):

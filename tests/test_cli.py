@@ -34,9 +34,9 @@ def model_dir(tmp_path):
 def test_scan_writes_both_files(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert scan_main([str(model_dir), "--out", str(out)]) == 0
-    ref = json.loads((out / "snr_results_tiny-model.json").read_text())
+    ref = json.loads((out / "snr_results_tiny_model.json").read_text())
     assert len(ref) == 8 and ref["model.layers.0.mlp.down_proj"]["type"] == "mlp.down_proj"
-    assert (out / "spectrum_fast_tiny-model.json").is_file()
+    assert (out / "spectrum_fast_tiny_model.json").is_file()
     table = capsys.readouterr().out
     assert "mlp.down_proj" in table and "8 matrices" in table
 
@@ -44,9 +44,9 @@ def test_scan_writes_both_files(model_dir, tmp_path, capsys):
 def test_freeze_scans_then_reuses(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert freeze_main([str(model_dir), "--top", "0.5", "--out", str(out), "--quiet"]) == 0
-    y = out / "snr_results_tiny-model_unfrozenparameters_50percent.yaml"
+    y = out / "snr_results_tiny_model_unfrozenparameters_50percent.yaml"
     entries = yaml.safe_load(y.read_text())["unfrozen_parameters"]
-    ref = json.loads((out / "snr_results_tiny-model.json").read_text())
+    ref = json.loads((out / "snr_results_tiny_model.json").read_text())
     expect = ref_select({m: v["snr"] for m, v in ref.items()}, {m: v["type"] for m, v in ref.items()}, 0.5)
     assert entries[:2] == ["^lm_head.weight$", "^model.embed_tokens.weight$"]
     assert set(entries[2:]) == expect
@@ -150,7 +150,7 @@ def test_python_dash_m_entry_points(model_dir, tmp_path):
                         "--out", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, check=False, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
-    assert (tmp_path / "o" / "snr_results_tiny-model_unfrozenparameters_50percent.yaml").is_file()
+    assert (tmp_path / "o" / "snr_results_tiny_model_unfrozenparameters_50percent.yaml").is_file()
     r = subprocess.run([sys.executable, "-m", "spectrum_fast.scan", str(tmp_path / "missing")],
                        capture_output=True, text=True, check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such file or directory" in r.stderr

@@ -153,3 +153,27 @@ def test_exact_mode_uses_svd():
 def test_rejects_non_2d():
     with pytest.raises(ValueError, match="2-D"):
         matrix_stats(np.ones((2, 3, 4), np.float32))
+
+
+@pytest.mark.parametrize("scale", [1e-10, 2.0**40, 1e-39])
+def test_noise_free_snr_does_not_depend_on_scale(scale):
+    out = matrix_stats((np.eye(8) * scale).astype(np.float32))
+    assert out.stats.noise_free and out.snr == pytest.approx(8.0, rel=1e-6)
+
+
+def test_subnormal_float32_matrix():
+    w = (np.random.default_rng(8).standard_normal((64, 32)) * 1e-39).astype(np.float32)
+    _check(w)
+
+
+def test_float64_near_overflow():
+    w = np.random.default_rng(9).standard_normal((64, 32)) * 1e307
+    # the SNR scales as 1/c with W: compare against the reference on a scaled-down copy
+    assert rel_err(matrix_stats(w).snr * 1e300, ref_snr(w / 1e300)) <= 1e-4
+
+
+def test_zero_noise_sum_is_infinite_like_the_reference():
+    w = np.zeros((16, 8), np.float32)
+    w[:, 0] = 1.0  # one nonzero singular value, seven exact zeros <= tau = 0
+    out = matrix_stats(w)
+    assert out.status == STATUS_OK and out.snr == math.inf and not out.stats.noise_free
