@@ -278,6 +278,11 @@ std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, c
       // Compute stream: widen, Gram (SYRK on the smaller side), eigenvalues, results to pinned host.
       const int64_t n_el = t.rows * t.cols;
       const int64_t k = std::min(t.rows, t.cols);
+      // Growing a buffer frees the old one, which the previous matrix's work may still be using:
+      // wait for it first rather than rely on cudaFree synchronizing.
+      const bool grows = static_cast<size_t>(n_el) * esize > im.matrix.bytes ||
+                         static_cast<size_t>(k * k) * esize > im.gram.bytes || static_cast<size_t>(k) * esize > im.eig.bytes;
+      if (grows) check_cuda(cudaStreamSynchronize(im.compute_stream), "cudaStreamSynchronize");
       im.matrix.reserve(static_cast<size_t>(n_el) * esize);
       im.gram.reserve(static_cast<size_t>(k * k) * esize);
       im.eig.reserve(static_cast<size_t>(k) * esize);
@@ -328,6 +333,9 @@ std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, c
       check_cusolver(cusolverDnXsyevd_bufferSize(im.solver, im.params, CUSOLVER_EIG_MODE_NOVECTOR,
                                                  CUBLAS_FILL_MODE_LOWER, k, dt, im.gram.ptr, k, dt, im.eig.ptr,
                                                  dt, &dev_ws, &host_ws), "cusolverDnXsyevd_bufferSize");
+      if (dev_ws > im.work.bytes || host_ws > im.host_work.size()) {
+        check_cuda(cudaStreamSynchronize(im.compute_stream), "cudaStreamSynchronize");
+      }
       im.work.reserve(std::max<size_t>(dev_ws, 1));
       if (im.host_work.size() < host_ws) im.host_work.resize(host_ws);
       check_cusolver(cusolverDnXsyevd(im.solver, im.params, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_LOWER, k,

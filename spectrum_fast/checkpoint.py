@@ -292,6 +292,37 @@ def read_matrix(info: TensorInfo) -> np.ndarray:
     return arr
 
 
+def _scale_layout(info: TensorInfo) -> tuple[str, int] | None:
+    """How ``info.scale`` applies to ``info``: ("scalar"|"row"|"block", block size), or None if it does not fit."""
+    assert info.scale is not None
+    if info.scale.dtype not in ("F32", "BF16", "F16") or len(info.shape) != 2:
+        return None
+    m, n = info.shape
+    sshape = info.scale.shape
+    if math.prod(sshape) == 1:
+        return "scalar", 1
+    if sshape in ((m,), (m, 1)):
+        return "row", 1
+    if len(sshape) == 2:
+        sm, sn = sshape
+        for b in (128, *range(1, max(m, n) + 1)):
+            if -(-m // b) == sm and -(-n // b) == sn:
+                return "block", b
+    return None
+
+
+def fp8_problem(info: TensorInfo) -> str | None:
+    """Why an FP8 tensor cannot be dequantized (a reason to skip it), or None."""
+    if info.dtype not in _FP8 or info.scale is None or _scale_layout(info) is not None:
+        return None
+    return (f"scale '{info.scale.name}' {info.scale.dtype}{list(info.scale.shape)} does not fit "
+            f"{list(info.shape)} (scalar, per-row or square blocks expected)")
+
+
+def is_unscaled_fp8(info: TensorInfo) -> bool:
+    return info.dtype in _FP8 and info.scale is None
+
+
 def _dequantize(w: np.ndarray, info: TensorInfo) -> np.ndarray:
     """Multiply FP8 values by their scale: one number, one per row, or one per square block.
 
@@ -299,19 +330,14 @@ def _dequantize(w: np.ndarray, info: TensorInfo) -> np.ndarray:
     the scale's shape implies).
     """
     assert info.scale is not None
-    if info.scale.dtype not in ("F32", "BF16", "F16") or len(info.shape) != 2:
-        raise CheckpointError(f"{info.file}: cannot apply scale '{info.scale.name}' ({info.scale.dtype}"
-                              f"{list(info.scale.shape)}) to '{info.name}' {list(info.shape)}")
+    layout = _scale_layout(info)
+    if layout is None:
+        raise CheckpointError(f"{info.file}: tensor '{info.name}': {fp8_problem(info)}")
     s = read_matrix(replace(info.scale, scale=None)).astype(np.float32)
     m, n = info.shape
-    if s.size == 1:
+    kind, b = layout
+    if kind == "scalar":
         return w * s.reshape(())
-    if s.shape in ((m,), (m, 1)):
+    if kind == "row":
         return w * s.reshape(m, 1)
-    if s.ndim == 2:
-        sm, sn = s.shape
-        for b in (128, *range(1, max(m, n) + 1)):
-            if -(-m // b) == sm and -(-n // b) == sn:
-                return w * np.repeat(np.repeat(s, b, axis=0)[:m], b, axis=1)[:, :n]
-    raise CheckpointError(f"{info.file}: scale '{info.scale.name}' {list(s.shape)} does not fit "
-                          f"'{info.name}' {list(info.shape)} (scalar, per-row or square blocks expected)")
+    return w * np.repeat(np.repeat(s, b, axis=0)[:m], b, axis=1)[:, :n]

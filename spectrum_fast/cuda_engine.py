@@ -28,6 +28,7 @@ from .cpu_engine import (
     matrix_stats,
     stats_from_gram,
 )
+from .errors import SpectrumError
 
 _EPS32 = float(np.finfo(np.float32).eps)
 _EPS64 = float(np.finfo(np.float64).eps)
@@ -35,6 +36,12 @@ _EPS64 = float(np.finfo(np.float64).eps)
 _CHUNK_BYTES = 1 << 30
 #: Stored dtypes the native engine widens itself; others (FP8 with scales, F64) go through the CPU.
 ENGINE_DTYPES = ("F32", "F16", "BF16")
+
+
+def engine_takes(info: TensorInfo) -> bool:
+    """Whether the native engine computes this matrix (else the CPU engine does: empty ones, which get
+    their status there, FP8 with scales and F64)."""
+    return info.dtype in ENGINE_DTYPES and min(info.shape) > 0
 
 
 def _cost(info: TensorInfo) -> float:
@@ -81,10 +88,19 @@ def _judge(info: TensorInfo, lam: np.ndarray, amax: float, info_code: int, eps: 
     return MatrixStats(STATUS_OK, METHOD_GRAM32 if eps == _EPS32 else METHOD_GRAM64, stats)
 
 
+def _engine_run(engine, infos: list[TensorInfo], fp64: bool) -> list:
+    """The engine's results, with its errors (CUDA, cuSOLVER, short reads) as user errors naming tensors."""
+    try:
+        return engine.run([_task(i) for i in infos], fp64=fp64)
+    except RuntimeError as e:
+        names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
+        raise SpectrumError(f"CUDA engine on GPU {engine.device} failed on {names} ({infos[0].file}): {e}") from None
+
+
 def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None]) -> None:
     for chunk in _chunks(infos):
         retry: list[TensorInfo] = []
-        for info, (lam, amax, code) in zip(chunk, engine.run([_task(i) for i in chunk], fp64=False)):
+        for info, (lam, amax, code) in zip(chunk, _engine_run(engine, chunk, fp64=False)):
             out = _judge(info, lam, amax, code, _EPS32)
             if out is None:
                 retry.append(info)
@@ -92,7 +108,7 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
                 done(info, out)
         if not retry:
             continue
-        fp64 = engine.run([_task(i) for i in retry], fp64=True)
+        fp64 = _engine_run(engine, retry, fp64=True)
         for info, (lam, amax, code) in zip(retry, fp64):
             out = _judge(info, lam, amax, code, _EPS64)
             done(info, out if out is not None else matrix_stats(read_matrix(info)))
@@ -109,10 +125,10 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
         with lock:
             done(info, out)
 
-    on_cpu = [i for i in infos if i.dtype not in ENGINE_DTYPES]
-    work = plan([i for i in infos if i.dtype in ENGINE_DTYPES], len(devices))
-    for info in on_cpu:
-        report(info, matrix_stats(read_matrix(info)))
+    unfit = [i.name for i in infos if not engine_takes(i)]
+    if unfit:
+        raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")
+    work = plan(infos, len(devices))
     if len(devices) == 1:
         _run_device(_C.GramEngine(devices[0]), work[0], report)
         return

@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from threadpoolctl import threadpool_limits
 
 from . import __version__
-from .checkpoint import TensorInfo, dtype_supported, open_checkpoint, read_matrix
+from .checkpoint import TensorInfo, dtype_supported, fp8_problem, is_unscaled_fp8, open_checkpoint, read_matrix
 from .cpu_engine import STATUS_OK, MatrixStats, matrix_stats
 from .errors import SpectrumError
 from .naming import is_embedding, is_head, module_name, module_type, wants
@@ -27,6 +27,10 @@ from .result import MatrixRecord, ScanResult
 
 _PREFETCH = 2
 DEVICES = ("auto", "cpu", "cuda")
+
+
+class UnscaledFP8Warning(UserWarning):
+    """An FP8 weight without a scale tensor: scanned as stored, its SNR off by the scale."""
 
 
 class DegenerateMatrixWarning(UserWarning):
@@ -118,6 +122,13 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         if not dtype_supported(info.dtype):
             skipped.append({"name": info.name, "reason": f"unsupported dtype {info.dtype}"})
             continue
+        problem = fp8_problem(info)
+        if problem:
+            skipped.append({"name": info.name, "reason": problem})
+            continue
+        if is_unscaled_fp8(info):
+            warnings.warn(f"{info.file.name}: FP8 tensor '{info.name}' has no scale tensor; scanned as stored "
+                          "(its SNR is off by the missing scale)", UnscaledFP8Warning, stacklevel=2)
         chosen.append(info)
     if not chosen:
         what = f" of types {', '.join(types)}" if types else ""
@@ -135,12 +146,14 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
             bar.update(info.nbytes)
             bar.set_postfix_str(f"{len(records)}/{len(chosen)} tensors", refresh=False)
 
+        on_cpu = chosen
         if backend == "cuda" and not exact:
-            from .cuda_engine import cuda_stats
+            from .cuda_engine import cuda_stats, engine_takes
 
-            cuda_stats(chosen, list(devices) if devices else [0], done)
-        else:
-            _cpu_stats(chosen, workers, exact, done)
+            cuda_stats([i for i in chosen if engine_takes(i)], list(devices) if devices else [0], done)
+            on_cpu = [i for i in chosen if not engine_takes(i)]
+        if on_cpu:
+            _cpu_stats(on_cpu, workers, exact, done)
 
     order = {info.name: i for i, info in enumerate(ckpt.tensors.values())}
     records.sort(key=lambda r: order.get(r.module + ".weight", 0))

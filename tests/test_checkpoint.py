@@ -245,12 +245,32 @@ def test_fp8_e5m2_without_scale(tmp_path):
     np.testing.assert_array_equal(got, w.float().numpy())
 
 
-def test_fp8_scale_that_does_not_fit(tmp_path):
+def test_fp8_scale_that_does_not_fit_is_skipped_with_reason(tmp_path):
     import torch
+
+    import spectrum_fast
 
     q = torch.zeros(64, 64, dtype=torch.float8_e4m3fn)
     save_torch(tmp_path / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": q,
-                                                "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(3, 5)})
+                                                "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(3, 5),
+                                                "model.layers.1.mlp.up_proj.weight": torch.randn(8, 4)})
     info = open_checkpoint(tmp_path).tensors["model.layers.0.mlp.up_proj.weight"]
-    with pytest.raises(CheckpointError, match=r"scale 'model.layers.0.mlp.up_proj.weight_scale_inv' \[3, 5\] does not fit"):
+    with pytest.raises(CheckpointError, match=r"scale 'model.layers.0.mlp.up_proj.weight_scale_inv' F32\[3, 5\] does not fit"):
         read_matrix(info)
+    res = spectrum_fast.scan(tmp_path, progress=False)
+    assert [r.module for r in res.records] == ["model.layers.1.mlp.up_proj"]
+    assert res.skipped[0]["name"] == "model.layers.0.mlp.up_proj.weight"
+    assert "does not fit [64, 64]" in res.skipped[0]["reason"]
+
+
+def test_unscaled_fp8_warns(tmp_path):
+    import torch
+
+    import spectrum_fast
+    from spectrum_fast.scanner import UnscaledFP8Warning
+
+    w = torch.randn(32, 16, generator=torch.Generator().manual_seed(2)).to(torch.float8_e4m3fn)
+    save_torch(tmp_path / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": w})
+    with pytest.warns(UnscaledFP8Warning, match="'model.layers.0.mlp.up_proj.weight' has no scale tensor"):
+        res = spectrum_fast.scan(tmp_path, progress=False)
+    assert len(res) == 1

@@ -1,0 +1,135 @@
+"""The GPU path's Python side (planning, fp32 -> fp64 -> CPU fallbacks, several devices, routing, errors),
+run against a stand-in for the native engine that computes what it promises with numpy. The engine
+itself is tested on a GPU by tests/test_native.py."""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+
+import spectrum_fast
+from spectrum_fast import backends
+
+from .conftest import ref_snr, rel_err, save_np
+
+_RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+class FakeEngine:
+    """Same contract as spectrum_fast._C.GramEngine.run: per task (ascending Gram eigenvalues, amax, info)."""
+
+    calls: list[tuple[int, int, bool]] = []
+    fail_on: str | None = None
+    info_code = 0  # what cuSOLVER reports; non-zero: not converged
+
+    def __init__(self, device: int = 0):
+        self.device = device
+
+    def run(self, tasks, fp64=False):
+        out = []
+        for path, offset, nbytes, dtype, rows, cols in tasks:
+            if FakeEngine.fail_on and FakeEngine.fail_on in path:
+                raise RuntimeError("cudaMalloc failed: cudaErrorMemoryAllocation (out of memory)")
+            assert rows > 0 and cols > 0, "the engine rejects empty matrices"
+            raw = np.fromfile(path, dtype=_RAW[dtype], count=rows * cols, offset=offset)
+            w = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
+            w = w.reshape(rows, cols).astype(np.float64 if fp64 else np.float32)
+            g = w.T @ w if rows >= cols else w @ w.T
+            out.append((np.linalg.eigvalsh(g).astype(np.float64), float(np.abs(w).max()), FakeEngine.info_code))
+            FakeEngine.calls.append((self.device, rows, fp64))
+        return out
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    fake = types.ModuleType("spectrum_fast._C")
+    fake.GramEngine = FakeEngine
+    monkeypatch.setitem(sys.modules, "spectrum_fast._C", fake)
+    monkeypatch.setattr(spectrum_fast, "_C", fake, raising=False)
+    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
+    FakeEngine.calls = []
+    FakeEngine.fail_on = None
+    FakeEngine.info_code = 0
+    return FakeEngine
+
+
+def _checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    t = {f"model.layers.{i}.mlp.up_proj.weight": (rng.standard_normal((96, 48)) +
+                                                   (i + 1) * np.outer(rng.standard_normal(96), rng.standard_normal(48))
+                                                   ).astype(np.float32) for i in range(6)}
+    t["model.layers.6.mlp.up_proj.weight"] = (rng.standard_normal((512, 64)) @ rng.standard_normal((64, 128))).astype(np.float32)
+    t["model.layers.7.mlp.up_proj.weight"] = np.zeros((0, 48), np.float32)
+    t["model.layers.8.mlp.up_proj.weight"] = np.zeros((16, 48), np.float32)
+    return save_np(tmp_path / "model.safetensors", t), t
+
+
+@pytest.mark.parametrize("devices", [[0], [0, 1]])
+def test_gpu_path_matches_reference_and_cpu(fake_gpu, tmp_path, devices):
+    path, t = _checkpoint(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", spectrum_fast.DegenerateMatrixWarning)
+        gpu = spectrum_fast.scan(path, device="cuda", devices=devices, progress=False)
+        cpu = spectrum_fast.scan(path, device="cpu", progress=False)
+    assert gpu.backend == "cuda"
+    assert [r.module for r in gpu.records] == [r.module for r in cpu.records]
+    for r in gpu.records:
+        w = t[r.module + ".weight"]
+        if w.size == 0 or not w.any():
+            assert r.status == ("empty" if w.size == 0 else "zero")
+            continue
+        assert rel_err(r.snr, ref_snr(w)) <= 1e-4, r.module
+    assert gpu.select(0.5).modules == cpu.select(0.5).modules
+    assert {d for d, _, _ in fake_gpu.calls} == set(devices)
+    assert all(rows > 0 for _, rows, _ in fake_gpu.calls)  # the empty matrix never reached the engine
+    # the rank-64 matrix cannot be decided from an fp32 Gram matrix: the engine runs it again in fp64
+    assert (512, True) in {(rows, fp64) for _, rows, fp64 in fake_gpu.calls}
+    assert gpu["model.layers.6.mlp.up_proj"].method in ("gram-fp64", "svd-fp64")
+
+
+def test_unconverged_engine_results_fall_back_to_the_cpu(fake_gpu, tmp_path):
+    path, t = _checkpoint(tmp_path)
+    fake_gpu.info_code = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", spectrum_fast.DegenerateMatrixWarning)
+        res = spectrum_fast.scan(path, device="cuda", progress=False)
+    assert {fp64 for _, _, fp64 in fake_gpu.calls} == {False, True}  # tried fp32, then fp64
+    for r in res.records:
+        w = t[r.module + ".weight"]
+        if w.any():
+            assert rel_err(r.snr, ref_snr(w)) <= 1e-4
+
+
+def test_gpu_plan_balances_by_cost():
+    from spectrum_fast.checkpoint import TensorInfo
+    from spectrum_fast.cuda_engine import plan
+
+    infos = [TensorInfo(f"t{i}", None, 0, 0, "BF16", shape) for i, shape in
+             enumerate([(4096, 4096), (4096, 1024), (1024, 1024), (4096, 4096), (14336, 4096)])]
+    a, b = plan(infos, 2)
+    assert a[0].shape == (14336, 4096)  # largest first
+    assert {i.name for i in a} | {i.name for i in b} == {i.name for i in infos}
+    assert len(a) + len(b) == 5
+
+
+def test_gpu_engine_error_is_a_user_error(fake_gpu, tmp_path):
+    path, _ = _checkpoint(tmp_path)
+    fake_gpu.fail_on = "model.safetensors"
+    with pytest.raises(spectrum_fast.SpectrumError, match=r"CUDA engine on GPU 0 failed on model\.layers\..*out of memory"):
+        spectrum_fast.scan(path, device="cuda", progress=False)
+
+
+def test_fp8_goes_to_the_cpu_engine_on_gpu_machines(fake_gpu, tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    save_file({"model.layers.0.mlp.up_proj.weight": w.to(torch.float8_e4m3fn),
+               "model.layers.0.mlp.up_proj.weight_scale_inv": torch.full((1, 1), 0.5),
+               "model.layers.1.mlp.up_proj.weight": w}, str(tmp_path / "model.safetensors"))
+    res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert len(res) == 2 and [rows for _, rows, _ in fake_gpu.calls] == [64]
