@@ -37,6 +37,9 @@ _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_m
 def canonical_name(name: str) -> str:
     """A parameter or module name without the components wrappers insert."""
     parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
+    if "modules_to_save" in parts:  # PEFT's trainable copy: lm_head.modules_to_save.<adapter>.weight
+        i = parts.index("modules_to_save")
+        parts = parts[:i] + parts[i + 2:]
     while True:
         if parts[:1] == ["module"]:  # DDP, DeepSpeed engine
             parts = parts[1:]
@@ -134,8 +137,11 @@ def _entries(source: Any, top: float, grouping: str) -> _Entries:
             raise SpectrumError("a selection given as a list must hold module names (strings)")
     else:
         raise SpectrumError(f"cannot take a selection from {type(source).__name__}")
-    modules = tuple(n for n in names if not n.startswith("^"))
-    patterns = tuple(n for n in names if n.startswith("^"))
+    # ``^...$`` lines, and entries written as axolotl patterns (``model.layers.1.mlp.*``), are regular
+    # expressions; everything else is a module (or parameter) name matched component-wise
+    is_pattern = [n.startswith("^") or any(c in n for c in "*+?[](){}|\\") for n in names]
+    modules = tuple(n for n, pat in zip(names, is_pattern) if not pat)
+    patterns = tuple(n for n, pat in zip(names, is_pattern) if pat)
     return _Entries(modules, patterns)
 
 
@@ -161,7 +167,8 @@ def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: s
     not require grad".
     """
     entries = _entries(source, top, grouping)
-    compiled = [(pat, re.compile(pat)) for pat in entries.patterns]
+    # as axolotl applies them: re.match(entry with every "." escaped, parameter name)
+    compiled = [(pat, re.compile(pat.replace(".", "\\."))) for pat in entries.patterns]
     wanted = set(entries.modules)
     hits: set[str] = set()
     report = FreezeReport()
@@ -173,15 +180,17 @@ def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: s
                                 "parameters cannot be frozen one by one: call freeze() before wrapping, and wrap "
                                 "with auto_wrap_policy=spectrum_fast.fsdp_auto_wrap_policy(model)")
         canon = canonical_name(name)
+        if "original_module" in name.split("."):
+            p.requires_grad_(False)  # PEFT's frozen original beside a modules_to_save copy: not counted twice
+            continue
         parts = canon.split(".")
         on = False
-        # the module path is any dotted prefix of the parameter name
-        for i in range(len(parts) - 1, 0, -1):
+        # an entry names the parameter or a module containing it: any dotted prefix, nested ones too
+        for i in range(len(parts), 0, -1):
             prefix = ".".join(parts[:i])
             if prefix in wanted:
                 hits.add(prefix)
                 on = True
-                break
         for pat, rx in compiled:
             if rx.match(canon):
                 hits.add(pat)

@@ -31,6 +31,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     except OSError as e:
         raise ResultFileError(f"{path}: cannot write ({e.strerror or e})") from None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; results are for other users' tools too
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

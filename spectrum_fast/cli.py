@@ -35,9 +35,6 @@ def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPar
     except SpectrumError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # argument validation in the API (e.g. top)
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -155,7 +152,7 @@ def _existing_result(args: argparse.Namespace) -> tuple[ScanResult | None, str]:
             return result, f"using {full} (weights not available here to check it is current)"
         if now != result.sources:
             return None, f"{full} is stale (the weight files changed since it was written): scanning again"
-        wanted = {"types": args.types, "include_embeddings": args.include_embeddings}
+        wanted = {"types": args.types, "include_embeddings": args.include_embeddings, "exact": args.exact}
         if any(result.settings.get(k) != v for k, v in wanted.items()):
             return None, f"{full} was made with other settings ({result.settings}): scanning again"
         return result, f"using {full} (current)"
@@ -184,7 +181,10 @@ def selection_table(sel: Selection) -> str:
 
 
 def _freeze(args: argparse.Namespace) -> int:
-    top = validate_top(args.top)
+    try:
+        top = validate_top(args.top)
+    except ValueError as e:
+        raise SpectrumError(str(e)) from None
     result, why = (None, "") if args.rescan else _existing_result(args)
     if why and not args.quiet:
         print(why, file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,12 +147,24 @@ class ScanResult:
         if d.get("format_version") != FORMAT_VERSION:
             raise ResultFileError(f"{source}: unsupported format version {d.get('format_version')!r}")
         try:
-            records = [MatrixRecord(**{**r, "shape": tuple(r["shape"]) if r.get("shape") else None})
-                       for r in d["records"]]
+            records = [_record(r) for r in d["records"]]
             fields = {k: v for k, v in d.items() if k not in ("format", "format_version", "records")}
-            return cls(records=records, **fields)
-        except (KeyError, TypeError) as e:
+            result = cls(records=records, **fields)
+        except (KeyError, TypeError, ValueError) as e:
             raise ResultFileError(f"{source}: malformed spectrum_fast result ({e})") from None
+        checks = [
+            (isinstance(result.model, str) and isinstance(result.slug, str)
+             and _SAFE_SLUG.match(result.slug) is not None, "model/slug"),
+            (isinstance(result.settings, dict), "settings"),
+            (result.sources is None or isinstance(result.sources, list), "sources"),
+            (all(v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+                 for v in (result.embedding_names, result.head_names)), "embedding_names/head_names"),
+            (isinstance(result.skipped, list), "skipped"),
+        ]
+        bad = [what for ok, what in checks if not ok]
+        if bad:
+            raise ResultFileError(f"{source}: malformed spectrum_fast result (field {bad[0]})")
+        return result
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ScanResult:
@@ -161,11 +174,32 @@ class ScanResult:
             text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ResultFileError(f"{path}: cannot read ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise ResultFileError(f"{path}: not a text (UTF-8) file") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ResultFileError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(data, source=str(path))
+
+
+_SAFE_SLUG = re.compile(r"^[^/\\\x00]+$")
+
+
+def _record(r: Any) -> MatrixRecord:
+    """One record of our own file, type-checked (a hand-edited file must fail here, not later)."""
+    if not isinstance(r, dict):
+        raise TypeError("a record is not an object")
+    rec = MatrixRecord(**{**r, "shape": tuple(r["shape"]) if r.get("shape") is not None else None})
+    if not (isinstance(rec.module, str) and isinstance(rec.type, str) and isinstance(rec.status, str)):
+        raise TypeError(f"record {rec.module!r}: module, type and status must be strings")
+    if rec.snr is None:
+        rec.snr = math.nan
+    if isinstance(rec.snr, bool) or not isinstance(rec.snr, (int, float)):
+        raise TypeError(f"record {rec.module!r}: snr must be a number")
+    if rec.shape is not None and (len(rec.shape) != 2 or not all(type(x) is int and x >= 0 for x in rec.shape)):
+        raise ValueError(f"record {rec.module!r}: shape must be two non-negative integers")
+    return rec
 
 
 def _as_float(x: Any, source: str, module: str) -> float:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,14 @@ from .result import MatrixRecord, ScanResult
 
 # What the reference tool writes when it does not know the checkpoint's names.
 REFERENCE_HEAD_LINES = ("^lm_head.weight$", "^model.embed_tokens.weight$")
+
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_^][A-Za-z0-9_.\-^$]*$")
+
+
+def _yaml_scalar(text: str) -> str:
+    """Plain as the reference writes it where that is safe YAML, double-quoted (JSON) otherwise."""
+    return text if _PLAIN.match(text) else json.dumps(text)
 
 
 def validate_top(top: float) -> float:
@@ -62,10 +72,10 @@ class Selection:
     def to_yaml(self, *, embed_head: bool = True) -> str:
         lines = ["unfrozen_parameters:"]
         if embed_head:
-            lines += [f"- {h}" for h in self.head_lines()]
+            lines += [f"- {_yaml_scalar(h)}" for h in self.head_lines()]
         for group, recs in self.groups.items():
-            lines.append(f"# {group} layers")
-            lines += [f"- {r.module}" for r in recs]
+            lines.append(f"# {' '.join(group.split())} layers")
+            lines += [f"- {_yaml_scalar(r.module)}" for r in recs]
         return "\n".join(lines) + "\n"
 
     def yaml_file_name(self) -> str:

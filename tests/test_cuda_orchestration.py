@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import types
 import warnings
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ _RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 class FakeEngine:
     """Same contract as spectrum_fast._C.GramEngine.run: per task (ascending Gram eigenvalues, amax, info)."""
 
-    calls: list[tuple[int, int, bool]] = []
+    calls: ClassVar[list[tuple[int, int, bool]]] = []
     fail_on: str | None = None
     info_code = 0  # what cuSOLVER reports; non-zero: not converged
 

@@ -122,6 +122,29 @@ def test_strict_names_the_unmatched_entry():
     assert rep.unmatched == ["model.layers.7.mlp.up_proj"]
 
 
+def test_axolotl_style_entries_and_nesting():
+    model = _llama()
+    rep = spectrum_fast.freeze(model, ["model.layers.1.mlp.*", "model.layers.0.mlp.down_proj.weight",
+                                       "model.layers.0.self_attn", "model.layers.0.self_attn.q_proj"])
+    on = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert on == {"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
+                  "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                  "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                  "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight"}
+    assert rep.unmatched == []  # nested entries all count as matched
+
+
+def test_peft_modules_to_save_head():
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    rep = spectrum_fast.freeze(pm, ["^lm_head.weight$", SELECTED[0]])
+    on = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert on == {"base_model.model.lm_head.modules_to_save.default.weight",
+                  "base_model.model." + SELECTED[0] + ".weight"}
+    assert rep.unmatched == []
+    assert not any(p.requires_grad for n, p in pm.named_parameters() if "original_module" in n)
+
+
 def test_prefix_does_not_leak_to_other_layers():
     # "model.layers.1.mlp.up_proj" must not unfreeze "model.layers.11..." (component-wise match)
     net = torch.nn.Module()

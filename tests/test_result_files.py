@@ -43,6 +43,13 @@ def test_full_file_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_binary_result_file(tmp_path):
+    p = tmp_path / "r.json"
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ResultFileError, match=r"r\.json: not a text"):
+        load_result(p)
+
+
 def test_grouped_reference_layout(tmp_path):
     p = tmp_path / "snr_results_a-b.json"
     p.write_text('{"mlp.down_proj": {"model.layers.0.mlp.down_proj": 1.5, "model.layers.1.mlp.down_proj": Infinity}}')
@@ -101,6 +108,18 @@ def test_percent_labels():
     ('{"a": {"snr": "high", "type": "t"}}', "non-numeric snr"),
     ('{"a": [1]}', "not a Spectrum result"),
     ('{"format": "spectrum_fast.scan", "format_version": 99}', "unsupported format version"),
+    (('{"format": "spectrum_fast.scan", "format_version": 1, "model": "m", "slug": "m", "records": [], '
+     '"settings": null}'), "field settings"),
+    ('{"format": "spectrum_fast.scan", "format_version": 1, "model": "m", "slug": "../x", "records": []}',
+     "field model/slug"),
+    (('{"format": "spectrum_fast.scan", "format_version": 1, "model": "m", "slug": "m", '
+     '"records": [{"module": "a", "type": "t", "snr": "abc"}]}'), "snr must be a number"),
+    (('{"format": "spectrum_fast.scan", "format_version": 1, "model": "m", "slug": "m", '
+     '"records": [{"module": "a", "type": ["t"], "snr": 1}]}'), "must be strings"),
+    (('{"format": "spectrum_fast.scan", "format_version": 1, "model": "m", "slug": "m", '
+     '"records": [{"module": "a", "type": "t", "snr": 1, "shape": [3]}]}'), "two non-negative integers"),
+    (('{"format": "spectrum_fast.scan", "format_version": 1, "model": "m", "slug": "m", '
+     '"records": [], "head_names": "lm_head.weight"}'), "field embedding_names/head_names"),
 ])
 def test_bad_result_files(tmp_path, text, match):
     p = tmp_path / "r.json"
