@@ -53,15 +53,21 @@ std::vector<Task> to_tasks(const std::vector<std::tuple<std::string, int64_t, in
 
 py::list run(GramEngine& engine,
              const std::vector<std::tuple<std::string, int64_t, int64_t, std::string, int64_t, int64_t>>& items,
-             bool fp64) {
+             bool fp64, const py::object& should_stop) {
   std::vector<Task> tasks = to_tasks(items);
   std::vector<spectrum_fast::Result> results;
   bool interrupted = false;
+  bool requested = false;  // should_stop() said so (other threads: signals only reach the main one)
   {
     py::gil_scoped_release release;
-    auto stop = [] {
+    auto stop = [&] {
       py::gil_scoped_acquire acquire;
-      return PyErr_CheckSignals() != 0;
+      if (PyErr_CheckSignals() != 0) return true;
+      if (!should_stop.is_none() && should_stop().cast<bool>()) {
+        requested = true;
+        return true;
+      }
+      return false;
     };
     try {
       results = engine.run(tasks, fp64, stop);
@@ -69,6 +75,7 @@ py::list run(GramEngine& engine,
       interrupted = true;
     }
   }
+  if (interrupted && requested) throw py::value_error("stopped: should_stop() returned True");
   if (interrupted) throw py::error_already_set();  // PyErr_CheckSignals left the KeyboardInterrupt set
   py::list out;
   for (auto& r : results) {
@@ -89,9 +96,10 @@ PYBIND11_MODULE(_C, m) {
   py::class_<GramEngine>(m, "GramEngine")
       .def(py::init<int>(), py::arg("device") = 0)
       .def_property_readonly("device", &GramEngine::device)
-      .def("run", &run, py::arg("tasks"), py::arg("fp64") = false,
+      .def("run", &run, py::arg("tasks"), py::arg("fp64") = false, py::arg("should_stop") = py::none(),
            "tasks: list of (path, offset, nbytes, dtype, rows, cols). Returns, per task and in order, "
-           "(ascending eigenvalues of the Gram matrix on the smaller side, max |w|, cuSOLVER info).");
+           "(ascending eigenvalues of the Gram matrix on the smaller side, max |w|, cuSOLVER info). "
+           "Between matrices, Ctrl-C raises KeyboardInterrupt and should_stop() -> True raises ValueError.");
   m.def("validate_tasks", [](const std::vector<std::tuple<std::string, int64_t, int64_t, std::string, int64_t, int64_t>>& items) {
         return to_tasks(items).size();
       }, "Check task tuples as run() would, without a GPU; returns their number.");

@@ -88,10 +88,13 @@ def _judge(info: TensorInfo, lam: np.ndarray, amax: float, info_code: int, eps: 
     return MatrixStats(STATUS_OK, METHOD_GRAM32 if eps == _EPS32 else METHOD_GRAM64, stats)
 
 
+_STOP = threading.Event()  # set when the main thread is interrupted: the device threads stop too
+
+
 def _engine_run(engine, infos: list[TensorInfo], fp64: bool) -> list:
     """The engine's results, with its errors (CUDA, cuSOLVER, short reads) as user errors naming tensors."""
     try:
-        return engine.run([_task(i) for i in infos], fp64=fp64)
+        return engine.run([_task(i) for i in infos], fp64=fp64, should_stop=_STOP.is_set)
     except RuntimeError as e:
         names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
         raise SpectrumError(f"CUDA engine on GPU {engine.device} failed on {names} ({infos[0].file}): {e}") from None
@@ -142,9 +145,17 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
 
     threads = [threading.Thread(target=worker, args=(d, w), name=f"spectrum_fast-cuda{d}")
                for d, w in zip(devices, work) if w]
+    _STOP.clear()
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.2)  # a plain join() would not let Ctrl-C in
+    except KeyboardInterrupt:
+        _STOP.set()  # each device thread stops after its current matrix
+        for t in threads:
+            t.join()
+        raise
     if errors:
         raise errors[0]

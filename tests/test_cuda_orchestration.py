@@ -30,7 +30,7 @@ class FakeEngine:
     def __init__(self, device: int = 0):
         self.device = device
 
-    def run(self, tasks, fp64=False):
+    def run(self, tasks, fp64=False, should_stop=None):
         out = []
         for path, offset, nbytes, dtype, rows, cols in tasks:
             if FakeEngine.fail_on and FakeEngine.fail_on in path:
