@@ -61,11 +61,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _scan_and_save(args: argparse.Namespace) -> ScanResult:
     from .atomic import ensure_writable_dir
 
-    ensure_writable_dir(args.out)  # fail before the scan, not after it
+    out = ensure_writable_dir(args.out)  # fail before the scan, not after it
+    # resumable: a scan killed at any point continues from this journal when run again
+    journal = out / f".spectrum_fast_{slugify(args.model)}.journal"
     result = scan(args.model, device=args.device, types=args.types,
                   include_embeddings=args.include_embeddings, progress=not args.quiet, exact=args.exact,
-                  workers=args.workers)
+                  workers=args.workers, journal=journal)
     full, ref = result.save(args.out)
+    journal.unlink(missing_ok=True)
     if not args.quiet:
         print(f"wrote {ref} and {full}", file=sys.stderr)
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+from pathlib import Path
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ from . import __version__
 from .checkpoint import TensorInfo, dtype_supported, fp8_problem, is_unscaled_fp8, open_checkpoint, read_matrix
 from .cpu_engine import STATUS_OK, MatrixStats, matrix_stats
 from .errors import SpectrumError
+from .journal import Journal
 from .naming import is_embedding, is_head, module_name, module_type, wants
 from .result import MatrixRecord, ScanResult
 
@@ -98,7 +100,8 @@ def _progress(total_bytes: int, n: int, enabled: bool):
 
 def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str] | None = None,
          include_embeddings: bool = False, progress: bool = True, exact: bool = False,
-         workers: int | None = None, devices: Sequence[int] | None = None) -> ScanResult:
+         workers: int | None = None, devices: Sequence[int] | None = None,
+         journal: str | os.PathLike | None = None) -> ScanResult:
     """Spectrum SNR of every weight matrix of a safetensors checkpoint, streamed one tensor at a time.
 
     ``model``: a directory (single or sharded safetensors), a ``.safetensors`` file, a Hugging Face repo
@@ -108,7 +111,9 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     ``workers``: matrices computed at once on the CPU (default: 2, or 1 on one core); the cores are
     shared among them as BLAS threads. Memory stays bounded: at most ``workers`` matrices in flight
     plus two read ahead. ``devices``: GPU indices for ``device="cuda"`` (default: GPU 0); matrices are
-    spread over them, largest first.
+    spread over them, largest first. ``journal``: a file where every finished matrix is recorded as it
+    completes; a scan killed at any point and started again with the same journal resumes from it
+    (the journal is kept: remove it once the result is saved).
     """
     t0 = time.perf_counter()
     backend, backend_note = _resolve_device(device, devices)
@@ -138,30 +143,46 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     if backend_note and progress:
         print(f"spectrum_fast: {backend_note}", file=sys.stderr)
 
+    settings = {"types": types, "include_embeddings": include_embeddings, "exact": exact}
     records: list[MatrixRecord] = []
+    log = None
+    if journal is not None:
+        log = Journal(Path(journal), {"sources": [s.to_json() for s in ckpt.sources], "settings": settings}).open()
+        if log.note and progress:
+            print(f"spectrum_fast: {log.note}", file=sys.stderr)
+        finished = {r.module + ".weight": r for r in log.resumed}
+        records = [finished[i.name] for i in chosen if i.name in finished]
+    todo = [i for i in chosen if not records or i.name not in {r.module + ".weight" for r in records}]
     with _progress(sum(i.nbytes for i in chosen), len(chosen), progress) as bar:
+        bar.update(sum(i.nbytes for i in chosen) - sum(i.nbytes for i in todo))
 
         def done(info: TensorInfo, out: MatrixStats) -> None:
-            records.append(_record(info, out))
+            rec = _record(info, out)
+            if log is not None:
+                log.append(rec)
+            records.append(rec)
             bar.update(info.nbytes)
             bar.set_postfix_str(f"{len(records)}/{len(chosen)} tensors", refresh=False)
 
-        on_cpu = chosen
-        if backend == "cuda" and not exact:
-            from .cuda_engine import cuda_stats, engine_takes
+        try:
+            on_cpu = todo
+            if backend == "cuda" and not exact:
+                from .cuda_engine import cuda_stats, engine_takes
 
-            cuda_stats([i for i in chosen if engine_takes(i)], list(devices) if devices else [0], done)
-            on_cpu = [i for i in chosen if not engine_takes(i)]
-        if on_cpu:
-            _cpu_stats(on_cpu, workers, exact, done)
+                cuda_stats([i for i in todo if engine_takes(i)], list(devices) if devices else [0], done)
+                on_cpu = [i for i in todo if not engine_takes(i)]
+            if on_cpu:
+                _cpu_stats(on_cpu, workers, exact, done)
+        finally:
+            if log is not None:
+                log.close()
 
     order = {info.name: i for i, info in enumerate(ckpt.tensors.values())}
     records.sort(key=lambda r: order.get(r.module + ".weight", 0))
     names = list(ckpt.tensors)
     return ScanResult(
         model=ckpt.model, slug=ckpt.slug, records=records, skipped=skipped,
-        settings={"types": types, "include_embeddings": include_embeddings, "exact": exact,
-                  "device": device, "backend_note": backend_note},
+        settings={**settings, "device": device, "backend_note": backend_note},
         sources=[s.to_json() for s in ckpt.sources],
         embedding_names=[n for n in names if is_embedding(n)],
         head_names=[n for n in names if is_head(n)],
