@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import queue
-from pathlib import Path
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
