@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from . import distributed
 from .checkpoint import current_sources, slugify
 from .errors import CheckpointError, SpectrumError
 from .naming import MOE_EXPERT, MOE_GROUPINGS
@@ -67,10 +68,11 @@ def _scan_and_save(args: argparse.Namespace) -> ScanResult:
     result = scan(args.model, device=args.device, types=args.types,
                   include_embeddings=args.include_embeddings, progress=not args.quiet, exact=args.exact,
                   workers=args.workers, journal=journal)
-    full, ref = result.save(args.out)
-    journal.unlink(missing_ok=True)
-    if not args.quiet:
-        print(f"wrote {ref} and {full}", file=sys.stderr)
+    if distributed.rank() == 0:  # under torchrun every rank has the whole result; one writes it
+        full, ref = result.save(args.out)
+        if not args.quiet:
+            print(f"wrote {ref} and {full}", file=sys.stderr)
+    distributed.rank_journal(journal).unlink(missing_ok=True)
     return result
 
 
@@ -111,7 +113,7 @@ def scan_parser() -> argparse.ArgumentParser:
 
 def _scan(args: argparse.Namespace) -> int:
     result = _scan_and_save(args)
-    if not args.quiet:
+    if not args.quiet and distributed.rank() == 0:
         print(summary_table(result))
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import TensorInfo, dtype_supported, fp8_problem, is_unscaled_fp8, open_checkpoint, read_matrix
 from .cpu_engine import STATUS_OK, MatrixStats, matrix_stats
 from .errors import SpectrumError
@@ -111,7 +111,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     ``workers``: matrices computed at once on the CPU (default: 2, or 1 on one core); the cores are
     shared among them as BLAS threads. Memory stays bounded: at most ``workers`` matrices in flight
     plus two read ahead. ``devices``: GPU indices for ``device="cuda"`` (default: GPU 0); matrices are
-    spread over them, largest first. ``journal``: a file where every finished matrix is recorded as it
+    spread over them, largest first. Launched by ``torchrun``, every rank scans its share and all return
+    the whole result (see :mod:`spectrum_fast.distributed`). ``journal``: a file where every finished matrix is recorded as it
     completes; a scan killed at any point and started again with the same journal resumes from it
     (the journal is kept: remove it once the result is saved).
     """
@@ -144,17 +145,30 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         print(f"spectrum_fast: {backend_note}", file=sys.stderr)
 
     settings = {"types": types, "include_embeddings": include_embeddings, "exact": exact}
+    ctx = distributed.context()
+    if ctx is not None:
+        from .cuda_engine import plan
+
+        chosen_here = plan(chosen, ctx.world)[ctx.rank]  # the same deal on every rank
+        progress = progress and ctx.rank == 0
+        if backend == "cuda" and not devices:
+            devices = [int(os.environ.get("LOCAL_RANK", "0"))]
+    else:
+        chosen_here = chosen
     records: list[MatrixRecord] = []
     log = None
     if journal is not None:
-        log = Journal(Path(journal), {"sources": [s.to_json() for s in ckpt.sources], "settings": settings}).open()
+        header = {"sources": [s.to_json() for s in ckpt.sources], "settings": settings}
+        log = Journal(distributed.rank_journal(Path(journal)), header).open()
         if log.note and progress:
             print(f"spectrum_fast: {log.note}", file=sys.stderr)
         finished = {r.module + ".weight": r for r in log.resumed}
-        records = [finished[i.name] for i in chosen if i.name in finished]
-    todo = [i for i in chosen if not records or i.name not in {r.module + ".weight" for r in records}]
-    with _progress(sum(i.nbytes for i in chosen), len(chosen), progress) as bar:
-        bar.update(sum(i.nbytes for i in chosen) - sum(i.nbytes for i in todo))
+        records = [finished[i.name] for i in chosen_here if i.name in finished]
+    resumed = {r.module + ".weight" for r in records}
+    todo = [i for i in chosen_here if i.name not in resumed]
+    error: BaseException | None = None
+    with _progress(sum(i.nbytes for i in chosen_here), len(chosen_here), progress) as bar:
+        bar.update(sum(i.nbytes for i in chosen_here) - sum(i.nbytes for i in todo))
 
         def done(info: TensorInfo, out: MatrixStats) -> None:
             rec = _record(info, out)
@@ -162,7 +176,7 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
                 log.append(rec)
             records.append(rec)
             bar.update(info.nbytes)
-            bar.set_postfix_str(f"{len(records)}/{len(chosen)} tensors", refresh=False)
+            bar.set_postfix_str(f"{len(records)}/{len(chosen_here)} tensors", refresh=False)
 
         try:
             on_cpu = todo
@@ -173,9 +187,15 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
                 on_cpu = [i for i in todo if not engine_takes(i)]
             if on_cpu:
                 _cpu_stats(on_cpu, workers, exact, done)
+        except BaseException as e:
+            if ctx is None:
+                raise
+            error = e
         finally:
             if log is not None:
                 log.close()
+    if ctx is not None:
+        records = distributed.exchange(ctx, records, error)
 
     order = {info.name: i for i, info in enumerate(ckpt.tensors.values())}
     records.sort(key=lambda r: order.get(r.module + ".weight", 0))

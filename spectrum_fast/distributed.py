@@ -1,0 +1,70 @@
+"""Scanning across processes and machines: ``torchrun --nproc_per_node G [--nnodes N] -m spectrum_fast.scan``.
+
+Every rank reads the checkpoint's headers, deals the matrices out the same way (largest first, to the
+rank with the least estimated work: balanced by cost, not by count), reads and computes only its own,
+and all ranks exchange their records (``all_gather_object`` over a gloo group, also when the default
+backend is NCCL). A rank that fails sends its error instead, so the whole run fails with that rank's
+message on every rank rather than hanging in the collective.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SpectrumError
+from .result import MatrixRecord
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world: int
+    group: object
+
+
+def world_size() -> int:
+    """Processes in this run according to torchrun's environment (1 when not launched by it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def context() -> Context | None:
+    """Join the process group torchrun set up (creating it if needed); None when running alone."""
+    if world_size() <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    group = dist.new_group(backend="gloo")
+    return Context(dist.get_rank(), dist.get_world_size(), group)
+
+
+def rank_journal(path: Path) -> Path:
+    """This process's journal: each rank journals its own share (resuming needs the same number of ranks)."""
+    return path if world_size() <= 1 else path.with_name(f"{path.name}.rank{rank()}-of-{world_size()}")
+
+
+def exchange(ctx: Context, records: list[MatrixRecord], error: BaseException | None) -> list[MatrixRecord]:
+    """Everyone's records on every rank; raises on every rank if any rank failed, naming it."""
+    import torch.distributed as dist
+
+    mine = (records, None if error is None else f"{type(error).__name__}: {error}" if not isinstance(
+        error, SpectrumError) else str(error))
+    gathered: list = [None] * ctx.world
+    dist.all_gather_object(gathered, mine, group=ctx.group)
+    for r, (_, err) in enumerate(gathered):
+        if err is not None:
+            raise SpectrumError(f"rank {r} of {ctx.world} failed: {err}")
+    return [rec for recs, _ in gathered for rec in recs]
