@@ -39,9 +39,13 @@ def _free_port() -> int:
 
 def _torchrun(n: int, args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    for _ in range(3):  # the free port can be taken between probing and binding: try another
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+        if "address already in use" not in r.stderr.lower():
+            return r
+    return r
 
 
 @pytest.mark.parametrize("n", [2, 3])
