@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -98,6 +98,28 @@ def _progress(total_bytes: int, n: int, enabled: bool):
                 postfix=f"0/{n} tensors")
 
 
+def _tensors_to_scan(tensors: Iterable[TensorInfo], types: list[str] | None,
+                     include_embeddings: bool) -> tuple[list[TensorInfo], list[dict[str, str]]]:
+    """The tensors a scan with these settings covers, and those it must skip (with the reason)."""
+    chosen: list[TensorInfo] = []
+    skipped: list[dict[str, str]] = []
+    for info in tensors:
+        if not wants(info.name, info.shape, include_embeddings=include_embeddings, types=types):
+            continue
+        if not dtype_supported(info.dtype):
+            skipped.append({"name": info.name, "reason": f"unsupported dtype {info.dtype}"})
+            continue
+        problem = fp8_problem(info)
+        if problem:
+            skipped.append({"name": info.name, "reason": problem})
+            continue
+        if is_unscaled_fp8(info):
+            warnings.warn(f"{info.file.name}: FP8 tensor '{info.name}' has no scale tensor; scanned as stored "
+                          "(its SNR is off by the missing scale)", UnscaledFP8Warning, stacklevel=3)
+        chosen.append(info)
+    return chosen, skipped
+
+
 def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str] | None = None,
          include_embeddings: bool = False, progress: bool = True, exact: bool = False,
          workers: int | None = None, devices: Sequence[int] | None = None,
@@ -111,31 +133,16 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     ``workers``: matrices computed at once on the CPU (default: 2, or 1 on one core); the cores are
     shared among them as BLAS threads. Memory stays bounded: at most ``workers`` matrices in flight
     plus two read ahead. ``devices``: GPU indices for ``device="cuda"`` (default: GPU 0); matrices are
-    spread over them, largest first. Launched by ``torchrun``, every rank scans its share and all return
-    the whole result (see :mod:`spectrum_fast.distributed`). ``journal``: a file where every finished matrix is recorded as it
-    completes; a scan killed at any point and started again with the same journal resumes from it
-    (the journal is kept: remove it once the result is saved).
+    spread over them, largest first. Launched by ``torchrun``, every rank scans its share and all
+    return the whole result (see :mod:`spectrum_fast.distributed`). ``journal``: a file where every
+    finished matrix is recorded as it completes; a scan killed at any point and started again with the
+    same journal resumes from it (the journal is kept: remove it once the result is saved).
     """
     t0 = time.perf_counter()
     backend, backend_note = _resolve_device(device, devices)
     ckpt = open_checkpoint(model)
     types = list(types) if types else None
-    chosen: list[TensorInfo] = []
-    skipped: list[dict[str, str]] = []
-    for info in ckpt.tensors.values():
-        if not wants(info.name, info.shape, include_embeddings=include_embeddings, types=types):
-            continue
-        if not dtype_supported(info.dtype):
-            skipped.append({"name": info.name, "reason": f"unsupported dtype {info.dtype}"})
-            continue
-        problem = fp8_problem(info)
-        if problem:
-            skipped.append({"name": info.name, "reason": problem})
-            continue
-        if is_unscaled_fp8(info):
-            warnings.warn(f"{info.file.name}: FP8 tensor '{info.name}' has no scale tensor; scanned as stored "
-                          "(its SNR is off by the missing scale)", UnscaledFP8Warning, stacklevel=2)
-        chosen.append(info)
+    chosen, skipped = _tensors_to_scan(ckpt.tensors.values(), types, include_embeddings)
     if not chosen:
         what = f" of types {', '.join(types)}" if types else ""
         raise SpectrumError(f"{model}: no 2-D weight matrices{what} to scan"
