@@ -54,6 +54,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--types", nargs="+", metavar="TYPE",
                    help="module types to scan, shell patterns allowed (e.g. 'mlp.*' self_attn.q_proj)")
     p.add_argument("--include-embeddings", action="store_true", help="also scan embeddings and lm_head")
+    p.add_argument("--skip-routers", action="store_true",
+                   help="leave mixture-of-experts routers (mlp.gate) out (the reference scans them)")
     p.add_argument("--exact", action="store_true", help="float64 SVD for every matrix (slow reference path)")
     p.add_argument("--workers", type=int, metavar="N", help="matrices computed at once on the CPU (default 2)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no table")
@@ -67,7 +69,7 @@ def _scan_and_save(args: argparse.Namespace) -> ScanResult:
     journal = out / f".spectrum_fast_{slugify(args.model)}.journal"
     result = scan(args.model, device=args.device, types=args.types,
                   include_embeddings=args.include_embeddings, progress=not args.quiet, exact=args.exact,
-                  workers=args.workers, journal=journal)
+                  workers=args.workers, journal=journal, routers=not args.skip_routers)
     if distributed.rank() == 0:  # under torchrun every rank has the whole result; one writes it
         full, ref = result.save(args.out)
         if not args.quiet:
@@ -157,7 +159,8 @@ def _existing_result(args: argparse.Namespace) -> tuple[ScanResult | None, str]:
             return result, f"using {full} (weights not available here to check it is current)"
         if now != result.sources:
             return None, f"{full} is stale (the weight files changed since it was written): scanning again"
-        wanted = {"types": args.types, "include_embeddings": args.include_embeddings, "exact": args.exact}
+        wanted = {"types": args.types, "include_embeddings": args.include_embeddings, "exact": args.exact,
+                  "routers": not args.skip_routers}
         if any(result.settings.get(k) != v for k, v in wanted.items()):
             return None, f"{full} was made with other settings ({result.settings}): scanning again"
         return result, f"using {full} (current)"

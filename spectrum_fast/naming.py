@@ -65,10 +65,17 @@ def is_scanned_by_default(tensor_name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and tensor_name.endswith(".weight") and block_index(tensor_name) is not None
 
 
+def is_router(tensor_name: str) -> bool:
+    """A mixture-of-experts router (``mlp.gate``, ``block_sparse_moe.gate``, ``...router``): [experts, hidden]."""
+    return module_name(tensor_name).rsplit(".", 1)[-1] in ("gate", "router")
+
+
 def wants(tensor_name: str, shape: tuple[int, ...], *, include_embeddings: bool,
-          types: list[str] | None) -> bool:
+          types: list[str] | None, routers: bool = True) -> bool:
     """Whether a scan with these settings covers this tensor."""
     if len(shape) != 2 or not tensor_name.endswith(".weight"):
+        return False
+    if not routers and is_router(tensor_name):
         return False
     if not is_scanned_by_default(tensor_name, shape):
         # embeddings and head are asked for by name, whatever the type patterns say

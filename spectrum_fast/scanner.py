@@ -98,13 +98,13 @@ def _progress(total_bytes: int, n: int, enabled: bool):
                 postfix=f"0/{n} tensors")
 
 
-def _tensors_to_scan(tensors: Iterable[TensorInfo], types: list[str] | None,
-                     include_embeddings: bool) -> tuple[list[TensorInfo], list[dict[str, str]]]:
+def _tensors_to_scan(tensors: Iterable[TensorInfo], types: list[str] | None, include_embeddings: bool,
+                     routers: bool) -> tuple[list[TensorInfo], list[dict[str, str]]]:
     """The tensors a scan with these settings covers, and those it must skip (with the reason)."""
     chosen: list[TensorInfo] = []
     skipped: list[dict[str, str]] = []
     for info in tensors:
-        if not wants(info.name, info.shape, include_embeddings=include_embeddings, types=types):
+        if not wants(info.name, info.shape, include_embeddings=include_embeddings, types=types, routers=routers):
             continue
         if not dtype_supported(info.dtype):
             skipped.append({"name": info.name, "reason": f"unsupported dtype {info.dtype}"})
@@ -123,7 +123,7 @@ def _tensors_to_scan(tensors: Iterable[TensorInfo], types: list[str] | None,
 def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str] | None = None,
          include_embeddings: bool = False, progress: bool = True, exact: bool = False,
          workers: int | None = None, devices: Sequence[int] | None = None,
-         journal: str | os.PathLike | None = None) -> ScanResult:
+         journal: str | os.PathLike | None = None, routers: bool = True) -> ScanResult:
     """Spectrum SNR of every weight matrix of a safetensors checkpoint, streamed one tensor at a time.
 
     ``model``: a directory (single or sharded safetensors), a ``.safetensors`` file, a Hugging Face repo
@@ -137,12 +137,13 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     return the whole result (see :mod:`spectrum_fast.distributed`). ``journal``: a file where every
     finished matrix is recorded as it completes; a scan killed at any point and started again with the
     same journal resumes from it (the journal is kept: remove it once the result is saved).
+    ``routers=False`` leaves mixture-of-experts routers (``mlp.gate``) out; the reference scans them.
     """
     t0 = time.perf_counter()
     backend, backend_note = _resolve_device(device, devices)
     ckpt = open_checkpoint(model)
     types = list(types) if types else None
-    chosen, skipped = _tensors_to_scan(ckpt.tensors.values(), types, include_embeddings)
+    chosen, skipped = _tensors_to_scan(ckpt.tensors.values(), types, include_embeddings, routers)
     if not chosen:
         what = f" of types {', '.join(types)}" if types else ""
         raise SpectrumError(f"{model}: no 2-D weight matrices{what} to scan"
@@ -151,7 +152,7 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     if backend_note and progress:
         print(f"spectrum_fast: {backend_note}", file=sys.stderr)
 
-    settings = {"types": types, "include_embeddings": include_embeddings, "exact": exact}
+    settings = {"types": types, "include_embeddings": include_embeddings, "exact": exact, "routers": routers}
     ctx = distributed.context()
     if ctx is not None:
         from .cuda_engine import plan

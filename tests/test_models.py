@@ -88,6 +88,9 @@ def test_mixtral_experts_fp16(tmp_path):
     snrs, types = _reference(path)
     _compare(path, set(types.values()))
     assert any(".experts.3." in m for m in snrs)
+    no_routers = spectrum_fast.scan(path, routers=False, progress=False)
+    assert {r.module for r in no_routers.records} == {m for m in snrs if not m.endswith(".gate")}
+    assert len(no_routers) == len(snrs) - cfg.num_hidden_layers
 
 
 def test_gpt2_conv1d_fp32(tmp_path):

@@ -25,6 +25,12 @@ from spectrum_fast.naming import (
     ("model.layers.1.mlp.shared_expert.up_proj.weight", "mlp.shared_expert.up_proj"),
     ("blocks.7.attn.proj.weight", "attn.proj"),
     ("model.norm.weight", "model.norm"),  # outside blocks: the whole name, as the reference
+    ("model.layers.5.mlp.experts.17.gate_proj.weight", "mlp.experts.17.gate_proj"),  # Qwen-MoE
+    ("model.layers.5.mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.gate_proj"),
+    ("model.layers.5.mlp.shared_experts.down_proj.weight", "mlp.shared_experts.down_proj"),  # DeepSeek
+    ("model.layers.5.self_attn.q_a_proj.weight", "self_attn.q_a_proj"),  # DeepSeek MLA
+    ("model.layers.5.self_attn.kv_b_proj.weight", "self_attn.kv_b_proj"),
+    ("model.layers.5.mlp.gate.weight", "mlp.gate"),  # a router
 ])
 def test_module_type(tensor, mtype):
     assert module_type(module_name(tensor)) == mtype
@@ -51,6 +57,39 @@ def test_embeddings_and_head():
     assert not is_head("model.layers.1.lm_head.weight")
     assert wants("lm_head.weight", (10, 4), include_embeddings=True, types=None)
     assert not wants("lm_head.weight", (10, 4), include_embeddings=False, types=None)
+
+
+def test_routers():
+    from spectrum_fast.naming import is_router
+
+    assert is_router("model.layers.5.mlp.gate.weight") and is_router("model.layers.0.block_sparse_moe.gate.weight")
+    assert not is_router("model.layers.5.mlp.gate_proj.weight")
+    assert not is_router("model.layers.5.mlp.shared_expert_gate.weight")
+    n = "model.layers.5.mlp.gate.weight"
+    assert wants(n, (64, 4096), include_embeddings=False, types=None)
+    assert not wants(n, (64, 4096), include_embeddings=False, types=None, routers=False)
+
+
+def test_selection_at_45000_matrices_both_groupings():
+    import math
+    import time
+
+    from spectrum_fast import MatrixRecord, ScanResult
+
+    rng = __import__("numpy").random.default_rng(0)
+    recs = [MatrixRecord(f"model.layers.{layer}.mlp.experts.{e}.{p}", f"mlp.experts.{e}.{p}", float(rng.random()))
+            for layer in range(60) for e in range(250) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert len(recs) == 45000
+    result = ScanResult("synthetic", "synthetic", recs)
+    t = time.perf_counter()
+    per_expert = result.select(0.5)
+    pooled = result.select(0.5, grouping="pooled")
+    assert time.perf_counter() - t < 10
+    assert len(per_expert.groups) == 750 and all(len(v) == 30 for v in per_expert.groups.values())
+    assert sorted(pooled.groups) == ["mlp.experts.*.down_proj", "mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"]
+    assert all(len(v) == math.floor(15000 * 0.5) for v in pooled.groups.values())
+    best = max((r for r in recs if r.type.endswith("down_proj")), key=lambda r: r.snr)
+    assert pooled.groups["mlp.experts.*.down_proj"][0] is best
 
 
 def test_type_patterns():
