@@ -77,7 +77,10 @@ def test_journal_of_other_weights_is_not_mixed_in(model_dir, tmp_path, capsys):
     rng = np.random.default_rng(1)
     new = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((384, 256)).astype(np.float32)
            for i in range(40)}
-    save_np(model_dir / "model.safetensors", new)
+    f = save_np(model_dir / "model.safetensors", new)
+    # same names and shapes, so the same header: only size + mtime tell the files apart; make sure the
+    # filesystem's timestamp granularity cannot hide the rewrite
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     res = spectrum_fast.scan(model_dir, progress=True, journal=journal)
     assert "belongs to other weights or settings: starting over" in capsys.readouterr().err
     fresh = spectrum_fast.scan(model_dir, progress=False)
