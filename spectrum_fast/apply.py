@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import SpectrumError
 from .naming import block_index, is_embedding, is_head, module_type
 from .result import ScanResult
-from .selection import Selection
+from .selection import Selection, axolotl_pattern
 
 if TYPE_CHECKING:
     import torch
@@ -168,7 +168,7 @@ def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: s
     """
     entries = _entries(source, top, grouping)
     # as axolotl applies them: re.match(entry with every "." escaped, parameter name)
-    compiled = [(pat, re.compile(pat.replace(".", "\\."))) for pat in entries.patterns]
+    compiled = [(pat, axolotl_pattern(pat)) for pat in entries.patterns]
     wanted = set(entries.modules)
     hits: set[str] = set()
     report = FreezeReport()

@@ -19,7 +19,7 @@ from .errors import CheckpointError, SpectrumError
 from .naming import MOE_EXPERT, MOE_GROUPINGS
 from .result import DEFAULT_OUT_DIR, ScanResult, full_file_name, reference_file_name
 from .scanner import DEVICES, scan
-from .selection import Selection, validate_top
+from .selection import Selection, axolotl_pattern, validate_top
 
 PROG_SCAN = "python -m spectrum_fast.scan"
 PROG_FREEZE = "python -m spectrum_fast.freeze"
@@ -214,8 +214,6 @@ _TRAIN_BYTES = {"bf16": 2 + 8 + 4, "fp16": 2 + 8 + 4, "fp32": 4 + 8}
 
 def training_estimate(sel: Selection, model: str, *, embed_head: bool, train_dtype: str) -> str:
     """Trainable parameters of the whole model under this selection, and the memory it saves."""
-    import re
-
     from .checkpoint import open_checkpoint
 
     try:
@@ -223,7 +221,7 @@ def training_estimate(sel: Selection, model: str, *, embed_head: bool, train_dty
     except SpectrumError:
         return "trainable parameters of the whole model: unknown (weights not available here)"
     chosen = set(sel.modules)
-    patterns = [re.compile(h.replace(".", "\\.")) for h in sel.head_lines()] if embed_head else []
+    patterns = [axolotl_pattern(h) for h in sel.head_lines()] if embed_head else []
     total = trainable = 0
     for name, info in tensors.items():
         if not name.endswith((".weight", ".bias")):  # buffers saved with the weights (position_ids, ...)

@@ -25,6 +25,11 @@ def _yaml_scalar(text: str) -> str:
     return text if _PLAIN.match(text) else json.dumps(text)
 
 
+def axolotl_pattern(entry: str) -> re.Pattern[str]:
+    """An ``unfrozen_parameters`` entry as axolotl applies it: every ``.`` escaped, then ``re.match``."""
+    return re.compile(entry.replace(".", "\\."))
+
+
 def validate_top(top: float) -> float:
     """``top`` must be a fraction in (0, 1]."""
     try:
