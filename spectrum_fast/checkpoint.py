@@ -15,10 +15,14 @@ import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .hub import HubRepo
 
 DEMO = "demo"
 DEMO_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -102,6 +106,8 @@ class Checkpoint:
     files: list[Path]
     tensors: dict[str, TensorInfo]
     sources: list[SourceFile]
+    #: set when the model is read from the Hub: brings shards to disk as the scan needs them
+    remote: HubRepo | None = None
 
 
 def slugify(model: str) -> str:
@@ -115,35 +121,39 @@ def slugify(model: str) -> str:
     return model.replace("/", "-").replace("_", "-")
 
 
-def _read_header(path: Path) -> tuple[dict, int, bytes]:
-    """Parse a safetensors header; returns (header, data start, raw header bytes)."""
+def parse_header_prefix(path: object, head: bytes, size: int) -> int:
+    """Header length from a safetensors file's first 8 bytes, checked against the file's size."""
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > _MAX_HEADER or 8 + n > size:
+        raise CheckpointError(
+            f"{path}: not a safetensors file or truncated (header length {n} exceeds file size {size})")
+    return n
+
+
+def _read_header(path: Path) -> tuple[int, bytes]:
+    """A local file's size and raw safetensors header bytes."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: not a safetensors file or truncated (header length {n} exceeds file size {size})")
+            n = parse_header_prefix(path, f.read(8), size)
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    return size, raw
+
+
+def tensor_table(path: Path, raw: bytes, size: int) -> dict[str, TensorInfo]:
+    """All tensors described by the raw header ``raw`` of a file of ``size`` bytes at ``path``, validated."""
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    return header, 8 + n, raw
-
-
-def read_tensor_table(path: Path) -> tuple[dict[str, TensorInfo], SourceFile]:
-    """All tensors of one safetensors file, validated against the file's size."""
-    header, start, raw = _read_header(path)
-    st = path.stat()
-    data_len = st.st_size - start
+    start = 8 + len(raw)
+    data_len = size - start
     tensors: dict[str, TensorInfo] = {}
     for name, meta in header.items():
         if name == "__metadata__":
@@ -162,7 +172,7 @@ def read_tensor_table(path: Path) -> tuple[dict[str, TensorInfo], SourceFile]:
             raise CheckpointError(f"{path}: tensor '{name}' has invalid offsets or shape")
         if end > data_len:
             raise CheckpointError(
-                f"{path}: tensor '{name}' ends at byte {start + end} but the file has {st.st_size} bytes "
+                f"{path}: tensor '{name}' ends at byte {start + end} but the file has {size} bytes "
                 "(truncated or corrupt shard)")
         itemsize = _ALL_SIZES.get(dtype)
         if itemsize is not None and dtype != "F4" and math.prod(shape) * itemsize != end - begin:
@@ -170,7 +180,14 @@ def read_tensor_table(path: Path) -> tuple[dict[str, TensorInfo], SourceFile]:
                 f"{path}: tensor '{name}' has {end - begin} bytes, but {dtype}{list(shape)} needs "
                 f"{math.prod(shape) * itemsize}")
         tensors[name] = TensorInfo(name, path, start + begin, end - begin, dtype, shape)
-    source = SourceFile(str(path.resolve()), st.st_size, st.st_mtime_ns, hashlib.sha256(raw).hexdigest())
+    return tensors
+
+
+def read_tensor_table(path: Path) -> tuple[dict[str, TensorInfo], SourceFile]:
+    """All tensors of one local safetensors file, validated against the file's size."""
+    size, raw = _read_header(path)
+    tensors = tensor_table(path, raw, size)
+    source = SourceFile(str(path.resolve()), size, path.stat().st_mtime_ns, hashlib.sha256(raw).hexdigest())
     return tensors, source
 
 
@@ -209,58 +226,76 @@ def _looks_like_repo_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
 
 
-def _from_hf_cache(repo_id: str) -> Path:
-    from huggingface_hub import constants, snapshot_download
+def _from_hf_cache(repo_id: str, revision: str | None) -> list[Path] | None:
+    """The repo's weight files if the local cache holds all of them at ``revision``, else None."""
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    from .hub import cache_dir
+
     try:
-        path = snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.safetensors", "*.json"])
-    except (LocalEntryNotFoundError, HFValidationError, OSError):
-        raise CheckpointError(
-            f"'{repo_id}' is not a local path and not in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
-            f"downloading is not supported yet: fetch it first, e.g. "
-            f"`hf download {repo_id} --include '*.safetensors' '*.json'`") from None
-    return Path(path)
+        path = snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=cache_dir(),
+                                 allow_patterns=["*.safetensors", "*.json"])
+        return _files_in_dir(Path(path))
+    except (LocalEntryNotFoundError, HFValidationError, OSError, CheckpointError):
+        return None
 
 
-def weight_files(model: str) -> list[Path]:
-    """Resolve a model argument (path, file, Hub repo id in the local cache, or ``demo``) to files."""
+def _local_files(model: str, revision: str | None) -> list[Path] | None:
+    """A local model's weight files; None for a Hub repo id that the local cache does not hold whole."""
     if model == DEMO:
         return _files_in_dir(_demo_dir())
     p = Path(model).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        return _files_in_dir(p)
-    if _looks_like_repo_id(model):
-        return _files_in_dir(_from_hf_cache(model))
-    raise CheckpointError(f"{model}: no such file or directory")
+    if p.is_file() or p.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"{model}: a revision applies to Hub repo ids, not to local paths")
+        return [p] if p.is_file() else _files_in_dir(p)
+    if not _looks_like_repo_id(model):
+        raise CheckpointError(f"{model}: no such file or directory")
+    return _from_hf_cache(model, revision)
 
 
-def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
-    """Resolve ``model`` and read (only) the headers of all its weight files."""
+def open_checkpoint(model: str | os.PathLike, *, revision: str | None = None,
+                    token: str | bool | None = None) -> Checkpoint:
+    """Resolve ``model`` and read (only) the headers of all its weight files.
+
+    A Hub repo id is read from the local cache when the cache holds all its weight files, otherwise
+    from the Hub (headers by range requests; see :mod:`spectrum_fast.hub`) unless ``HF_HUB_OFFLINE``.
+    """
     model = os.fspath(model)
-    files = weight_files(model)
-    tensors: dict[str, TensorInfo] = {}
-    sources = []
-    for f in files:
-        table, source = read_tensor_table(f)
-        for name in table:
-            if name in tensors:
-                raise CheckpointError(f"tensor '{name}' appears in both {tensors[name].file} and {f}")
-        tensors.update(table)
-        sources.append(source)
+    files = _local_files(model, revision)
+    remote = None
+    if files is None:
+        from . import hub
+
+        if hub.offline():
+            raise CheckpointError(
+                f"'{model}' is not a local path and not in the Hugging Face cache ({hub.cache_dir()}) (or only partly), "
+                "and HF_HUB_OFFLINE is set: fetch it first, e.g. "
+                f"`hf download {model} --include '*.safetensors' '*.json'`")
+        remote, tensors, sources = hub.open_remote(model, revision=revision, token=token)
+        files = sorted({i.file for i in tensors.values()}, key=str)
+    else:
+        tensors = {}
+        sources = []
+        for f in files:
+            table, source = read_tensor_table(f)
+            for name in table:
+                if name in tensors:
+                    raise CheckpointError(f"tensor '{name}' appears in both {tensors[name].file} and {f}")
+            tensors.update(table)
+            sources.append(source)
     for name, info in tensors.items():
         if info.dtype in _FP8:
             scale = next((tensors[name + sfx] for sfx in _SCALE_SUFFIXES if name + sfx in tensors), None)
             if scale is not None:
                 tensors[name] = replace(info, scale=scale)
-    return Checkpoint(model, slugify(model), files, tensors, sources)
+    return Checkpoint(model, slugify(model), files, tensors, sources, remote)
 
 
-def current_sources(model: str) -> list[SourceFile]:
-    """Fingerprints of the model's files as they are now (headers only)."""
-    return [read_tensor_table(f)[1] for f in weight_files(model)]
+def current_sources(model: str, *, revision: str | None = None) -> list[SourceFile]:
+    """Fingerprints of the model's files as they are now (headers only; for a Hub model, its current commit)."""
+    return open_checkpoint(model, revision=revision).sources
 
 
 def read_matrix(info: TensorInfo) -> np.ndarray:

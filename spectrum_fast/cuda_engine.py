@@ -61,6 +61,20 @@ def plan(infos: Sequence[TensorInfo], n_devices: int) -> list[list[TensorInfo]]:
     return out
 
 
+def plan_files(infos: Sequence[TensorInfo], n_ranks: int) -> list[list[TensorInfo]]:
+    """Whole files dealt out by their summed cost (LPT): for scans where each file is downloaded once."""
+    by_file: dict[str, list[TensorInfo]] = {}
+    for info in infos:
+        by_file.setdefault(str(info.file), []).append(info)
+    loads = [0.0] * n_ranks
+    out: list[list[TensorInfo]] = [[] for _ in range(n_ranks)]
+    for group in sorted(by_file.values(), key=lambda g: (-sum(map(_cost, g)), str(g[0].file))):
+        d = loads.index(min(loads))
+        out[d].extend(group)
+        loads[d] += sum(map(_cost, group))
+    return out
+
+
 def _task(info: TensorInfo) -> tuple[str, int, int, str, int, int]:
     return (str(info.file), info.offset, info.nbytes, info.dtype, info.shape[0], info.shape[1])
 

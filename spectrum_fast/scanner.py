@@ -123,7 +123,8 @@ def _tensors_to_scan(tensors: Iterable[TensorInfo], types: list[str] | None, inc
 def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str] | None = None,
          include_embeddings: bool = False, progress: bool = True, exact: bool = False,
          workers: int | None = None, devices: Sequence[int] | None = None,
-         journal: str | os.PathLike | None = None, routers: bool = True) -> ScanResult:
+         journal: str | os.PathLike | None = None, routers: bool = True, revision: str | None = None,
+         token: str | bool | None = None, keep: bool = False, lookahead: int = 1) -> ScanResult:
     """Spectrum SNR of every weight matrix of a safetensors checkpoint, streamed one tensor at a time.
 
     ``model``: a directory (single or sharded safetensors), a ``.safetensors`` file, a Hugging Face repo
@@ -138,10 +139,20 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     finished matrix is recorded as it completes; a scan killed at any point and started again with the
     same journal resumes from it (the journal is kept: remove it once the result is saved).
     ``routers=False`` leaves mixture-of-experts routers (``mlp.gate``) out; the reference scans them.
+
+    A Hub repo id that is not (completely) in the local cache is scanned from the Hub at ``revision``
+    (default: the main branch, pinned to one commit for the whole scan) with ``token``: shards are
+    downloaded one at a time, ``lookahead`` of them ahead of the one being scanned, and each is deleted
+    once scanned unless it was cached before or ``keep=True`` (see :mod:`spectrum_fast.hub`).
     """
     t0 = time.perf_counter()
     backend, backend_note = _resolve_device(device, devices)
-    ckpt = open_checkpoint(model)
+    if lookahead < 0:
+        raise SpectrumError(f"lookahead must be 0 or more, got {lookahead}")
+    ckpt = open_checkpoint(model, revision=revision, token=token)
+    if ckpt.remote is not None:
+        ckpt.remote.keep, ckpt.remote.lookahead = keep, lookahead
+        ckpt.remote.progress = progress and distributed.rank() == 0
     types = list(types) if types else None
     chosen, skipped = _tensors_to_scan(ckpt.tensors.values(), types, include_embeddings, routers)
     if not chosen:
@@ -155,9 +166,11 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     settings = {"types": types, "include_embeddings": include_embeddings, "exact": exact, "routers": routers}
     ctx = distributed.context()
     if ctx is not None:
-        from .cuda_engine import plan
+        from .cuda_engine import plan, plan_files
 
-        chosen_here = plan(chosen, ctx.world)[ctx.rank]  # the same deal on every rank
+        # the same deal on every rank; from the Hub, whole shards, so that each rank downloads only its own
+        deal = plan_files(chosen, ctx.world) if ckpt.remote is not None else plan(chosen, ctx.world)
+        chosen_here = deal[ctx.rank]
         progress = progress and ctx.rank == 0
         if backend == "cuda" and not devices:
             devices = [int(os.environ.get("LOCAL_RANK", "0"))]
@@ -174,6 +187,10 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         records = [finished[i.name] for i in chosen_here if i.name in finished]
     resumed = {r.module + ".weight" for r in records}
     todo = [i for i in chosen_here if i.name not in resumed]
+    if ckpt.remote is not None and progress:
+        fate = "kept in the cache" if keep else "each deleted once scanned unless it was cached before"
+        print(f"spectrum_fast: reading {ckpt.model} at commit {ckpt.remote.commit[:12]} from "
+              f"{ckpt.remote.endpoint}: {len(ckpt.remote.shards)} shards, {fate}", file=sys.stderr)
     error: BaseException | None = None
     with _progress(sum(i.nbytes for i in chosen_here), len(chosen_here), progress) as bar:
         bar.update(sum(i.nbytes for i in chosen_here) - sum(i.nbytes for i in todo))
@@ -186,15 +203,22 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
             bar.update(info.nbytes)
             bar.set_postfix_str(f"{len(records)}/{len(chosen_here)} tensors", refresh=False)
 
-        try:
-            on_cpu = todo
+        def compute(batch: list[TensorInfo]) -> None:
+            on_cpu = batch
             if backend == "cuda" and not exact:
                 from .cuda_engine import cuda_stats, engine_takes
 
-                cuda_stats([i for i in todo if engine_takes(i)], list(devices) if devices else [0], done)
-                on_cpu = [i for i in todo if not engine_takes(i)]
+                cuda_stats([i for i in batch if engine_takes(i)], list(devices) if devices else [0], done)
+                on_cpu = [i for i in batch if not engine_takes(i)]
             if on_cpu:
                 _cpu_stats(on_cpu, workers, exact, done)
+
+        try:
+            if ckpt.remote is not None:
+                for batch in ckpt.remote.stage(todo):
+                    compute(batch)
+            else:
+                compute(todo)
         except BaseException as e:
             if ctx is None:
                 raise

@@ -1,0 +1,365 @@
+"""Scanning a model straight from the Hugging Face Hub, without keeping it on disk.
+
+``scan("org/model")`` for a repo that is not (completely) in the local cache:
+
+1. The revision is pinned to one commit (so a push during a long scan cannot mix two versions), and the
+   index and every shard's size and ETag are fetched with HEAD requests.
+2. Every shard's safetensors header is read with HTTP range requests (a few KB each), so the whole
+   tensor table is known, validated and dealt out (also across ``torchrun`` ranks) before any weights
+   move.
+3. Shards are then downloaded one at a time into the Hugging Face cache by ``hf_hub_download`` (its
+   endpoint, token, revision, cache and resume-on-reconnect logic, and its ``.incomplete`` files, which
+   an interrupted run resumes), the next shard while the current one is scanned. A scanned shard that
+   was not in the cache before is deleted unless ``keep=True``: peak extra disk is two shards (one with
+   ``lookahead=0``). Shards in the cache before the scan are used in place and never deleted.
+
+Everything huggingface_hub reads from the environment is honoured, read when the scan starts:
+``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .checkpoint import SourceFile, TensorInfo, parse_header_prefix, tensor_table
+from .errors import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_HEAD_PROBE = 64 * 1024  # first range request; most headers fit (a 405B shard's is ~20 KB)
+_DISK_MARGIN = 64 * 1024 * 1024
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def cache_dir() -> str:
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+@dataclass(frozen=True)
+class RemoteShard:
+    filename: str
+    size: int
+    etag: str
+    #: its path in the local cache if it was there before the scan (then used in place, never deleted)
+    cached: str | None
+
+
+@dataclass
+class HubRepo:
+    """One pinned revision of a Hub repo, and how to bring its shards to disk and take them away."""
+
+    repo_id: str
+    commit: str
+    endpoint: str
+    cache_dir: str
+    token: str | bool | None
+    shards: dict[str, RemoteShard]
+    keep: bool = False
+    lookahead: int = 1
+    progress: bool = True
+    #: downloads done by this scan (filename -> local path), for the tests and the closing message
+    downloaded: list[str] = field(default_factory=list)
+
+    def placeholder(self, filename: str) -> Path:
+        """Where tensors of a shard not yet on disk say they live (replaced once it is downloaded)."""
+        return Path(f"hf://{self.repo_id}@{self.commit}") / filename
+
+    def _shard_of(self, path: Path) -> str | None:
+        return path.name if path.parent == self.placeholder("x").parent else None
+
+    # -- staging ---------------------------------------------------------------------------------------
+
+    def stage(self, infos: Sequence[TensorInfo]) -> Iterator[list[TensorInfo]]:
+        """Yield ``infos`` shard by shard, each batch pointing at local files that exist while it is used.
+
+        The next batch's shards download in the background while the caller works on the current one.
+        Downloaded shards are deleted once no later batch needs them (unless ``keep``); an interrupted
+        download stays in the cache as an ``.incomplete`` file that the next run resumes.
+        """
+        batches: dict[str, list[TensorInfo]] = {}
+        for info in infos:
+            batches.setdefault(self._shard_of(info.file) or "", []).append(info)
+        order = list(batches)
+        needs = [self._needed(batches[b]) for b in order]
+        local: dict[str, Path] = {}
+        pending: dict[str, _Download] = {}
+
+        def start(i: int) -> None:
+            for name in needs[i]:
+                if name not in local and name not in pending:
+                    pending[name] = _Download(self, name)
+
+        try:
+            for i, b in enumerate(order):
+                for j in range(i, min(len(order), i + 1 + self.lookahead)):
+                    start(j)
+                for name in needs[i]:
+                    if name not in local:
+                        local[name] = pending.pop(name).result()
+                yield [self._localize(info, local) for info in batches[b]]
+                later = set().union(*needs[i + 1:]) if i + 1 < len(order) else set()
+                for name in [n for n in local if n not in later]:
+                    self._discard(name, local.pop(name))
+        finally:
+            for name, path in local.items():
+                self._discard(name, path)
+            # downloads still running are left to finish or die with the process; their partial files
+            # are what the next run resumes from
+
+    def _needed(self, infos: Sequence[TensorInfo]) -> list[str]:
+        names: list[str] = []
+        for info in infos:
+            for f in (info.file, info.scale.file if info.scale else None):
+                name = self._shard_of(f) if f is not None else None
+                if name and name not in names:
+                    names.append(name)
+        return names
+
+    def _localize(self, info: TensorInfo, local: dict[str, Path]) -> TensorInfo:
+        name = self._shard_of(info.file)
+        out = replace(info, file=local[name]) if name else info
+        if info.scale is not None:
+            sname = self._shard_of(info.scale.file)
+            if sname:
+                out = replace(out, scale=replace(info.scale, file=local[sname]))
+        return out
+
+    def _discard(self, name: str, path: Path) -> None:
+        if self.keep or self.shards[name].cached:
+            return
+        blob = Path(os.path.realpath(path))
+        for p in {path, blob}:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                print(f"spectrum_fast: could not delete {p} after scanning it: {e.strerror or e}", file=sys.stderr)
+
+    def download(self, name: str) -> Path:
+        """One shard into the cache (resuming a partial download); its local path."""
+        from huggingface_hub import hf_hub_download
+
+        shard = self.shards[name]
+        if shard.cached and Path(shard.cached).is_file():
+            return Path(shard.cached)
+        os.makedirs(self.cache_dir, exist_ok=True)
+        free = shutil.disk_usage(self.cache_dir).free
+        if free < shard.size + _DISK_MARGIN:
+            raise CheckpointError(
+                f"{self.repo_id}/{name}: needs {shard.size / 2**30:.1f} GiB but {self.cache_dir} has "
+                f"{free / 2**30:.1f} GiB free (set HF_HUB_CACHE to a larger disk, or lookahead=0 to keep one "
+                "shard at a time)")
+        kwargs = {}
+        if not self.progress and "tqdm_class" in inspect.signature(hf_hub_download).parameters:
+            kwargs["tqdm_class"] = _silent_tqdm()
+        try:
+            path = hf_hub_download(self.repo_id, name, revision=self.commit, cache_dir=self.cache_dir,
+                                   token=self.token, endpoint=self.endpoint, **kwargs)
+        except Exception as e:  # noqa: BLE001 - every download failure becomes one line naming the shard
+            raise CheckpointError(f"{self.repo_id}/{name}: download failed: {_reason(e)}") from None
+        self.downloaded.append(name)
+        got = Path(path)
+        if got.stat().st_size != shard.size:
+            raise CheckpointError(f"{self.repo_id}/{name}: downloaded {got.stat().st_size} bytes, the Hub "
+                                  f"announced {shard.size}")
+        return got
+
+
+class _Download:
+    """A shard download on a daemon thread: an interrupted scan does not wait for it."""
+
+    def __init__(self, repo: HubRepo, name: str) -> None:
+        self._result: Path | BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(repo, name), daemon=True,
+                                        name=f"spectrum_fast-download-{name}")
+        self._thread.start()
+
+    def _run(self, repo: HubRepo, name: str) -> None:
+        try:
+            self._result = repo.download(name)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting scan, which raises it
+            self._result = e
+        finally:
+            self._done.set()
+
+    def result(self) -> Path:
+        self._done.wait()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        assert self._result is not None
+        return self._result
+
+
+def _silent_tqdm():
+    from tqdm.auto import tqdm
+
+    class Silent(tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Silent
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# -- resolving a repo ----------------------------------------------------------------------------------
+
+
+def open_remote(repo_id: str, *, revision: str | None = None, token: str | bool | None = None
+                ) -> tuple[HubRepo, dict[str, TensorInfo], list[SourceFile]]:
+    """Pin ``revision`` of ``repo_id`` on the Hub and read all its shards' headers by range requests."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
+
+    ep, cdir = endpoint(), cache_dir()
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+
+    def meta(filename: str, rev: str | None):
+        url = hf_hub_url(repo_id, filename, revision=rev, endpoint=ep)
+        return get_hf_file_metadata(url, token=token, endpoint=ep)
+
+    try:
+        try:
+            index_meta = meta(INDEX, revision)
+            commit = _commit(index_meta, where)
+            index_path = hf_hub_download(repo_id, INDEX, revision=commit, cache_dir=cdir, token=token, endpoint=ep)
+            try:
+                weight_map = json.loads(Path(index_path).read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise CheckpointError(f"{where}/{INDEX}: not a valid safetensors index (needs a 'weight_map')"
+                                      ) from None
+        except EntryNotFoundError:
+            commit = _commit(meta(SINGLE, revision), where)
+            names = [SINGLE]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            metas = list(pool.map(lambda n: meta(n, commit), names))
+    except CheckpointError:
+        raise
+    except EntryNotFoundError:
+        raise CheckpointError(f"{where}: the repo has neither {INDEX} nor {SINGLE}") from None
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo or revision: one line for the user
+        raise CheckpointError(f"{where}: cannot read the model from {ep}: {_reason(e)}") from None
+
+    _remember_ref(cdir, repo_id, revision or "main", commit)
+    shards: dict[str, RemoteShard] = {}
+    for name, m in zip(names, metas):
+        if m.size is None or m.etag is None:
+            raise CheckpointError(f"{where}/{name}: the Hub did not say the file's size and ETag")
+        cached = try_to_load_from_cache(repo_id, name, cache_dir=cdir, revision=commit)
+        cached = cached if isinstance(cached, str) and os.path.getsize(cached) == m.size else None
+        shards[name] = RemoteShard(name, m.size, m.etag, cached)
+    repo = HubRepo(repo_id, commit, ep, cdir, token, shards)
+
+    def table(name: str) -> tuple[dict[str, TensorInfo], SourceFile]:
+        shard = shards[name]
+        if shard.cached:
+            raw = _local_header(Path(shard.cached))
+            path = Path(shard.cached)
+        else:
+            raw = _remote_header(repo, name)
+            path = repo.placeholder(name)
+        tensors = tensor_table(path, raw, shard.size)
+        source = SourceFile(f"hf://{repo_id}@{commit}/{name}", shard.size, 0, hashlib.sha256(raw).hexdigest())
+        return tensors, source
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        tables = list(pool.map(table, names))
+    tensors: dict[str, TensorInfo] = {}
+    for name, (t, _) in zip(names, tables):
+        for tname in t:
+            if tname in tensors:
+                raise CheckpointError(f"{where}: tensor '{tname}' appears in two shards ({name} and another)")
+        tensors.update(t)
+    return repo, tensors, [s for _, s in tables]
+
+
+def _remember_ref(cdir: str, repo_id: str, ref: str, commit: str) -> None:
+    """Record in the cache which commit ``ref`` names, as huggingface_hub does, so that shards kept in
+    the cache are found again by ref (also offline)."""
+    if ref == commit:
+        return
+    path = Path(cdir) / f"models--{repo_id.replace('/', '--')}" / "refs" / ref
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file() or path.read_text() != commit:
+            path.write_text(commit)
+    except OSError:
+        pass  # only an optimisation for the next run
+
+
+def _commit(m, where: str) -> str:
+    if not m.commit_hash:
+        raise CheckpointError(f"{where}: the Hub did not say which commit it serves (no X-Repo-Commit header)")
+    return m.commit_hash
+
+
+def _local_header(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        n = parse_header_prefix(path, f.read(8), os.path.getsize(path))
+        return f.read(n)
+
+
+def _remote_header(repo: HubRepo, name: str) -> bytes:
+    """The raw safetensors header of a shard on the Hub, by one or two range requests."""
+    size = repo.shards[name].size
+    where = f"{repo.repo_id}/{name}"
+    first = _range(repo, name, 0, min(size, _HEAD_PROBE))
+    n = parse_header_prefix(where, first, size)
+    raw = first[8:8 + n]
+    if len(raw) < n:
+        raw += _range(repo, name, len(first), 8 + n)
+    if len(raw) != n:
+        raise CheckpointError(f"{where}: the server sent {len(raw)} of the header's {n} bytes")
+    return raw
+
+
+def _range(repo: HubRepo, name: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a shard, by an HTTP range request."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo.repo_id, name, revision=repo.commit, endpoint=repo.endpoint)
+    headers = build_hf_headers(token=repo.token)
+    headers["Range"] = f"bytes={start}-{end - 1}"
+    headers["Accept-Encoding"] = "identity"
+    r = get_session().get(url, headers=headers, follow_redirects=True)
+    hf_raise_for_status(r)
+    body = r.content
+    if r.status_code == 200:  # the server ignored the range: take the slice ourselves
+        body = body[start:end]
+    elif r.status_code != 206:
+        raise CheckpointError(f"{repo.repo_id}/{name}: range request answered with HTTP {r.status_code}")
+    return body
+
