@@ -1,0 +1,313 @@
+"""The 100B+ benchmark: measure scan throughput per matrix shape, extrapolate a whole model, compare to floors.
+
+    python bench/bench_scale.py --models Qwen1.5-110B Llama-3.1-405B --device cuda --json bench/results/scale_h100.json
+    python bench/bench_scale.py --models Mistral-7B Mixtral-8x22B --device cpu --json bench/results/scale_cpu.json
+
+For each model (a config in bench/configs/):
+
+1. Write its first ``--layers`` decoder layers with bench/synth_checkpoint.py (exact names, shapes, dtypes;
+   low-rank signal plus noise), unless that directory already holds them.
+2. For every distinct scanned matrix shape ``(m, n, dtype)``, scan up to ``--samples`` of its matrices
+   through the real engine path (read ahead, engine, accuracy guard, fallbacks) and time it: seconds
+   per matrix, and which method finished them (fp32 Gram, or a float64 recompute).
+3. Extrapolate the whole model: sum over shapes of (count in the full model x seconds per matrix), and
+   the same with the matrices dealt out over 2 / 4 / 8 devices by the scanner's own cost-balanced plan.
+4. Print it next to the floors for the whole model: bytes / disk bandwidth (measured on a shard with its
+   page cache dropped), bytes / PCIe bandwidth (measured pinned host-to-device copy, GPU only), Gram
+   FLOPs / measured fp32 GEMM rate, and the eigensolver time (measured per distinct k).
+
+``--e2e`` also scans the whole generated checkpoint end to end and reports measured / predicted, a check
+of the per-shape model. Goals (one H100): Qwen1.5-110B under 3 minutes, Llama-3.1-405B under 15.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_info
+from synth_checkpoint import Spec, tensor_list, write
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+GOALS_S = {"Qwen1.5-110B": 180.0, "Llama-3.1-405B": 900.0}  # one H100 (issue #5)
+
+
+def scanned(specs: list[Spec]) -> list[Spec]:
+    """The matrices a default scan covers (SPEC.md §2: 2-D ``*.weight`` in numbered blocks, routers too)."""
+    from spectrum_fast.naming import wants
+
+    return [s for s in specs if wants(s.name, s.shape, include_embeddings=False, types=None)]
+
+
+def shape_key(s: Spec) -> tuple[int, int, str]:
+    return (s.shape[0], s.shape[1], s.dtype)
+
+
+def ensure_checkpoint(model: str, config: dict, layers: int, workdir: Path) -> Path:
+    out = workdir / f"{model}-{layers}L"
+    index = out / "model.safetensors.index.json"
+    if index.is_file() and json.loads((out / "config.json").read_text()).get("num_hidden_layers") == layers:
+        return out
+    t0 = time.perf_counter()
+    write(config, out, layers)
+    print(f"{model}: wrote {layers} layers to {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return out
+
+
+def drop_cache(path: Path) -> None:
+    """Evict a file's pages from the page cache (no root needed for one's own files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_bandwidth(path: Path) -> float:
+    """Sequential read of a file whose page cache was dropped, bytes/s."""
+    drop_cache(path)
+    buf = bytearray(64 * 2**20)
+    t0 = time.perf_counter()
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while (k := f.readinto(buf)) > 0:
+            n += k
+    return n / (time.perf_counter() - t0)
+
+
+def gemm_rate(device: str) -> float:
+    """fp32 GEMM FLOP/s (TF32 off on the GPU, as the engine runs SYRK)."""
+    if device == "cuda":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        a = torch.randn(8192, 8192, device="cuda")
+        a @ a
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        torch.cuda.synchronize()
+        return 5 * 2 * 8192**3 / (time.perf_counter() - t0)
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    return 3 * 2 * 4096**3 / (time.perf_counter() - t0)
+
+
+def pcie_bandwidth() -> float:
+    import torch
+
+    x = torch.empty(2**30 // 4, dtype=torch.float32).pin_memory()
+    y = torch.empty_like(x, device="cuda")
+    y.copy_(x, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(4):
+        y.copy_(x, non_blocking=True)
+    torch.cuda.synchronize()
+    return 4 * 2**30 / (time.perf_counter() - t0)
+
+
+def eig_seconds(k: int, device: str, cache: dict[int, float], cpu_max_k: int) -> float:
+    """Eigenvalues of one symmetric k x k fp32 matrix (the engine's solver class), measured once per k."""
+    if k in cache:
+        return cache[k]
+    if device == "cuda":
+        import torch
+
+        a = torch.randn(k, k, device="cuda")
+        a = a + a.T
+        torch.linalg.eigvalsh(a)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.linalg.eigvalsh(a)
+        torch.cuda.synchronize()
+        cache[k] = time.perf_counter() - t0
+    elif k > cpu_max_k:  # a 16384 solve takes minutes on a small CPU: scale the largest measured one by k^3
+        k0 = cpu_max_k
+        cache[k] = eig_seconds(k0, device, cache, cpu_max_k) * (k / k0) ** 3
+    else:
+        import numpy as np
+        from scipy.linalg import eigh
+
+        a = np.random.default_rng(k).standard_normal((k, k), dtype=np.float32)
+        a = a + a.T
+        t0 = time.perf_counter()
+        eigh(a, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False)
+        cache[k] = time.perf_counter() - t0
+    return cache[k]
+
+
+def time_shapes(ckpt_dir: Path, device: str, samples: int) -> dict[tuple[int, int, str], dict]:
+    """Seconds per matrix for each scanned shape of the generated checkpoint, via the real engine path."""
+    from spectrum_fast.checkpoint import open_checkpoint
+    from spectrum_fast.cuda_engine import engine_takes
+    from spectrum_fast.naming import wants
+    from spectrum_fast.scanner import _cpu_stats
+
+    ck = open_checkpoint(ckpt_dir)
+    groups: dict[tuple[int, int, str], list] = defaultdict(list)
+    for info in ck.tensors.values():
+        if wants(info.name, info.shape, include_embeddings=False, types=None):
+            groups[(info.shape[0], info.shape[1], info.dtype)].append(info)
+    out = {}
+    for key, infos in sorted(groups.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
+        pick = infos[:samples]
+        for info in pick:
+            drop_cache(info.file)  # read from disk, as a first scan would
+        methods: Counter = Counter()
+
+        def done(info, res, methods=methods) -> None:
+            methods[res.method] += 1
+
+        t0 = time.perf_counter()
+        if device == "cuda" and all(engine_takes(i) for i in pick):
+            from spectrum_fast.cuda_engine import cuda_stats
+
+            cuda_stats(pick, [0], done)
+        else:
+            _cpu_stats(pick, None, False, done)
+        dt = time.perf_counter() - t0
+        out[key] = {"m": key[0], "n": key[1], "dtype": key[2], "sampled": len(pick),
+                    "s_per_matrix": dt / len(pick), "methods": dict(methods)}
+        print(f"  {key[0]:>6} x {key[1]:<6} {key[2]:<8} {dt / len(pick):8.3f} s/matrix  {dict(methods)}",
+              file=sys.stderr)
+    return out
+
+
+def lpt_makespan(costs: list[float], n: int) -> float:
+    loads = [0.0] * n
+    for c in sorted(costs, reverse=True):
+        i = loads.index(min(loads))
+        loads[i] += c
+    return max(loads)
+
+
+def bench_model(model: str, args: argparse.Namespace, rates: dict) -> dict:
+    config = json.loads((CONFIGS / f"{model}.json").read_text())
+    layers = min(args.layers or _default_layers(config), config["num_hidden_layers"])
+    full = scanned(tensor_list(config))
+    ckpt = ensure_checkpoint(model, config, layers, args.workdir)
+    print(f"{model}: timing {layers} generated layers on {args.device}", file=sys.stderr)
+    per_shape = time_shapes(ckpt, args.device, args.samples)
+    counts = Counter(shape_key(s) for s in full)
+    missing = [k for k in counts if k not in per_shape]
+    if missing:
+        raise SystemExit(f"{model}: shapes {missing} are not in the first {layers} layers; use more --layers")
+    costs = [per_shape[shape_key(s)]["s_per_matrix"] for s in full]
+    total = sum(costs)
+    nbytes = sum(s.nbytes for s in full)
+    gram_flops = sum(max(s.shape) * min(s.shape) ** 2 for s in full)
+    eig_cache: dict[int, float] = {}
+    eig_s = sum(c * eig_seconds(min(k[:2]), args.device, eig_cache, args.cpu_eig_max_k) for k, c in counts.items())
+    floors = {"disk_s": nbytes / rates["disk_Bps"], "gram_s": gram_flops / rates["gemm_flops"], "eig_s": eig_s}
+    if rates.get("pcie_Bps"):
+        floors["pcie_s"] = nbytes / rates["pcie_Bps"]
+    floors["compute_s"] = floors["gram_s"] + floors["eig_s"]
+    floors["floor_s"] = max(v for k, v in floors.items() if k in ("disk_s", "pcie_s", "compute_s"))
+    multi = {str(g): {"s": lpt_makespan(costs, g), "speedup": total / lpt_makespan(costs, g)} for g in (2, 4, 8)}
+    row = {"model": model, "config": config.get("_name_or_path"), "layers_generated": layers,
+           "layers_total": config["num_hidden_layers"], "matrices": len(full), "bytes": nbytes,
+           "gram_flops": gram_flops, "per_shape": list(per_shape.values()), "extrapolated_s": total,
+           "floors": floors, "vs_floor": total / floors["floor_s"], "multi_device": multi}
+    if args.device == "cuda" and model in GOALS_S:
+        row["goal_s"] = GOALS_S[model]
+        row["meets_goal"] = total <= GOALS_S[model]
+    if args.e2e:
+        import spectrum_fast
+
+        for f in sorted(ckpt.glob("*.safetensors")):
+            drop_cache(f)
+        t0 = time.perf_counter()
+        spectrum_fast.scan(ckpt, device=args.device, progress=False)
+        measured = time.perf_counter() - t0
+        gen = scanned(tensor_list(dict(config, num_hidden_layers=layers)))
+        gen = [s for s in gen if s.layer is not None and s.layer < layers]
+        predicted = sum(per_shape[shape_key(s)]["s_per_matrix"] for s in gen)
+        row["e2e"] = {"measured_s": measured, "predicted_s": predicted, "ratio": measured / predicted}
+    return row
+
+
+def _default_layers(config: dict) -> int:
+    # enough layers to hold every distinct shape (DeepSeek-V3: its MoE layers start after the dense ones)
+    return config.get("first_k_dense_replace", 0) + 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["Qwen1.5-110B", "Llama-3.1-405B"],
+                    help=f"configs in bench/configs ({', '.join(sorted(p.stem for p in CONFIGS.glob('*.json')))})")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--layers", type=int, help="decoder layers to generate (default: enough for every shape)")
+    ap.add_argument("--samples", type=int, default=2, help="matrices timed per shape (default 2)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/spectrum_fast_scale"))
+    ap.add_argument("--cpu-eig-max-k", type=int, default=8192,
+                    help="on the CPU, eigensolver floors above this k are scaled from it by k^3")
+    ap.add_argument("--e2e", action="store_true", help="also scan the generated layers end to end")
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    first_shard = None
+    rows = []
+    rates: dict = {"gemm_flops": gemm_rate(args.device)}
+    if args.device == "cuda":
+        rates["pcie_Bps"] = pcie_bandwidth()
+    for model in args.models:
+        if first_shard is None:
+            config = json.loads((CONFIGS / f"{model}.json").read_text())
+            layers = min(args.layers or _default_layers(config), config["num_hidden_layers"])
+            ckpt = ensure_checkpoint(model, config, layers, args.workdir)
+            first_shard = max(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+            rates["disk_Bps"] = disk_bandwidth(first_shard)
+        rows.append(bench_model(model, args, rates))
+
+    def fmt(s: float) -> str:
+        return f"{s:8.1f} s" if s < 3600 else f"{s / 3600:6.2f} h"
+
+    print(f"\nrates: disk {rates['disk_Bps'] / 1e9:.2f} GB/s, fp32 GEMM {rates['gemm_flops'] / 1e12:.2f} TFLOP/s"
+          + (f", PCIe {rates['pcie_Bps'] / 1e9:.1f} GB/s" if "pcie_Bps" in rates else ""))
+    print(f"{'model':<16} {'matrices':>8} {'GiB':>6} {'extrapolated':>12} {'floor':>10} {'x floor':>7} "
+          f"{'disk':>10} {'Gram':>10} {'eig':>10}  8-device speed-up")
+    for r in rows:
+        f = r["floors"]
+        print(f"{r['model']:<16} {r['matrices']:>8} {r['bytes'] / 2**30:>6.0f} {fmt(r['extrapolated_s']):>12} "
+              f"{fmt(f['floor_s']):>10} {r['vs_floor']:>7.2f} {fmt(f['disk_s']):>10} {fmt(f['gram_s']):>10} "
+              f"{fmt(f['eig_s']):>10}  {r['multi_device']['8']['speedup']:.2f}x"
+              + (f"   goal {r['goal_s']:.0f} s: {'met' if r['meets_goal'] else 'NOT met'}" if "goal_s" in r else ""))
+        if "e2e" in r:
+            print(f"{'':<16} end to end over {r['layers_generated']} layers: {r['e2e']['measured_s']:.1f} s "
+                  f"measured, {r['e2e']['predicted_s']:.1f} s predicted ({r['e2e']['ratio']:.2f}x)")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent, check=False).stdout.strip()
+    doc = {"bench": "scale", "device": args.device, "machine": machine_info(), "git_commit": commit,
+           "command": "python bench/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "rates": rates, "models": rows}
+    if args.device == "cuda":
+        import torch
+
+        doc["gpu"] = torch.cuda.get_device_name(0)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
