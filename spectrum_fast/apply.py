@@ -145,7 +145,7 @@ def _entries(source: Any, top: float, grouping: str) -> _Entries:
     return _Entries(modules, patterns)
 
 
-def _is_norm(param: str) -> bool:
+def is_norm(param: str) -> bool:
     """``...input_layernorm.weight``, ``model.norm.weight``, ``...LayerNorm.bias``, GPT-2 ``ln_f.weight``."""
     owner = param.rsplit(".", 2)[-2].lower() if param.count(".") else ""
     return "norm" in owner or owner == "ln" or owner.startswith("ln_")
@@ -197,7 +197,7 @@ def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: s
                 on = True
         if (train_embeddings and is_embedding(canon)) or (train_lm_head and is_head(canon)):
             on = True
-        if train_norms and _is_norm(canon):
+        if train_norms and is_norm(canon):
             on = True
         p.requires_grad_(on)
         n = numel(p, fsdp1)

@@ -25,7 +25,7 @@ PROG_SCAN = "python -m spectrum_fast.scan"
 PROG_FREEZE = "python -m spectrum_fast.freeze"
 
 
-def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
          argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     try:
@@ -128,7 +128,7 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def scan_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_scan, scan_parser(), argv)
+    return run_cli(_scan, scan_parser(), argv)
 
 
 # -- freeze ----------------------------------------------------------------------------------------
@@ -245,4 +245,4 @@ def training_estimate(sel: Selection, model: str, *, embed_head: bool, train_dty
 
 
 def freeze_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_freeze, freeze_parser(), argv)
+    return run_cli(_freeze, freeze_parser(), argv)

@@ -1,0 +1,5 @@
+import sys
+
+from spectrum_fast.compare import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from spectrum_fast.plotting import main
+
+sys.exit(main())
