@@ -151,6 +151,45 @@ def is_norm(param: str) -> bool:
     return "norm" in owner or owner == "ln" or owner.startswith("ln_")
 
 
+def live_aliases(model: torch.nn.Module, modules: Iterable[str]) -> dict[str, str]:
+    """``{live module name: checkpoint module name}`` for modules that ``transformers`` renames on load.
+
+    transformers 5 loads some architectures under new names (ViT's ``encoder.layer.0.attention.attention.query``
+    becomes ``layers.0.attention.q_proj``) and writes the old ones back on save, so a scan of the files
+    names modules the live model does not have. Translated with transformers' own conversion mapping;
+    modules it merges into other tensors (fused experts) get no alias. Empty when nothing is renamed.
+    """
+    live: set[str] = set()
+    for name, _ in model.named_parameters():
+        parts = canonical_name(name).split(".")
+        live.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    missing = [m for m in modules if m not in live]
+    if not missing:
+        return {}
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # no transformers, or one that does not rename
+        return {}
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is None:
+        return {}
+    try:
+        mapping = get_model_conversion_mapping(hf)
+        renames = [c for c in mapping if isinstance(c, WeightRenaming)]
+        converters = [c for c in mapping if isinstance(c, WeightConverter)]
+        out = {}
+        for m in missing:
+            new, converter = rename_source_key(m + ".weight", renames, converters)
+            new = new.removesuffix(".weight")
+            if converter is None and new != m and new in live:
+                out[new] = m
+        return out
+    except Exception:  # noqa: BLE001 - internal transformers API: without it, names are reported unmatched
+        return {}
+
+
 def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: str = "expert",
            train_embeddings: bool = False, train_lm_head: bool = False, train_norms: bool = False,
            strict: bool = True) -> FreezeReport:
@@ -169,7 +208,8 @@ def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: s
     entries = _entries(source, top, grouping)
     # as axolotl applies them: re.match(entry with every "." escaped, parameter name)
     compiled = [(pat, axolotl_pattern(pat)) for pat in entries.patterns]
-    wanted = set(entries.modules)
+    alias = live_aliases(model, entries.modules)  # live name -> the checkpoint's, where transformers renames
+    wanted = set(entries.modules) | set(alias)
     hits: set[str] = set()
     report = FreezeReport()
     embed_trainable = False
@@ -189,7 +229,7 @@ def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: s
         for i in range(len(parts), 0, -1):
             prefix = ".".join(parts[:i])
             if prefix in wanted:
-                hits.add(prefix)
+                hits.add(alias.get(prefix, prefix))
                 on = True
         for pat, rx in compiled:
             if rx.match(canon):

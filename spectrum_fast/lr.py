@@ -23,7 +23,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .apply import canonical_name, is_norm
+from .apply import canonical_name, is_norm, live_aliases
 from .errors import SpectrumError
 from .naming import MOE_EXPERT, group_of, module_type
 from .result import MatrixRecord, ScanResult
@@ -190,6 +190,9 @@ def param_groups(model: torch.nn.Module, result: Any, *, base_lr: float, scale: 
     _check_scale(scale, min_ratio, max_ratio)
     res = snr_source(result)
     records = {r.module: r for r in res.records}
+    # modules transformers renamed on load get their checkpoint record under the live name
+    alias = live_aliases(model, records)
+    records.update({live: records[file] for live, file in alias.items()})
     params = _trainable(model)
     owners = {canon: owner(canon, records) for _, canon, _ in params}
     trainable_mods = {m for m in owners.values() if m is not None}
@@ -201,7 +204,7 @@ def param_groups(model: torch.nn.Module, result: Any, *, base_lr: float, scale: 
             "its names are the live model's (transformers 5 renames some architectures on load, e.g. ViT; "
             "spectrum_fast.retarget.scan_live(model) scans the live names)")
     if top is not None:
-        _check_same_selection(res, trainable_mods, validate_top(top), grouping)
+        _check_same_selection(res, {alias.get(m, m) for m in trainable_mods}, validate_top(top), grouping)
     ratios = lr_ratios({m: _rank_snr(records[m]) for m in trainable_mods},
                        {m: group_of(records[m].type, grouping) for m in trainable_mods},
                        scale=scale, min_ratio=min_ratio, max_ratio=max_ratio)

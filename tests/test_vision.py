@@ -84,35 +84,40 @@ def test_vit_scan(vit_dir):
 
 
 def test_vit_freeze_live(vit_dir):
+    """A selection from the checkpoint applies to the live model although transformers 5 renames ViT's
+    modules on load: freeze() translates the names with transformers' own mapping."""
     result = spectrum_fast.scan(vit_dir, progress=False)
     model = transformers.ViTForImageClassification.from_pretrained(vit_dir)
     weights = stored(vit_dir)
-    live_names = {n for n, _ in model.named_parameters()}
-    if live_names != set(weights):
-        # transformers renamed the modules on load: the checkpoint's names match nothing live, and
-        # freeze() says so instead of silently training nothing
-        with pytest.raises(SpectrumError, match="match no parameter"):
-            spectrum_fast.freeze(model, result, top=TOP)
-    # the live names: scan_live, whose SNRs are those of the same stored matrices
-    live = scan_live(model)
-    if live_names != set(weights):  # as transformers 5.x names them
-        assert {r.type for r in live.records} == {"attention.q_proj", "attention.k_proj", "attention.v_proj",
-                                                  "attention.o_proj", "mlp.fc1", "mlp.fc2"}
-    file_name = {}  # live module -> stored module, by identical weights (random, so unique)
     params = dict(model.named_parameters())
-    for r in live.records:
-        w = params[r.module + ".weight"].detach()
-        (match,) = [n for n, t in weights.items() if t.shape == w.shape and torch.equal(t, w)]
-        file_name[r.module] = match.removesuffix(".weight")
-        assert r.snr == pytest.approx(result[file_name[r.module]].snr, rel=1e-4)
-    spectrum_fast.freeze(model, live, top=TOP)
-    selected_live = set(live.select(TOP).modules)
-    # the same matrices as the checkpoint's selection
-    assert {file_name[m] for m in selected_live} == set(result.select(TOP).modules)
-    assert trainable(model) == {n for n in live_names if n.rsplit(".", 1)[0] in selected_live}
+    file_name = {}  # live module -> stored module, by identical weights (random, so unique)
+    for name, p in params.items():
+        if p.ndim == 2 and ".weight" in name and name.removesuffix(".weight") != "classifier":
+            match = [n for n, t in weights.items() if t.shape == p.shape and torch.equal(t, p.detach())]
+            if len(match) == 1 and match[0].startswith("vit.encoder."):
+                file_name[name.removesuffix(".weight")] = match[0].removesuffix(".weight")
+    selected = set(result.select(TOP).modules)
+    report = spectrum_fast.freeze(model, result, top=TOP)
+    assert report.unmatched == []
+    want = {n for n in params if n.rsplit(".", 1)[0] in file_name and file_name[n.rsplit(".", 1)[0]] in selected}
+    assert trainable(model) == want and len(want) == 2 * len(selected)  # weight and bias of each
     out = model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 2]))
     out.loss.backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable(model)
+
+    # SNR learning rates resolve the same way
+    from spectrum_fast.lr import param_groups
+
+    groups = param_groups(model, result, base_lr=1e-3, top=TOP)
+    by_module = {g["modules"][0]: g for g in groups if g["modules"] and not g["no_decay"]}
+    assert {file_name[m] for m in by_module} == selected
+    for live, g in by_module.items():
+        assert g["snr"] == result[file_name[live]].snr
+
+    # scan_live names the same matrices as the live model does, with the same SNRs
+    live = scan_live(model)
+    for r in live.records:
+        assert r.snr == pytest.approx(result[file_name[r.module]].snr, rel=1e-4)
 
 
 # -- CLIP ----------------------------------------------------------------------------------------
