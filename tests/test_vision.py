@@ -3,8 +3,8 @@
 Every SNR is checked against the float64 reference of the stored weights. Two findings are pinned here:
 
 * transformers 5 renames ViT's modules when it builds or loads the model
-  (``vit.encoder.layer.0.attention.attention.query`` in the file is ``vit.layers.0.attention.q_proj`` live),
-  so a selection from the checkpoint does not name the live parameters; ``scan_live`` does.
+  (``vit.encoder.layer.0.attention.attention.query`` in the file is ``vit.layers.0.attention.q_proj`` live);
+  ``freeze`` and ``param_groups`` translate a checkpoint's selection with transformers' own mapping.
 * CLIP's towers share module types under SPEC.md §2 (``text_model.encoder.layers.0.self_attn.q_proj`` and
   ``vision_model.encoder.layers.0.self_attn.q_proj`` are both ``self_attn.q_proj``), so the reference rule
   ranks both towers together; a per-tower selection is built here from two filtered results.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import spectrum_fast
-from spectrum_fast import ScanResult, SpectrumError
+from spectrum_fast import ScanResult
 from spectrum_fast.retarget import scan_live
 
 from .conftest import ref_select, ref_snr
