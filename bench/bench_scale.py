@@ -274,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = ensure_checkpoint(model, config, layers, args.workdir)
             first_shard = max(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size)
             rates["disk_Bps"] = disk_bandwidth(first_shard)
-        rows.append(bench_model(model, args, rates))
+        try:
+            rows.append(bench_model(model, args, rates))
+        except Exception as e:  # noqa: BLE001 - keep the other models' numbers; the JSON says what failed
+            print(f"{model}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({"model": model, "error": f"{type(e).__name__}: {e}"})
 
     def fmt(s: float) -> str:
         return f"{s:8.1f} s" if s < 3600 else f"{s / 3600:6.2f} h"
@@ -284,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<16} {'matrices':>8} {'GiB':>6} {'extrapolated':>12} {'floor':>10} {'x floor':>7} "
           f"{'disk':>10} {'Gram':>10} {'eig':>10}  8-device speed-up")
     for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<16} failed: {r['error']}")
+            continue
         f = r["floors"]
         print(f"{r['model']:<16} {r['matrices']:>8} {r['bytes'] / 2**30:>6.0f} {fmt(r['extrapolated_s']):>12} "
               f"{fmt(f['floor_s']):>10} {r['vs_floor']:>7.2f} {fmt(f['disk_s']):>10} {fmt(f['gram_s']):>10} "

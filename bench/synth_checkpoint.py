@@ -223,7 +223,7 @@ def write(config: dict, out: Path, layers: int, *, shard_bytes: int = 5 * 2**30,
     tmp.mkdir(parents=True)
     shards = _shards(specs, shard_bytes)
     weight_map = {}
-    done = 0
+    done = shown = 0
     total = sum(s.nbytes for s in specs)
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -250,7 +250,8 @@ def write(config: dict, out: Path, layers: int, *, shard_bytes: int = 5 * 2**30,
                 else:
                     f.write(_vector(s))
                 done += s.nbytes
-                if progress:
+                if progress and (done - shown >= 2**30 or done == total):
+                    shown = done
                     print(f"\rwriting {out.name}: {done / 2**30:6.1f} / {total / 2**30:.1f} GiB", end="",
                           file=sys.stderr, flush=True)
     if progress:
