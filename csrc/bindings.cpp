@@ -21,39 +21,60 @@ DType parse_dtype(const std::string& d) {
   if (d == "F32") return DType::F32;
   if (d == "F16") return DType::F16;
   if (d == "BF16") return DType::BF16;
-  throw py::value_error("unsupported dtype '" + d + "' (the CUDA engine takes F32, F16, BF16)");
+  if (d == "F8_E4M3") return DType::F8_E4M3;
+  if (d == "F8_E5M2") return DType::F8_E5M2;
+  throw py::value_error("unsupported dtype '" + d + "' (the CUDA engine takes F32, F16, BF16, F8_E4M3, F8_E5M2)");
 }
 
-// (path, offset, nbytes, dtype, rows, cols) tuples from Python, validated before any GPU work.
-std::vector<Task> to_tasks(const std::vector<std::tuple<std::string, int64_t, int64_t, std::string, int64_t, int64_t>>& items) {
+spectrum_fast::ScaleLayout parse_layout(const std::string& l) {
+  if (l == "scalar") return spectrum_fast::ScaleLayout::Scalar;
+  if (l == "row") return spectrum_fast::ScaleLayout::Row;
+  if (l == "block") return spectrum_fast::ScaleLayout::Block;
+  throw py::value_error("unknown scale layout '" + l + "' (scalar, row or block)");
+}
+
+// Task tuples from Python, validated before any GPU work:
+//   (path, offset, nbytes, dtype, rows, cols[, scale])
+//   scale: None or (path, offset, nbytes, dtype, layout, block, scale_cols), layout "scalar" | "row" | "block"
+std::vector<Task> to_tasks(const py::sequence& items) {
   std::vector<Task> tasks;
-  tasks.reserve(items.size());
-  for (const auto& it : items) {
-    Task t;
-    t.path = std::get<0>(it);
-    t.offset = std::get<1>(it);
-    t.nbytes = std::get<2>(it);
-    t.dtype = parse_dtype(std::get<3>(it));
-    t.rows = std::get<4>(it);
-    t.cols = std::get<5>(it);
-    if (t.offset < 0) throw py::value_error(t.path + ": negative offset");
-    if (t.rows <= 0 || t.cols <= 0) throw py::value_error(t.path + ": rows and cols must be positive");
-    const int64_t esize = t.dtype == DType::F32 ? 4 : 2;
-    if (t.nbytes != t.rows * t.cols * esize) {
-      throw py::value_error(t.path + ": nbytes " + std::to_string(t.nbytes) + " != rows * cols * " +
-                            std::to_string(esize));
+  tasks.reserve(py::len(items));
+  for (const py::handle& h : items) {
+    if (!py::isinstance<py::tuple>(h)) throw py::value_error("a task must be a tuple");
+    const auto it = py::reinterpret_borrow<py::tuple>(h);
+    if (it.size() != 6 && it.size() != 7) {
+      throw py::value_error("a task is (path, offset, nbytes, dtype, rows, cols[, scale])");
     }
-    if (t.rows > (int64_t{1} << 31) - 1 || t.cols > (int64_t{1} << 31) - 1) {
-      throw py::value_error(t.path + ": matrix dimension exceeds 2^31 - 1");
+    Task t;
+    t.path = it[0].cast<std::string>();
+    t.offset = it[1].cast<int64_t>();
+    t.nbytes = it[2].cast<int64_t>();
+    t.dtype = parse_dtype(it[3].cast<std::string>());
+    t.rows = it[4].cast<int64_t>();
+    t.cols = it[5].cast<int64_t>();
+    if (it.size() == 7 && !it[6].is_none()) {
+      if (!py::isinstance<py::tuple>(it[6])) throw py::value_error(t.path + ": scale must be None or a tuple");
+      const auto sc = py::reinterpret_borrow<py::tuple>(it[6]);
+      if (sc.size() != 7) throw py::value_error(t.path + ": scale is (path, offset, nbytes, dtype, layout, block, scale_cols)");
+      t.scale_path = sc[0].cast<std::string>();
+      t.scale_offset = sc[1].cast<int64_t>();
+      t.scale_nbytes = sc[2].cast<int64_t>();
+      t.scale_dtype = parse_dtype(sc[3].cast<std::string>());
+      t.scale_layout = parse_layout(sc[4].cast<std::string>());
+      t.scale_block = sc[5].cast<int64_t>();
+      t.scale_cols = sc[6].cast<int64_t>();
+    }
+    try {
+      spectrum_fast::validate(t);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
     }
     tasks.push_back(std::move(t));
   }
   return tasks;
 }
 
-py::list run(GramEngine& engine,
-             const std::vector<std::tuple<std::string, int64_t, int64_t, std::string, int64_t, int64_t>>& items,
-             bool fp64, const py::object& should_stop) {
+py::list run(GramEngine& engine, const py::sequence& items, bool fp64, const py::object& should_stop) {
   std::vector<Task> tasks = to_tasks(items);
   std::vector<spectrum_fast::Result> results;
   bool interrupted = false;
@@ -97,10 +118,9 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int>(), py::arg("device") = 0)
       .def_property_readonly("device", &GramEngine::device)
       .def("run", &run, py::arg("tasks"), py::arg("fp64") = false, py::arg("should_stop") = py::none(),
-           "tasks: list of (path, offset, nbytes, dtype, rows, cols). Returns, per task and in order, "
+           "tasks: list of (path, offset, nbytes, dtype, rows, cols[, scale]), scale None or (path, offset, "
+           "nbytes, dtype, 'scalar'|'row'|'block', block, scale_cols) for FP8. Returns, per task and in order, "
            "(ascending eigenvalues of the Gram matrix on the smaller side, max |w|, cuSOLVER info). "
            "Between matrices, Ctrl-C raises KeyboardInterrupt and should_stop() -> True raises ValueError.");
-  m.def("validate_tasks", [](const std::vector<std::tuple<std::string, int64_t, int64_t, std::string, int64_t, int64_t>>& items) {
-        return to_tasks(items).size();
-      }, "Check task tuples as run() would, without a GPU; returns their number.");
+  m.def("validate_tasks", [](const py::sequence& items) { return to_tasks(items).size(); }, "Check task tuples as run() would, without a GPU; returns their number.");
 }

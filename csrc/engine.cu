@@ -4,6 +4,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
 #include <fcntl.h>
@@ -26,8 +27,6 @@ namespace spectrum_fast {
 namespace {
 
 constexpr int kSlots = 2;  // pinned host buffers / device raw buffers in the ring
-
-size_t element_size(DType d) { return d == DType::F32 ? 4 : 2; }
 
 // Device buffer that only grows, so matrices of one shape reuse it.
 struct DeviceBuffer {
@@ -62,20 +61,40 @@ struct PinnedBuffer {
   }
 };
 
-// Widen stored values to T and track max |w| (NaN wins, so a NaN anywhere shows in amax).
+__device__ __forceinline__ float load_as_float(const void* __restrict__ p, int dtype, int64_t i) {
+  switch (dtype) {
+    case static_cast<int>(DType::BF16):
+      return __uint_as_float(static_cast<unsigned int>(static_cast<const unsigned short*>(p)[i]) << 16);
+    case static_cast<int>(DType::F16):
+      return __half2float(static_cast<const __half*>(p)[i]);
+    case static_cast<int>(DType::F8_E4M3):  // e4m3fn, as stored by DeepSeek-V3 / torch.float8_e4m3fn
+      return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E4M3)));
+    case static_cast<int>(DType::F8_E5M2):
+      return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E5M2)));
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+// Widen stored values to T (FP8 times its scale, in fp32 as the CPU path does) and track max |w|
+// (NaN wins, so a NaN anywhere shows in amax).
 template <typename T>
-__global__ void widen_kernel(const void* __restrict__ in, int dtype, T* __restrict__ out, int64_t n,
-                             unsigned int* __restrict__ amax_bits) {
+__global__ void widen_kernel(const void* __restrict__ in, int dtype, T* __restrict__ out, int64_t n, int64_t cols,
+                             const void* __restrict__ scale, int scale_dtype, int layout, int64_t block,
+                             int64_t scale_cols, unsigned int* __restrict__ amax_bits) {
   unsigned int local = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float v;
-    if (dtype == static_cast<int>(DType::BF16)) {
-      v = __uint_as_float(static_cast<unsigned int>(static_cast<const unsigned short*>(in)[i]) << 16);
-    } else if (dtype == static_cast<int>(DType::F16)) {
-      v = __half2float(static_cast<const __half*>(in)[i]);
-    } else {
-      v = static_cast<const float*>(in)[i];
+    float v = load_as_float(in, dtype, i);
+    if (layout != static_cast<int>(ScaleLayout::None)) {
+      const int64_t r = i / cols;
+      int64_t si = 0;
+      if (layout == static_cast<int>(ScaleLayout::Row)) {
+        si = r;
+      } else if (layout == static_cast<int>(ScaleLayout::Block)) {
+        si = (r / block) * scale_cols + (i - r * cols) / block;
+      }
+      v *= load_as_float(scale, scale_dtype, si);
     }
     out[i] = static_cast<T>(v);
     // |v| as bits: for non-negative floats the bit pattern orders like the value; NaN > Inf.
@@ -98,18 +117,18 @@ void check_cusolver(cusolverStatus_t s, const char* call) {
   }
 }
 
-void pread_all(const Task& t, void* dst) {
-  int fd = ::open(t.path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw std::runtime_error(t.path + ": cannot open: " + std::strerror(errno));
+void pread_all(const std::string& path, int64_t offset, int64_t nbytes, void* dst) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error(path + ": cannot open: " + std::strerror(errno));
   char* p = static_cast<char*>(dst);
   int64_t done = 0;
-  while (done < t.nbytes) {
-    ssize_t got = ::pread(fd, p + done, static_cast<size_t>(t.nbytes - done), t.offset + done);
+  while (done < nbytes) {
+    ssize_t got = ::pread(fd, p + done, static_cast<size_t>(nbytes - done), offset + done);
     if (got < 0 && errno == EINTR) continue;
     if (got <= 0) {
       int err = errno;
       ::close(fd);
-      throw std::runtime_error(t.path + ": short read at byte " + std::to_string(t.offset + done) +
+      throw std::runtime_error(path + ": short read at byte " + std::to_string(offset + done) +
                                (got < 0 ? std::string(": ") + std::strerror(err) : std::string(" (truncated)")));
     }
     done += got;
@@ -118,6 +137,41 @@ void pread_all(const Task& t, void* dst) {
 }
 
 }  // namespace
+
+void validate(const Task& t) {
+  if (t.offset < 0) throw std::invalid_argument(t.path + ": negative offset");
+  if (t.rows <= 0 || t.cols <= 0) throw std::invalid_argument(t.path + ": rows and cols must be positive");
+  if (t.rows > (int64_t{1} << 31) - 1 || t.cols > (int64_t{1} << 31) - 1) {
+    throw std::invalid_argument(t.path + ": matrix dimension exceeds 2^31 - 1");
+  }
+  const int64_t esize = element_size(t.dtype);
+  if (t.nbytes != t.rows * t.cols * esize) {
+    throw std::invalid_argument(t.path + ": nbytes " + std::to_string(t.nbytes) + " != rows * cols * " +
+                                std::to_string(esize));
+  }
+  const bool fp8 = t.dtype == DType::F8_E4M3 || t.dtype == DType::F8_E5M2;
+  if (t.scale_layout == ScaleLayout::None) return;
+  if (!fp8) throw std::invalid_argument(t.path + ": a scale applies to FP8 weights only");
+  if (t.scale_dtype != DType::F32 && t.scale_dtype != DType::F16 && t.scale_dtype != DType::BF16) {
+    throw std::invalid_argument(t.scale_path + ": scale dtype must be F32, F16 or BF16");
+  }
+  if (t.scale_offset < 0) throw std::invalid_argument(t.scale_path + ": negative scale offset");
+  int64_t count = 1;
+  if (t.scale_layout == ScaleLayout::Row) {
+    count = t.rows;
+  } else if (t.scale_layout == ScaleLayout::Block) {
+    if (t.scale_block <= 0) throw std::invalid_argument(t.scale_path + ": scale block must be positive");
+    const int64_t srows = (t.rows + t.scale_block - 1) / t.scale_block;
+    if (t.scale_cols != (t.cols + t.scale_block - 1) / t.scale_block) {
+      throw std::invalid_argument(t.scale_path + ": scale_cols does not match cols / block");
+    }
+    count = srows * t.scale_cols;
+  }
+  if (t.scale_nbytes != count * element_size(t.scale_dtype)) {
+    throw std::invalid_argument(t.scale_path + ": scale nbytes " + std::to_string(t.scale_nbytes) +
+                                " does not match its layout (" + std::to_string(count) + " values)");
+  }
+}
 
 struct GramEngine::Impl {
   cudaStream_t copy_stream = nullptr;
@@ -129,8 +183,10 @@ struct GramEngine::Impl {
   cudaEvent_t widened[kSlots] = {};
   cudaEvent_t finished[kSlots] = {};
   PinnedBuffer pinned[kSlots];
+  PinnedBuffer scale_pinned[kSlots];
   PinnedBuffer eig_host[kSlots];
   DeviceBuffer raw[kSlots];
+  DeviceBuffer raw_scale[kSlots];
   DeviceBuffer matrix, gram, eig, work, amax, info;
   std::vector<char> host_work;
 };
@@ -184,12 +240,7 @@ std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, c
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   const size_t n_tasks = tasks.size();
   std::vector<Result> results(n_tasks);
-  for (const Task& t : tasks) {
-    if (t.rows <= 0 || t.cols <= 0) throw std::invalid_argument(t.path + ": matrix shape must be positive");
-    if (t.nbytes != t.rows * t.cols * static_cast<int64_t>(element_size(t.dtype))) {
-      throw std::invalid_argument(t.path + ": nbytes does not match rows * cols * element size");
-    }
-  }
+  for (const Task& t : tasks) validate(t);
 
   // Reader thread: fills pinned slot (i % kSlots) with task i once the slot's previous copy is done.
   std::mutex mu;
@@ -207,9 +258,15 @@ std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, c
           cv.wait(lock, [&] { return abort || i < released + kSlots; });
           if (abort) return;
         }
+        const Task& t = tasks[i];
         PinnedBuffer& slot = im.pinned[i % kSlots];
-        slot.reserve(static_cast<size_t>(tasks[i].nbytes));
-        pread_all(tasks[i], slot.ptr);
+        slot.reserve(static_cast<size_t>(t.nbytes));
+        pread_all(t.path, t.offset, t.nbytes, slot.ptr);
+        if (t.scale_layout != ScaleLayout::None) {
+          PinnedBuffer& sslot = im.scale_pinned[i % kSlots];
+          sslot.reserve(static_cast<size_t>(t.scale_nbytes));
+          pread_all(t.scale_path, t.scale_offset, t.scale_nbytes, sslot.ptr);
+        }
         {
           std::lock_guard<std::mutex> lock(mu);
           state[i] = 1;
@@ -273,6 +330,12 @@ std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, c
       if (i >= kSlots) check_cuda(cudaStreamWaitEvent(im.copy_stream, im.widened[s], 0), "cudaStreamWaitEvent");
       check_cuda(cudaMemcpyAsync(im.raw[s].ptr, im.pinned[s].ptr, static_cast<size_t>(t.nbytes),
                                  cudaMemcpyHostToDevice, im.copy_stream), "cudaMemcpyAsync(H2D)");
+      const bool scaled = t.scale_layout != ScaleLayout::None;
+      if (scaled) {
+        im.raw_scale[s].reserve(static_cast<size_t>(t.scale_nbytes));
+        check_cuda(cudaMemcpyAsync(im.raw_scale[s].ptr, im.scale_pinned[s].ptr, static_cast<size_t>(t.scale_nbytes),
+                                   cudaMemcpyHostToDevice, im.copy_stream), "cudaMemcpyAsync(H2D scale)");
+      }
       check_cuda(cudaEventRecord(im.copied[s], im.copy_stream), "cudaEventRecord");
 
       // Compute stream: widen, Gram (SYRK on the smaller side), eigenvalues, results to pinned host.
@@ -293,13 +356,16 @@ std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, c
       check_cuda(cudaMemsetAsync(im.amax.ptr, 0, sizeof(unsigned int), im.compute_stream), "cudaMemsetAsync");
       const int threads = 256;
       const int blocks = static_cast<int>(std::min<int64_t>((n_el + threads - 1) / threads, 4096));
+      const void* scale_ptr = scaled ? im.raw_scale[s].ptr : nullptr;
       if (fp64) {
         widen_kernel<double><<<blocks, threads, 0, im.compute_stream>>>(
-            im.raw[s].ptr, static_cast<int>(t.dtype), static_cast<double*>(im.matrix.ptr), n_el,
+            im.raw[s].ptr, static_cast<int>(t.dtype), static_cast<double*>(im.matrix.ptr), n_el, t.cols, scale_ptr,
+            static_cast<int>(t.scale_dtype), static_cast<int>(t.scale_layout), t.scale_block, t.scale_cols,
             static_cast<unsigned int*>(im.amax.ptr));
       } else {
         widen_kernel<float><<<blocks, threads, 0, im.compute_stream>>>(
-            im.raw[s].ptr, static_cast<int>(t.dtype), static_cast<float*>(im.matrix.ptr), n_el,
+            im.raw[s].ptr, static_cast<int>(t.dtype), static_cast<float*>(im.matrix.ptr), n_el, t.cols, scale_ptr,
+            static_cast<int>(t.scale_dtype), static_cast<int>(t.scale_layout), t.scale_block, t.scale_cols,
             static_cast<unsigned int*>(im.amax.ptr));
       }
       check_cuda(cudaGetLastError(), "widen_kernel launch");

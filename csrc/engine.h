@@ -13,7 +13,15 @@
 
 namespace spectrum_fast {
 
-enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F8_E4M3 = 3, F8_E5M2 = 4 };
+
+inline int64_t element_size(DType d) {
+  return d == DType::F32 ? 4 : (d == DType::F8_E4M3 || d == DType::F8_E5M2) ? 1 : 2;
+}
+
+// How an FP8 weight's scale tensor applies: w[i, j] = fp8[i, j] * scale[...]
+//   Scalar: scale[0]; Row: scale[i]; Block: scale[(i / block) * scale_cols + j / block] (DeepSeek-V3).
+enum class ScaleLayout : int { None = 0, Scalar = 1, Row = 2, Block = 3 };
 
 struct Task {
   std::string path;
@@ -22,7 +30,19 @@ struct Task {
   DType dtype = DType::F32;
   int64_t rows = 0;
   int64_t cols = 0;
+  // FP8 only: the scale tensor the stored values are multiplied by (F32, F16 or BF16)
+  ScaleLayout scale_layout = ScaleLayout::None;
+  std::string scale_path;
+  int64_t scale_offset = 0;
+  int64_t scale_nbytes = 0;
+  DType scale_dtype = DType::F32;
+  int64_t scale_block = 1;
+  int64_t scale_cols = 1;
 };
+
+// Checks a task's sizes (shared by the engine and the bindings' argument validation); throws
+// std::invalid_argument naming the file.
+void validate(const Task& t);
 
 struct Result {
   std::vector<double> eigenvalues;  // ascending, min(rows, cols) of them

@@ -327,7 +327,7 @@ def read_matrix(info: TensorInfo) -> np.ndarray:
     return arr
 
 
-def _scale_layout(info: TensorInfo) -> tuple[str, int] | None:
+def scale_layout(info: TensorInfo) -> tuple[str, int] | None:
     """How ``info.scale`` applies to ``info``: ("scalar"|"row"|"block", block size), or None if it does not fit."""
     assert info.scale is not None
     if info.scale.dtype not in ("F32", "BF16", "F16") or len(info.shape) != 2:
@@ -348,7 +348,7 @@ def _scale_layout(info: TensorInfo) -> tuple[str, int] | None:
 
 def fp8_problem(info: TensorInfo) -> str | None:
     """Why an FP8 tensor cannot be dequantized (a reason to skip it), or None."""
-    if info.dtype not in _FP8 or info.scale is None or _scale_layout(info) is not None:
+    if info.dtype not in _FP8 or info.scale is None or scale_layout(info) is not None:
         return None
     return (f"scale '{info.scale.name}' {info.scale.dtype}{list(info.scale.shape)} does not fit "
             f"{list(info.shape)} (scalar, per-row or square blocks expected)")
@@ -365,7 +365,7 @@ def _dequantize(w: np.ndarray, info: TensorInfo) -> np.ndarray:
     the scale's shape implies).
     """
     assert info.scale is not None
-    layout = _scale_layout(info)
+    layout = scale_layout(info)
     if layout is None:
         raise CheckpointError(f"{info.file}: tensor '{info.name}': {fp8_problem(info)}")
     s = read_matrix(replace(info.scale, scale=None)).astype(np.float32)

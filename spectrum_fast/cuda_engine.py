@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .checkpoint import TensorInfo, read_matrix
+from .checkpoint import TensorInfo, read_matrix, scale_layout
 from .cpu_engine import (
     _SAFE_EXP,
     METHOD_GRAM32,
@@ -34,14 +34,18 @@ _EPS32 = float(np.finfo(np.float32).eps)
 _EPS64 = float(np.finfo(np.float64).eps)
 # Tasks per engine call: progress is reported between calls, the engine pipelines within one.
 _CHUNK_BYTES = 1 << 30
-#: Stored dtypes the native engine widens itself; others (FP8 with scales, F64) go through the CPU.
-ENGINE_DTYPES = ("F32", "F16", "BF16")
+#: Stored dtypes the native engine widens itself (FP8 times its scalar, per-row or block scale); F64
+#: goes through the CPU.
+ENGINE_DTYPES = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_SCALE_DTYPES = ("F32", "F16", "BF16")
 
 
 def engine_takes(info: TensorInfo) -> bool:
     """Whether the native engine computes this matrix (else the CPU engine does: empty ones, which get
-    their status there, FP8 with scales and F64)."""
-    return info.dtype in ENGINE_DTYPES and min(info.shape) > 0
+    their status there, F64, and FP8 whose scale does not fit)."""
+    if info.dtype not in ENGINE_DTYPES or min(info.shape) == 0:
+        return False
+    return info.scale is None or (info.scale.dtype in _SCALE_DTYPES and scale_layout(info) is not None)
 
 
 def _cost(info: TensorInfo) -> float:
@@ -75,8 +79,17 @@ def plan_files(infos: Sequence[TensorInfo], n_ranks: int) -> list[list[TensorInf
     return out
 
 
-def _task(info: TensorInfo) -> tuple[str, int, int, str, int, int]:
-    return (str(info.file), info.offset, info.nbytes, info.dtype, info.shape[0], info.shape[1])
+def _task(info: TensorInfo) -> tuple:
+    """The engine's work item: where the bytes are, what they are, and for FP8 how to scale them."""
+    scale = None
+    if info.scale is not None:
+        layout = scale_layout(info)
+        assert layout is not None  # engine_takes() checked it
+        kind, block = layout
+        sc = info.scale
+        scale_cols = -(-info.shape[1] // block) if kind == "block" else 1
+        scale = (str(sc.file), sc.offset, sc.nbytes, sc.dtype, kind, block, scale_cols)
+    return (str(info.file), info.offset, info.nbytes, info.dtype, info.shape[0], info.shape[1], scale)
 
 
 def _chunks(infos: list[TensorInfo]) -> list[list[TensorInfo]]:

@@ -32,17 +32,38 @@ class FakeEngine:
 
     def run(self, tasks, fp64=False, should_stop=None):
         out = []
-        for path, offset, nbytes, dtype, rows, cols in tasks:
+        for path, offset, nbytes, dtype, rows, cols, scale in tasks:
             if FakeEngine.fail_on and FakeEngine.fail_on in path:
                 raise RuntimeError("cudaMalloc failed: cudaErrorMemoryAllocation (out of memory)")
             assert rows > 0 and cols > 0, "the engine rejects empty matrices"
-            raw = np.fromfile(path, dtype=_RAW[dtype], count=rows * cols, offset=offset)
-            w = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
-            w = w.reshape(rows, cols).astype(np.float64 if fp64 else np.float32)
+            w = _decode(path, offset, dtype, rows * cols).reshape(rows, cols)
+            if scale is not None:  # as the engine's contract says: fp8 * scale, in float32
+                spath, soff, snbytes, sdtype, layout, block, scols = scale
+                s = _decode(spath, soff, sdtype, snbytes // {"F32": 4}.get(sdtype, 2))
+                if layout == "scalar":
+                    w = w * s[0]
+                elif layout == "row":
+                    w = w * s[:, None]
+                else:
+                    s = s.reshape(-1, scols)
+                    w = w * s[np.arange(rows)[:, None] // block, np.arange(cols)[None, :] // block]
+            w = w.astype(np.float64 if fp64 else np.float32)
             g = w.T @ w if rows >= cols else w @ w.T
             out.append((np.linalg.eigvalsh(g).astype(np.float64), float(np.abs(w).max()), FakeEngine.info_code))
             FakeEngine.calls.append((self.device, rows, fp64))
         return out
+
+
+def _decode(path, offset, dtype, count) -> np.ndarray:
+    """Stored values as float32, decoded independently of spectrum_fast (FP8 by torch)."""
+    if dtype.startswith("F8"):
+        import torch
+
+        raw = np.fromfile(path, dtype=np.uint8, count=count, offset=offset)
+        kind = torch.float8_e4m3fn if dtype == "F8_E4M3" else torch.float8_e5m2
+        return torch.from_numpy(raw).view(kind).float().numpy()
+    raw = np.fromfile(path, dtype=_RAW[dtype], count=count, offset=offset)
+    return (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
 
 
 @pytest.fixture
@@ -124,13 +145,26 @@ def test_gpu_engine_error_is_a_user_error(fake_gpu, tmp_path):
         spectrum_fast.scan(path, device="cuda", progress=False)
 
 
-def test_fp8_goes_to_the_cpu_engine_on_gpu_machines(fake_gpu, tmp_path):
+def test_fp8_with_block_scales_goes_to_the_engine(fake_gpu, tmp_path):
+    """DeepSeek-V3 layout on the GPU path: the engine gets the FP8 bytes plus where its 128x128 scales
+    are; the SNR matches float64 of the dequantized weights. A scale that fits no layout is skipped."""
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
-    save_file({"model.layers.0.mlp.up_proj.weight": w.to(torch.float8_e4m3fn),
-               "model.layers.0.mlp.up_proj.weight_scale_inv": torch.full((1, 1), 0.5),
-               "model.layers.1.mlp.up_proj.weight": w}, str(tmp_path / "model.safetensors"))
+    from .test_checkpoint import _deepseek_fp8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 200, generator=g) * 0.02 + torch.randn(300, 4, generator=g) @ torch.randn(4, 200, generator=g) * 0.01
+    q, scale, deq = _deepseek_fp8(w)
+    e5 = torch.randn(64, 32, generator=g).to(torch.float8_e5m2)
+    save_file({"model.layers.0.mlp.up_proj.weight": q, "model.layers.0.mlp.up_proj.weight_scale_inv": scale,
+               "model.layers.1.mlp.up_proj.weight": e5,
+               "model.layers.1.mlp.up_proj.weight_scale_inv": torch.full((64,), 0.25),
+               "model.layers.2.mlp.up_proj.weight": w.to(torch.float8_e4m3fn),
+               "model.layers.2.mlp.up_proj.weight_scale_inv": torch.ones(3, 3)},  # fits no layout
+              str(tmp_path / "model.safetensors"))
     res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
-    assert len(res) == 2 and [rows for _, rows, _ in fake_gpu.calls] == [64]
+    assert sorted(rows for _, rows, fp64 in fake_gpu.calls if not fp64) == [64, 300]  # both FP8 on the engine
+    assert rel_err(res["model.layers.0.mlp.up_proj"].snr, ref_snr(deq.double().numpy())) <= 1e-4
+    assert rel_err(res["model.layers.1.mlp.up_proj"].snr, ref_snr(e5.double().numpy() * 0.25)) <= 1e-4
+    assert [s["name"] for s in res.skipped] == ["model.layers.2.mlp.up_proj.weight"]

@@ -38,11 +38,21 @@ def test_extension_is_built_where_it_can_be():
     (("m.safetensors", 0, 9, "BF16", 2, 2), "nbytes 9 != rows \\* cols \\* 2"),
     (("m.safetensors", -1, 8, "BF16", 2, 2), "negative offset"),
     (("m.safetensors", 0, 0, "F32", 0, 2), "rows and cols must be positive"),
+    (("m.safetensors", 0, 9, "F8_E4M3", 2, 4), "nbytes 9 != rows \\* cols \\* 1"),
+    (("m.safetensors", 0, 16, "F32", 2, 2, ("s", 0, 4, "F32", "scalar", 1, 1)), "scale applies to FP8 weights only"),
+    (("m", 0, 256 * 300, "F8_E4M3", 256, 300, ("s", 0, 24, "F32", "block", 128, 2)), "scale_cols does not match"),
+    (("m", 0, 256 * 300, "F8_E4M3", 256, 300, ("s", 0, 4, "F32", "row", 1, 1)), "does not match its layout"),
+    (("m", 0, 256 * 300, "F8_E4M3", 256, 300, ("s", 0, 4, "F32", "diagonal", 1, 1)), "unknown scale layout"),
+    (("m", 0, 256 * 300, "F8_E4M3", 256, 300, ("s", 0, 4, "I8", "scalar", 1, 1)), "unsupported dtype 'I8'"),
+    (["m.safetensors", 0, 16, "F32", 2, 2], "a task must be a tuple"),
 ])
 def test_engine_rejects_bad_tasks(task, match):
     with pytest.raises(ValueError, match=match):
         _C.validate_tasks([task])
     assert _C.validate_tasks([("m.safetensors", 0, 16, "F32", 2, 2)]) == 1
+    assert _C.validate_tasks([("m", 0, 256 * 300, "F8_E4M3", 256, 300, ("s", 0, 24, "F32", "block", 128, 3)),
+                              ("m", 0, 256 * 300, "F8_E5M2", 256, 300, ("s", 0, 512, "BF16", "row", 1, 1)),
+                              ("m", 0, 256 * 300, "F8_E4M3", 256, 300, None)]) == 3
 
 
 @needs_ext
@@ -131,3 +141,27 @@ def test_two_gpus_match_one(tmp_path):
     one = spectrum_fast.scan(tmp_path, device="cuda", devices=[0], progress=False)
     two = spectrum_fast.scan(tmp_path, device="cuda", devices=[0, 1], progress=False)
     assert [r.snr for r in one.records] == [r.snr for r in two.records]
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_fp8_block_scaled_parity(tmp_path):
+    """DeepSeek-V3 layout dequantized on the device: float64 reference of fp8 * scale_inv."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .test_checkpoint import _deepseek_fp8
+
+    g = torch.Generator().manual_seed(1)
+    tensors, want = {}, {}
+    for i, (m, n) in enumerate([(1000, 300), (256, 2048), (4096, 1024)]):
+        w = torch.randn(m, n, generator=g) * 0.02 + torch.randn(m, 6, generator=g) @ torch.randn(6, n, generator=g) * 0.01
+        q, scale, deq = _deepseek_fp8(w)
+        name = f"model.layers.{i}.mlp.up_proj"
+        tensors[name + ".weight"], tensors[name + ".weight_scale_inv"] = q, scale
+        want[name] = deq.double().numpy()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    gpu = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert len(gpu) == 3
+    for r in gpu.records:
+        assert rel_err(r.snr, ref_snr(want[r.module])) <= 1e-4, (r.module, r.method)
