@@ -189,14 +189,6 @@ def time_shapes(ckpt_dir: Path, device: str, samples: int) -> dict[tuple[int, in
     return out
 
 
-def lpt_makespan(costs: list[float], n: int) -> float:
-    loads = [0.0] * n
-    for c in sorted(costs, reverse=True):
-        i = loads.index(min(loads))
-        loads[i] += c
-    return max(loads)
-
-
 def bench_model(model: str, args: argparse.Namespace, rates: dict) -> dict:
     config = json.loads((CONFIGS / f"{model}.json").read_text())
     layers = min(args.layers or _default_layers(config), config["num_hidden_layers"])
@@ -219,7 +211,9 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict) -> dict:
         floors["pcie_s"] = nbytes / rates["pcie_Bps"]
     floors["compute_s"] = floors["gram_s"] + floors["eig_s"]
     floors["floor_s"] = max(v for k, v in floors.items() if k in ("disk_s", "pcie_s", "compute_s"))
-    multi = {str(g): {"s": lpt_makespan(costs, g), "speedup": total / lpt_makespan(costs, g)} for g in (2, 4, 8)}
+    from spectrum_fast.scheduling import makespan
+
+    multi = {str(g): {"s": makespan(costs, g), "speedup": total / makespan(costs, g)} for g in (2, 4, 8)}
     row = {"model": model, "config": config.get("_name_or_path"), "layers_generated": layers,
            "layers_total": config["num_hidden_layers"], "matrices": len(full), "bytes": nbytes,
            "gram_flops": gram_flops, "per_shape": list(per_shape.values()), "extrapolated_s": total,

@@ -6,8 +6,7 @@ matrix goes through the engine again in float64; if that fails too, the CPU comp
 Matrices whose largest entry lies outside the range where an fp32 Gram matrix is safe from overflow and
 underflow, or that are all zero or not finite, are handed to the CPU engine, which handles them.
 
-Several GPUs: one engine and one thread per device, matrices dealt out largest first to the device
-with the least estimated work (cost ``max(m, n)·k² + k³``).
+Several GPUs: one engine and one thread per device, matrices dealt out by :mod:`spectrum_fast.scheduling`.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from .cpu_engine import (
     stats_from_gram,
 )
 from .errors import SpectrumError
+from .scheduling import plan
 
 _EPS32 = float(np.finfo(np.float32).eps)
 _EPS64 = float(np.finfo(np.float64).eps)
@@ -46,37 +46,6 @@ def engine_takes(info: TensorInfo) -> bool:
     if info.dtype not in ENGINE_DTYPES or min(info.shape) == 0:
         return False
     return info.scale is None or (info.scale.dtype in _SCALE_DTYPES and scale_layout(info) is not None)
-
-
-def _cost(info: TensorInfo) -> float:
-    m, n = info.shape
-    k = min(m, n)
-    return float(max(m, n)) * k * k + float(k) ** 3
-
-
-def plan(infos: Sequence[TensorInfo], n_devices: int) -> list[list[TensorInfo]]:
-    """Largest first, each to the device with the least work so far (LPT scheduling)."""
-    loads = [0.0] * n_devices
-    out: list[list[TensorInfo]] = [[] for _ in range(n_devices)]
-    for info in sorted(infos, key=_cost, reverse=True):
-        d = loads.index(min(loads))
-        out[d].append(info)
-        loads[d] += _cost(info)
-    return out
-
-
-def plan_files(infos: Sequence[TensorInfo], n_ranks: int) -> list[list[TensorInfo]]:
-    """Whole files dealt out by their summed cost (LPT): for scans where each file is downloaded once."""
-    by_file: dict[str, list[TensorInfo]] = {}
-    for info in infos:
-        by_file.setdefault(str(info.file), []).append(info)
-    loads = [0.0] * n_ranks
-    out: list[list[TensorInfo]] = [[] for _ in range(n_ranks)]
-    for group in sorted(by_file.values(), key=lambda g: (-sum(map(_cost, g)), str(g[0].file))):
-        d = loads.index(min(loads))
-        out[d].extend(group)
-        loads[d] += sum(map(_cost, group))
-    return out
 
 
 def _task(info: TensorInfo) -> tuple:

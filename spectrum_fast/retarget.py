@@ -40,6 +40,7 @@ from .lr import lr_ratios, new_group, no_decay, owner
 from .naming import MOE_EXPERT, group_of, is_embedding, is_head, is_scanned_by_default, module_name, module_type, wants
 from .result import MatrixRecord, ScanResult
 from .scanner import DegenerateMatrixWarning
+from .scheduling import cost, lpt
 from .selection import validate_top
 
 if TYPE_CHECKING:
@@ -120,22 +121,6 @@ def _to_numpy(t: torch.Tensor):
     return t.detach().to(device="cpu", dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).numpy()
 
 
-def _deal(shapes: Sequence[tuple[int, int]], world: int) -> list[int]:
-    """The rank computing each matrix: largest first to the least loaded rank (the same on every rank)."""
-    load = [0.0] * world
-    owner_of = [0] * len(shapes)
-    for i in sorted(range(len(shapes)), key=lambda i: (-_cost(shapes[i]), i)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owner_of[i] = r
-        load[r] += _cost(shapes[i])
-    return owner_of
-
-
-def _cost(shape: tuple[int, int]) -> float:
-    m, n = shape
-    return float(m) * n * min(m, n)
-
-
 _GLOO_GROUPS: dict[int, object] = {}
 
 
@@ -173,7 +158,7 @@ def scan_live(model: torch.nn.Module, *, types: Sequence[str] | None = None, inc
         raise SpectrumError(f"{type(model).__name__}: no 2-D weight matrices{what} to scan")
     ctx, _ = _context()
     rank, world = (ctx.rank, ctx.world) if ctx else (0, 1)
-    owner_of = _deal([s for _, _, s in mats], world)
+    owner_of = lpt([cost(s) for _, _, s in mats], world)
     records: list[MatrixRecord] = []
     error: BaseException | None = None
     for i, (canon, p, shape) in enumerate(mats):

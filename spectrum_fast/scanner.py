@@ -26,6 +26,7 @@ from .errors import SpectrumError
 from .journal import Journal
 from .naming import is_embedding, is_head, module_name, module_type, wants
 from .result import MatrixRecord, ScanResult
+from .scheduling import plan, plan_files
 
 _PREFETCH = 2
 DEVICES = ("auto", "cpu", "cuda")
@@ -166,8 +167,6 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     settings = {"types": types, "include_embeddings": include_embeddings, "exact": exact, "routers": routers}
     ctx = distributed.context()
     if ctx is not None:
-        from .cuda_engine import plan, plan_files
-
         # the same deal on every rank; from the Hub, whole shards, so that each rank downloads only its own
         deal = plan_files(chosen, ctx.world) if ckpt.remote is not None else plan(chosen, ctx.world)
         chosen_here = deal[ctx.rank]

@@ -128,7 +128,7 @@ def test_unconverged_engine_results_fall_back_to_the_cpu(fake_gpu, tmp_path):
 
 def test_gpu_plan_balances_by_cost():
     from spectrum_fast.checkpoint import TensorInfo
-    from spectrum_fast.cuda_engine import plan
+    from spectrum_fast.scheduling import plan
 
     infos = [TensorInfo(f"t{i}", None, 0, 0, "BF16", shape) for i, shape in
              enumerate([(4096, 4096), (4096, 1024), (1024, 1024), (4096, 4096), (14336, 4096)])]
