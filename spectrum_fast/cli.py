@@ -64,6 +64,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="keep the shards downloaded from the Hub in the cache (default: delete each once scanned)")
     p.add_argument("--lookahead", type=int, default=1, metavar="N",
                    help="Hub shards downloaded ahead of the one being scanned (default 1; 0 keeps one on disk)")
+    p.add_argument("--fetch", choices=["shards", "ranges"], default="shards",
+                   help="from the Hub: download whole shards (default; Xet-accelerated, --keep possible) or "
+                        "only the matrices' bytes by HTTP range requests (disk: two batches of --batch-gb)")
+    p.add_argument("--batch-gb", type=float, default=1.0, metavar="GB",
+                   help="with --fetch ranges: matrices fetched per batch (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no table")
 
 
@@ -76,7 +81,8 @@ def _scan_and_save(args: argparse.Namespace) -> ScanResult:
     result = scan(args.model, device=args.device, types=args.types,
                   include_embeddings=args.include_embeddings, progress=not args.quiet, exact=args.exact,
                   workers=args.workers, journal=journal, routers=not args.skip_routers, revision=args.revision,
-                  keep=args.keep, lookahead=args.lookahead)
+                  keep=args.keep, lookahead=args.lookahead, fetch=args.fetch,
+                  batch_bytes=max(1, int(args.batch_gb * 2**30)))
     if distributed.rank() == 0:  # under torchrun every rank has the whole result; one writes it
         full, ref = result.save(args.out)
         if not args.quiet:

@@ -7,11 +7,7 @@
 2. Every shard's safetensors header is read with HTTP range requests (a few KB each), so the whole
    tensor table is known, validated and dealt out (also across ``torchrun`` ranks) before any weights
    move.
-3. Shards are then downloaded one at a time into the Hugging Face cache by ``hf_hub_download`` (its
-   endpoint, token, revision, cache and resume-on-reconnect logic, and its ``.incomplete`` files, which
-   an interrupted run resumes), the next shard while the current one is scanned. A scanned shard that
-   was not in the cache before is deleted unless ``keep=True``: peak extra disk is two shards (one with
-   ``lookahead=0``). Shards in the cache before the scan are used in place and never deleted.
+@@DOC3@@
 
 Everything huggingface_hub reads from the environment is honoured, read when the scan starts:
 ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``.
@@ -19,13 +15,16 @@ Everything huggingface_hub reads from the environment is honoured, read when the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -69,6 +68,13 @@ class RemoteShard:
     cached: str | None
 
 
+FETCHES = ("shards", "ranges")
+_RANGE_CHUNK = 64 * 2**20  # bytes per range request in "ranges" mode
+_RANGE_STREAMS = 4  # range requests in flight at once
+_RETRIES = 5
+_COUNTER_LOCK = threading.Lock()
+
+
 @dataclass
 class HubRepo:
     """One pinned revision of a Hub repo, and how to bring its shards to disk and take them away."""
@@ -82,8 +88,12 @@ class HubRepo:
     keep: bool = False
     lookahead: int = 1
     progress: bool = True
-    #: downloads done by this scan (filename -> local path), for the tests and the closing message
+    fetch: str = "shards"
+    batch_bytes: int = 2**30
+    #: shards downloaded whole by this scan
     downloaded: list[str] = field(default_factory=list)
+    #: bytes fetched by range requests in "ranges" mode
+    fetched_bytes: int = 0
 
     def placeholder(self, filename: str) -> Path:
         """Where tensors of a shard not yet on disk say they live (replaced once it is downloaded)."""
@@ -95,24 +105,27 @@ class HubRepo:
     # -- staging ---------------------------------------------------------------------------------------
 
     def stage(self, infos: Sequence[TensorInfo]) -> Iterator[list[TensorInfo]]:
-        """Yield ``infos`` shard by shard, each batch pointing at local files that exist while it is used.
+        """Yield ``infos`` in batches, each pointing at local files that exist while the batch is used.
 
-        The next batch's shards download in the background while the caller works on the current one.
-        Downloaded shards are deleted once no later batch needs them (unless ``keep``); an interrupted
-        download stays in the cache as an ``.incomplete`` file that the next run resumes.
+        ``fetch="shards"``: one batch per shard; the next shards download in the background while the
+        caller works on the current one, and are deleted once no later batch needs them (unless
+        ``keep``). ``fetch="ranges"``: batches of at most ``batch_bytes`` whose bytes alone are fetched.
         """
+        if self.fetch == "ranges":
+            yield from self._stage_ranges(infos)
+            return
         batches: dict[str, list[TensorInfo]] = {}
         for info in infos:
             batches.setdefault(self._shard_of(info.file) or "", []).append(info)
         order = list(batches)
         needs = [self._needed(batches[b]) for b in order]
         local: dict[str, Path] = {}
-        pending: dict[str, _Download] = {}
+        pending: dict[str, _Background] = {}
 
         def start(i: int) -> None:
             for name in needs[i]:
                 if name not in local and name not in pending:
-                    pending[name] = _Download(self, name)
+                    pending[name] = _Background(functools.partial(self.download, name), f"download-{name}")
 
         try:
             for i, b in enumerate(order):
@@ -128,8 +141,79 @@ class HubRepo:
         finally:
             for name, path in local.items():
                 self._discard(name, path)
-            # downloads still running are left to finish or die with the process; their partial files
-            # are what the next run resumes from
+            # downloads still running are left to finish or die with the process (daemon threads)
+
+    def _stage_ranges(self, infos: Sequence[TensorInfo]) -> Iterator[list[TensorInfo]]:
+        batches: list[list[TensorInfo]] = [[]]
+        size = 0
+        for info in infos:
+            need = info.nbytes + (info.scale.nbytes if info.scale is not None else 0)
+            if batches[-1] and size + need > self.batch_bytes:
+                batches.append([])
+                size = 0
+            batches[-1].append(info)
+            size += need
+        batches = [b for b in batches if b]
+        os.makedirs(self.cache_dir, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=".spectrum_fast-ranges-", dir=self.cache_dir))
+        pending: dict[int, _Background] = {}
+        try:
+            for i, batch in enumerate(batches):
+                for j in range(i, min(len(batches), i + 1 + self.lookahead)):
+                    if j not in pending:
+                        job = functools.partial(self._fetch_batch, batches[j], workdir / str(j))
+                        pending[j] = _Background(job, f"ranges-{j}")
+                local = pending.pop(i).result()
+                yield [self._localize(info, local) for info in batch]
+                shutil.rmtree(workdir / str(i), ignore_errors=True)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _fetch_batch(self, batch: Sequence[TensorInfo], where: Path) -> dict[str, Path]:
+        """The bytes of ``batch``'s tensors (and scales) written at their own offsets into sparse copies of
+        their shards under ``where``; returns shard name -> sparse file."""
+        pieces: list[tuple[str, int, int]] = []
+        for info in batch:
+            for t in (info, info.scale):
+                name = self._shard_of(t.file) if t is not None else None
+                if name:
+                    pieces += [(name, o, min(o + _RANGE_CHUNK, t.offset + t.nbytes))
+                               for o in range(t.offset, t.offset + t.nbytes, _RANGE_CHUNK)]
+        need = sum(end - start for _, start, end in pieces)
+        where.mkdir(parents=True)
+        free = shutil.disk_usage(where).free
+        if free < need + _DISK_MARGIN:
+            raise CheckpointError(f"{self.repo_id}: {need / 2**30:.1f} GiB of matrices to fetch but {where.parent} "
+                                  f"has {free / 2**30:.1f} GiB free (lower batch_bytes)")
+        local = {}
+        for name in sorted({p[0] for p in pieces}):
+            local[name] = where / name
+            with open(local[name], "wb") as f:
+                f.truncate(self.shards[name].size)  # sparse: only the fetched ranges take space
+        fds = {name: os.open(path, os.O_WRONLY) for name, path in local.items()}
+        try:
+            def get(piece: tuple[str, int, int]) -> int:
+                name, start, end = piece
+                try:
+                    data = _range(self, name, start, end, retries=_RETRIES)
+                except CheckpointError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - network or HTTP failure: one line naming the shard
+                    raise CheckpointError(f"{self.repo_id}/{name}: range request for bytes {start}-{end - 1} "
+                                          f"failed: {_reason(e)}") from None
+                if len(data) != end - start:
+                    raise CheckpointError(f"{self.repo_id}/{name}: asked for bytes {start}-{end - 1}, got {len(data)}")
+                os.pwrite(fds[name], data, start)
+                return len(data)
+
+            with ThreadPoolExecutor(max_workers=_RANGE_STREAMS) as pool:
+                got = sum(pool.map(get, pieces))
+            with _COUNTER_LOCK:  # batches fetch on their own threads
+                self.fetched_bytes += got
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return local
 
     def _needed(self, infos: Sequence[TensorInfo]) -> list[str]:
         names: list[str] = []
@@ -191,25 +275,24 @@ class HubRepo:
         return got
 
 
-class _Download:
-    """A shard download on a daemon thread: an interrupted scan does not wait for it."""
+class _Background:
+    """A download on a daemon thread: an interrupted scan does not wait for it."""
 
-    def __init__(self, repo: HubRepo, name: str) -> None:
-        self._result: Path | BaseException | None = None
+    def __init__(self, fn, what: str) -> None:
+        self._result = None
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(repo, name), daemon=True,
-                                        name=f"spectrum_fast-download-{name}")
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name=f"spectrum_fast-{what}")
         self._thread.start()
 
-    def _run(self, repo: HubRepo, name: str) -> None:
+    def _run(self, fn) -> None:
         try:
-            self._result = repo.download(name)
+            self._result = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the waiting scan, which raises it
             self._result = e
         finally:
             self._done.set()
 
-    def result(self) -> Path:
+    def result(self):
         self._done.wait()
         if isinstance(self._result, BaseException):
             raise self._result
@@ -345,8 +428,9 @@ def _remote_header(repo: HubRepo, name: str) -> bytes:
     return raw
 
 
-def _range(repo: HubRepo, name: str, start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` of a shard, by an HTTP range request."""
+def _range(repo: HubRepo, name: str, start: int, end: int, retries: int = 0) -> bytes:
+    """Bytes ``[start, end)`` of a shard, by an HTTP range request (retried after dropped connections
+    and server errors, with a growing pause)."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
@@ -354,7 +438,15 @@ def _range(repo: HubRepo, name: str, start: int, end: int) -> bytes:
     headers = build_hf_headers(token=repo.token)
     headers["Range"] = f"bytes={start}-{end - 1}"
     headers["Accept-Encoding"] = "identity"
-    r = get_session().get(url, headers=headers, follow_redirects=True)
+    for attempt in range(retries + 1):
+        try:
+            r = get_session().get(url, headers=headers, follow_redirects=True)
+            if r.status_code < 500 or attempt == retries:
+                break
+        except Exception:
+            if attempt == retries:
+                raise
+        time.sleep(min(8.0, 0.5 * 2**attempt))
     hf_raise_for_status(r)
     body = r.content
     if r.status_code == 200:  # the server ignored the range: take the slice ourselves

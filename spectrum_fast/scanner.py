@@ -125,7 +125,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
          include_embeddings: bool = False, progress: bool = True, exact: bool = False,
          workers: int | None = None, devices: Sequence[int] | None = None,
          journal: str | os.PathLike | None = None, routers: bool = True, revision: str | None = None,
-         token: str | bool | None = None, keep: bool = False, lookahead: int = 1) -> ScanResult:
+         token: str | bool | None = None, keep: bool = False, lookahead: int = 1, fetch: str = "shards",
+         batch_bytes: int = 2**30) -> ScanResult:
     """Spectrum SNR of every weight matrix of a safetensors checkpoint, streamed one tensor at a time.
 
     ``model``: a directory (single or sharded safetensors), a ``.safetensors`` file, a Hugging Face repo
@@ -144,15 +145,24 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     A Hub repo id that is not (completely) in the local cache is scanned from the Hub at ``revision``
     (default: the main branch, pinned to one commit for the whole scan) with ``token``: shards are
     downloaded one at a time, ``lookahead`` of them ahead of the one being scanned, and each is deleted
-    once scanned unless it was cached before or ``keep=True`` (see :mod:`spectrum_fast.hub`).
+    once scanned unless it was cached before or ``keep=True``. ``fetch="ranges"`` fetches only the
+    matrices' bytes by HTTP range requests, ``batch_bytes`` at a time, and keeps nothing (see
+    :mod:`spectrum_fast.hub`).
     """
     t0 = time.perf_counter()
     backend, backend_note = _resolve_device(device, devices)
     if lookahead < 0:
         raise SpectrumError(f"lookahead must be 0 or more, got {lookahead}")
+    from .hub import FETCHES
+
+    if fetch not in FETCHES:
+        raise SpectrumError(f"fetch must be one of {', '.join(FETCHES)}, got {fetch!r}")
+    if batch_bytes < 1:
+        raise SpectrumError(f"batch_bytes must be positive, got {batch_bytes}")
     ckpt = open_checkpoint(model, revision=revision, token=token)
     if ckpt.remote is not None:
         ckpt.remote.keep, ckpt.remote.lookahead = keep, lookahead
+        ckpt.remote.fetch, ckpt.remote.batch_bytes = fetch, batch_bytes
         ckpt.remote.progress = progress and distributed.rank() == 0
     types = list(types) if types else None
     chosen, skipped = _tensors_to_scan(ckpt.tensors.values(), types, include_embeddings, routers)
@@ -167,8 +177,9 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     settings = {"types": types, "include_embeddings": include_embeddings, "exact": exact, "routers": routers}
     ctx = distributed.context()
     if ctx is not None:
-        # the same deal on every rank; from the Hub, whole shards, so that each rank downloads only its own
-        deal = plan_files(chosen, ctx.world) if ckpt.remote is not None else plan(chosen, ctx.world)
+        # the same deal on every rank; whole shards when they are downloaded, so each is downloaded once
+        whole_shards = ckpt.remote is not None and fetch == "shards"
+        deal = plan_files(chosen, ctx.world) if whole_shards else plan(chosen, ctx.world)
         chosen_here = deal[ctx.rank]
         progress = progress and ctx.rank == 0
         if backend == "cuda" and not devices:
@@ -187,7 +198,10 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     resumed = {r.module + ".weight" for r in records}
     todo = [i for i in chosen_here if i.name not in resumed]
     if ckpt.remote is not None and progress:
-        fate = "kept in the cache" if keep else "each deleted once scanned unless it was cached before"
+        if fetch == "ranges":
+            fate = "only the matrices' bytes, by range requests, nothing kept"
+        else:
+            fate = "kept in the cache" if keep else "each deleted once scanned unless it was cached before"
         print(f"spectrum_fast: reading {ckpt.model} at commit {ckpt.remote.commit[:12]} from "
               f"{ckpt.remote.endpoint}: {len(ckpt.remote.shards)} shards, {fate}", file=sys.stderr)
     error: BaseException | None = None

@@ -46,9 +46,12 @@ class FakeHub:
         self.cut_once: set[str] = set()
         #: filenames whose next full GET fails with HTTP 500
         self.fail_once: set[str] = set()
+        #: filenames whose next ranged GET past the header fails with HTTP 500
+        self.fail_ranged_once: set[str] = set()
         #: called with the filename before a GET of a file's body is answered
         self.on_get: Callable[[str], None] | None = None
         self._lock = threading.Lock()
+        self._etags: dict[str, str] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -64,6 +67,14 @@ class FakeHub:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def etag(self, path: Path) -> str:
+        """sha256 of the file, as the Hub's ETag of an LFS file (computed once per file)."""
+        key = str(path)
+        with self._lock:
+            if key not in self._etags:
+                self._etags[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+            return self._etags[key]
 
     def gets(self, filename: str, *, ranged: bool | None = None) -> list[Request]:
         """GET requests for ``filename`` (only ranged ones, only whole-file ones, or all)."""
@@ -115,17 +126,21 @@ class FakeHub:
                 with hub._lock:
                     fail = body and not req.range and req.filename in hub.fail_once
                     hub.fail_once.discard(req.filename if fail else "")
+                    ranged = body and bool(req.range) and not req.range.startswith("bytes=0-")
+                    if ranged and req.filename in hub.fail_ranged_once:
+                        hub.fail_ranged_once.discard(req.filename)
+                        fail = True
                 if fail:
                     return self._fail(500, "InternalError", req, commit)
-                data = path.read_bytes()
-                etag = hashlib.sha256(data).hexdigest()
-                start, end = 0, len(data)
+                size = path.stat().st_size
+                etag = hub.etag(path)
+                start, end = 0, size
                 status = 200
                 if req.range:
                     rm = re.fullmatch(r"bytes=(\d+)-(\d*)", req.range)
                     if rm:
                         start = int(rm[1])
-                        end = min(len(data), int(rm[2]) + 1) if rm[2] else len(data)
+                        end = min(size, int(rm[2]) + 1) if rm[2] else size
                         status = 206
                 req.status = status
                 self.send_response(status)
@@ -134,7 +149,7 @@ class FakeHub:
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(end - start))
                 if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
                 self.end_headers()
                 if not body:
                     return
@@ -145,12 +160,18 @@ class FakeHub:
                     if req.filename in hub.cut_once and not req.range:
                         hub.cut_once.discard(req.filename)
                         cut = True
-                if cut:  # promise the whole file, send half, hang up: a dropped connection
-                    self.wfile.write(data[start:start + (end - start) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(data[start:end])
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    if cut:  # promise the whole file, send half, hang up: a dropped connection
+                        self.wfile.write(f.read((end - start) // 2))
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return
+                    left = end - start
+                    while left > 0:
+                        chunk = f.read(min(left, 8 * 2**20))
+                        self.wfile.write(chunk)
+                        left -= len(chunk)
 
         return Handler

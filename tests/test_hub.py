@@ -111,6 +111,36 @@ def test_scan_streams_shards_and_deletes_them(hub):
     assert max(peak) <= 1  # when a download starts, at most one other shard is on disk (lookahead 1)
 
 
+def _ranges(r) -> tuple[int, int]:
+    start, end = r.range[len("bytes="):].split("-")
+    return int(start), int(end) + 1
+
+
+def test_fetch_ranges_reads_only_the_matrices(hub):
+    """fetch="ranges": no shard is downloaded whole, only the scanned matrices' bytes (plus headers) move,
+    nothing is left on disk, and the result is the same as from local files."""
+    result = spectrum_fast.scan(REPO, progress=False, fetch="ranges", batch_bytes=20_000)
+    assert result.snr == spectrum_fast.scan(hub.src[COMMIT_B], progress=False).snr
+    assert not [r for r in hub.log if r.method == "GET" and r.range is None and r.filename in SHARDS]
+    from spectrum_fast.checkpoint import open_checkpoint
+
+    tensors = open_checkpoint(hub.src[COMMIT_B]).tensors
+    wanted = {(info.file.name, info.offset, info.offset + info.nbytes) for name, info in tensors.items()
+              if name[: -len(".weight")] in result.snr}
+    body = [(r.filename, *_ranges(r)) for r in hub.log if r.method == "GET" and r.range and r.filename in SHARDS
+            and not r.range.startswith("bytes=0-")]
+    assert set(body) == wanted  # exactly the matrices: no norm, no embedding
+    assert not list(hub.cache.rglob("*.safetensors"))  # sparse batch files removed
+    assert [p.name for p in hub.cache.iterdir() if p.name.startswith(".spectrum_fast")] == []
+
+
+def test_fetch_ranges_survives_a_server_error(hub):
+    hub.fail_ranged_once.add(SHARDS[1])
+    result = spectrum_fast.scan(REPO, progress=False, fetch="ranges")
+    assert result.snr == spectrum_fast.scan(hub.src[COMMIT_B], progress=False).snr
+    assert any(r.status == 500 and r.filename == SHARDS[1] for r in hub.log)
+
+
 def test_lookahead_zero_keeps_one_shard_on_disk(hub):
     peak = []
     hub.on_get = lambda name: name in SHARDS and peak.append(len(_shard_blobs(hub.cache)))
@@ -253,6 +283,20 @@ def test_cli_from_the_hub(hub, tmp_path):
                        capture_output=True, text=True, env=env, timeout=120, check=False)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "org/missing" in p.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_fetch_disjoint_matrices_by_range(hub, tmp_path):
+    from .test_distributed_scan import _torchrun
+
+    out = tmp_path / "out"
+    p = _torchrun(2, ["-m", "spectrum_fast.scan", REPO, "--out", str(out), "-q", "--fetch", "ranges"], timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    body = [(r.filename, r.range) for r in hub.log if r.method == "GET" and r.range and r.filename in SHARDS
+            and not r.range.startswith("bytes=0-")]
+    assert len(body) == len(set(body)) == 12  # each matrix fetched once, by one rank
+    ref = json.loads((out / "snr_results_org-tiny-llm.json").read_text())
+    assert {m: v["snr"] for m, v in ref.items()} == spectrum_fast.scan(hub.src[COMMIT_B], progress=False).snr
 
 
 @pytest.mark.slow
