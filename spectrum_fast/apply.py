@@ -256,12 +256,21 @@ def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: s
         hint = _fused_experts_hint(model, report.unmatched)
         raise SpectrumError(f"{len(report.unmatched)} selection entries match no parameter of the model: "
                             f"{shown}{hint}")
-    if not embed_trainable and getattr(model, "is_gradient_checkpointing", False):
+    if not embed_trainable and _checkpointing(model):
         enable = getattr(model, "enable_input_require_grads", None)
         if enable is not None:
             enable()
             report.input_require_grads = True
     return report
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a transformers model has gradient checkpointing on (transformers 5 renamed the flag and
+    deprecated the old one, which warns when read)."""
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), flag) or flag in vars(model):
+            return bool(getattr(model, flag))
+    return False
 
 
 def _fused_experts_hint(model: torch.nn.Module, unmatched: Sequence[str]) -> str:
