@@ -159,6 +159,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         raise SpectrumError(f"fetch must be one of {', '.join(FETCHES)}, got {fetch!r}")
     if batch_bytes < 1:
         raise SpectrumError(f"batch_bytes must be positive, got {batch_bytes}")
+    if keep and fetch == "ranges":
+        raise SpectrumError("keep applies to fetch='shards' (whole shards in the cache); fetch='ranges' keeps nothing")
     ckpt = open_checkpoint(model, revision=revision, token=token)
     if ckpt.remote is not None:
         ckpt.remote.keep, ckpt.remote.lookahead = keep, lookahead

@@ -134,6 +134,18 @@ def test_fetch_ranges_reads_only_the_matrices(hub):
     assert [p.name for p in hub.cache.iterdir() if p.name.startswith(".spectrum_fast")] == []
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"fetch": "ranges", "keep": True}, "keep applies to fetch='shards'"),
+    ({"fetch": "torrent"}, "fetch must be one of shards, ranges"),
+    ({"fetch": "ranges", "batch_bytes": 0}, "batch_bytes must be positive"),
+    ({"lookahead": -1}, "lookahead must be 0 or more"),
+])
+def test_bad_hub_options(hub, kwargs, match):
+    with pytest.raises(spectrum_fast.SpectrumError, match=match):
+        spectrum_fast.scan(REPO, progress=False, **kwargs)
+    assert not hub.log  # refused before any request
+
+
 def test_fetch_ranges_survives_a_server_error(hub):
     hub.fail_ranged_once.add(SHARDS[1])
     result = spectrum_fast.scan(REPO, progress=False, fetch="ranges")
