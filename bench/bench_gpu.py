@@ -78,6 +78,36 @@ def engine_per_matrix(workdir: Path, sizes: list[int]) -> list[dict]:
     return rows
 
 
+def batched_vs_looped(workdir: Path, sizes: tuple[int, ...] = (256, 512, 1024, 2048), count: int = 32) -> list[dict]:
+    """Same-shape bf16 matrices (MoE experts: 7168x2048 at k = 2048) through run() one by one and through
+    run_batched(): decides SPECTRUM_FAST_BATCHED_MAX_K (cuda_engine.batched_max_k)."""
+    from spectrum_fast import _C
+    from spectrum_fast.checkpoint import open_checkpoint
+
+    engine = _C.GramEngine(0)
+    rows = []
+    for k in sizes:
+        n = 7 * k // 2
+        d = workdir / f"batched{k}"
+        d.mkdir(exist_ok=True)
+        save_file({f"model.layers.{i}.mlp.experts.{i}.w1.weight": (torch.randn(n, k) * 0.02).bfloat16()
+                   for i in range(count)}, str(d / "model.safetensors"))
+        infos = list(open_checkpoint(d).tensors.values())
+        tasks = [(str(i.file), i.offset, i.nbytes, i.dtype, i.shape[0], i.shape[1]) for i in infos]
+        engine.run(tasks)
+        engine.run_batched(tasks, batch=count)
+        t_loop = min(sync_time(lambda tasks=tasks: engine.run(tasks)) for _ in range(2))
+        t_batch = min(sync_time(lambda tasks=tasks: engine.run_batched(tasks, batch=count)) for _ in range(2))
+        a, b = engine.run(tasks), engine.run_batched(tasks, batch=count)
+        dev = max(float(np.max(np.abs(x[0] - y[0])) / x[0].max()) for x, y in zip(a, b))
+        row = {"k": k, "n": n, "count": count, "looped_s": t_loop, "batched_s": t_batch,
+               "speedup": t_loop / t_batch, "max_rel_eig_diff": dev}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        (d / "model.safetensors").unlink()
+    return rows
+
+
 def build_mistral(path: Path, layers: int) -> int:
     """bf16 Mistral-shaped block matrices with low-rank signal, 4 layers per shard; returns bytes written."""
     h, i, kv = MISTRAL["hidden"], MISTRAL["intermediate"], MISTRAL["hidden"] * MISTRAL["kv_heads"] // MISTRAL["heads"]
@@ -172,6 +202,12 @@ def main() -> int:
            "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                     check=False).stdout.strip() or os.environ.get("GIT_COMMIT", "unknown")}
     out["per_matrix"] = engine_per_matrix(args.workdir, [int(s) for s in args.sizes.split(",")])
+    args.json.write_text(json.dumps(out, indent=1))
+    try:
+        out["batched_vs_looped"] = batched_vs_looped(args.workdir)
+    except Exception as e:  # noqa: BLE001 - record it; the end-to-end numbers still matter
+        out["batched_vs_looped"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"batched solver failed: {e}", flush=True)
     args.json.write_text(json.dumps(out, indent=1))
     if not args.skip_e2e:
         out["end_to_end"] = e2e = end_to_end(args.workdir, args.ref_layers)

@@ -107,6 +107,40 @@ py::list run(GramEngine& engine, const py::sequence& items, bool fp64, const py:
   return out;
 }
 
+py::list run_batched(GramEngine& engine, const py::sequence& items, bool fp64, int64_t batch,
+                     const py::object& should_stop) {
+  std::vector<Task> tasks = to_tasks(items);
+  std::vector<spectrum_fast::Result> results;
+  bool interrupted = false;
+  bool requested = false;
+  {
+    py::gil_scoped_release release;
+    auto stop = [&] {
+      py::gil_scoped_acquire acquire;
+      if (PyErr_CheckSignals() != 0) return true;
+      if (!should_stop.is_none() && should_stop().cast<bool>()) {
+        requested = true;
+        return true;
+      }
+      return false;
+    };
+    try {
+      results = engine.run_batched(tasks, fp64, batch, stop);
+    } catch (const spectrum_fast::Interrupted&) {
+      interrupted = true;
+    }  // std::invalid_argument (mixed shapes) becomes ValueError through pybind11's translation
+  }
+  if (interrupted && requested) throw py::value_error("stopped: should_stop() returned True");
+  if (interrupted) throw py::error_already_set();
+  py::list out;
+  for (auto& r : results) {
+    py::array_t<double> eig(static_cast<py::ssize_t>(r.eigenvalues.size()));
+    std::copy(r.eigenvalues.begin(), r.eigenvalues.end(), eig.mutable_data());
+    out.append(py::make_tuple(eig, r.amax, r.info));
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -121,6 +155,10 @@ PYBIND11_MODULE(_C, m) {
            "tasks: list of (path, offset, nbytes, dtype, rows, cols[, scale]), scale None or (path, offset, "
            "nbytes, dtype, 'scalar'|'row'|'block', block, scale_cols) for FP8. Returns, per task and in order, "
            "(ascending eigenvalues of the Gram matrix on the smaller side, max |w|, cuSOLVER info). "
-           "Between matrices, Ctrl-C raises KeyboardInterrupt and should_stop() -> True raises ValueError.");
+           "Between matrices, Ctrl-C raises KeyboardInterrupt and should_stop() -> True raises ValueError.")
+      .def("run_batched", &run_batched, py::arg("tasks"), py::arg("fp64") = false, py::arg("batch") = 64,
+           py::arg("should_stop") = py::none(),
+           "As run(), for tasks of one shape, dtype and scale layout: `batch` matrices per strided-batched GEMM "
+           "and cusolverDnXsyevBatched call.");
   m.def("validate_tasks", [](const py::sequence& items) { return to_tasks(items).size(); }, "Check task tuples as run() would, without a GPU; returns their number.");
 }

@@ -430,6 +430,136 @@ std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, c
   return results;
 }
 
+std::vector<Result> GramEngine::run_batched(const std::vector<Task>& tasks, bool fp64, int64_t batch,
+                                            const StopCheck& stop) {
+  Impl& im = *impl_;
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  std::vector<Result> results(tasks.size());
+  if (tasks.empty()) return results;
+  if (batch <= 0) throw std::invalid_argument("batch must be positive");
+  const Task& t0 = tasks[0];
+  for (const Task& t : tasks) {
+    validate(t);
+    if (t.rows != t0.rows || t.cols != t0.cols || t.dtype != t0.dtype || t.scale_layout != t0.scale_layout ||
+        t.scale_nbytes != t0.scale_nbytes || t.scale_dtype != t0.scale_dtype) {
+      throw std::invalid_argument(t.path + ": run_batched needs tasks of one shape, dtype and scale layout");
+    }
+  }
+  const int64_t rows = t0.rows, cols = t0.cols, k = std::min(rows, cols), n_el = rows * cols;
+  const cudaDataType dt = fp64 ? CUDA_R_64F : CUDA_R_32F;
+  const size_t esize = fp64 ? sizeof(double) : sizeof(float);
+  const size_t raw_bytes = static_cast<size_t>(t0.nbytes), scale_bytes = static_cast<size_t>(t0.scale_nbytes);
+  const bool scaled = t0.scale_layout != ScaleLayout::None;
+  const int64_t b_max = std::min<int64_t>(batch, static_cast<int64_t>(tasks.size()));
+  check_cuda(cudaStreamSynchronize(im.compute_stream), "cudaStreamSynchronize");
+  im.pinned[0].reserve(raw_bytes * b_max);
+  im.raw[0].reserve(raw_bytes * b_max);
+  if (scaled) {
+    im.scale_pinned[0].reserve(scale_bytes * b_max);
+    im.raw_scale[0].reserve(scale_bytes * b_max);
+  }
+  im.matrix.reserve(static_cast<size_t>(n_el) * esize * b_max);
+  im.gram.reserve(static_cast<size_t>(k * k) * esize * b_max);
+  im.eig.reserve(static_cast<size_t>(k) * esize * b_max);
+  im.amax.reserve(sizeof(unsigned int) * b_max);
+  im.info.reserve(sizeof(int) * b_max);
+  im.eig_host[0].reserve((static_cast<size_t>(k) * esize + 8) * b_max);
+  const cublasOperation_t op_a = rows >= cols ? CUBLAS_OP_N : CUBLAS_OP_T;
+  const cublasOperation_t op_b = rows >= cols ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int nk = static_cast<int>(k), kk = static_cast<int>(std::max(rows, cols)), lda = static_cast<int>(cols);
+
+  for (size_t first = 0; first < tasks.size(); first += static_cast<size_t>(b_max)) {
+    if (stop && stop()) throw Interrupted();
+    const int64_t nb = std::min<int64_t>(b_max, static_cast<int64_t>(tasks.size() - first));
+    char* host = static_cast<char*>(im.pinned[0].ptr);
+    for (int64_t b = 0; b < nb; ++b) {
+      const Task& t = tasks[first + static_cast<size_t>(b)];
+      pread_all(t.path, t.offset, t.nbytes, host + raw_bytes * b);
+      if (scaled) {
+        pread_all(t.scale_path, t.scale_offset, t.scale_nbytes,
+                  static_cast<char*>(im.scale_pinned[0].ptr) + scale_bytes * b);
+      }
+    }
+    check_cuda(cudaMemcpyAsync(im.raw[0].ptr, host, raw_bytes * nb, cudaMemcpyHostToDevice, im.compute_stream),
+               "cudaMemcpyAsync(H2D)");
+    if (scaled) {
+      check_cuda(cudaMemcpyAsync(im.raw_scale[0].ptr, im.scale_pinned[0].ptr, scale_bytes * nb,
+                                 cudaMemcpyHostToDevice, im.compute_stream), "cudaMemcpyAsync(H2D scale)");
+    }
+    check_cuda(cudaMemsetAsync(im.amax.ptr, 0, sizeof(unsigned int) * nb, im.compute_stream), "cudaMemsetAsync");
+    const int threads = 256;
+    const int blocks = static_cast<int>(std::min<int64_t>((n_el + threads - 1) / threads, 4096));
+    for (int64_t b = 0; b < nb; ++b) {
+      const void* in = static_cast<const char*>(im.raw[0].ptr) + raw_bytes * b;
+      const void* sc = scaled ? static_cast<const char*>(im.raw_scale[0].ptr) + scale_bytes * b : nullptr;
+      unsigned int* amax = static_cast<unsigned int*>(im.amax.ptr) + b;
+      if (fp64) {
+        widen_kernel<double><<<blocks, threads, 0, im.compute_stream>>>(
+            in, static_cast<int>(t0.dtype), static_cast<double*>(im.matrix.ptr) + n_el * b, n_el, cols, sc,
+            static_cast<int>(t0.scale_dtype), static_cast<int>(t0.scale_layout), t0.scale_block, t0.scale_cols, amax);
+      } else {
+        widen_kernel<float><<<blocks, threads, 0, im.compute_stream>>>(
+            in, static_cast<int>(t0.dtype), static_cast<float*>(im.matrix.ptr) + n_el * b, n_el, cols, sc,
+            static_cast<int>(t0.scale_dtype), static_cast<int>(t0.scale_layout), t0.scale_block, t0.scale_cols, amax);
+      }
+    }
+    check_cuda(cudaGetLastError(), "widen_kernel launch");
+    // Row-major W is column-major W^T (ld = cols); the Gram matrix on the smaller side, full (both triangles).
+    if (fp64) {
+      const double one = 1.0, zero = 0.0;
+      check_cublas(cublasDgemmStridedBatched(im.cublas, op_a, op_b, nk, nk, kk, &one,
+                                             static_cast<const double*>(im.matrix.ptr), lda, n_el,
+                                             static_cast<const double*>(im.matrix.ptr), lda, n_el, &zero,
+                                             static_cast<double*>(im.gram.ptr), nk, k * k, static_cast<int>(nb)),
+                   "cublasDgemmStridedBatched");
+    } else {
+      const float one = 1.0f, zero = 0.0f;
+      check_cublas(cublasSgemmStridedBatched(im.cublas, op_a, op_b, nk, nk, kk, &one,
+                                             static_cast<const float*>(im.matrix.ptr), lda, n_el,
+                                             static_cast<const float*>(im.matrix.ptr), lda, n_el, &zero,
+                                             static_cast<float*>(im.gram.ptr), nk, k * k, static_cast<int>(nb)),
+                   "cublasSgemmStridedBatched");
+    }
+    size_t dev_ws = 0, host_ws = 0;
+    check_cusolver(cusolverDnXsyevBatched_bufferSize(im.solver, im.params, CUSOLVER_EIG_MODE_NOVECTOR,
+                                                     CUBLAS_FILL_MODE_LOWER, k, dt, im.gram.ptr, k, dt, im.eig.ptr,
+                                                     dt, &dev_ws, &host_ws, nb),
+                   "cusolverDnXsyevBatched_bufferSize");
+    if (dev_ws > im.work.bytes) check_cuda(cudaStreamSynchronize(im.compute_stream), "cudaStreamSynchronize");
+    im.work.reserve(std::max<size_t>(dev_ws, 1));
+    if (im.host_work.size() < host_ws) im.host_work.resize(host_ws);
+    check_cusolver(cusolverDnXsyevBatched(im.solver, im.params, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_LOWER, k,
+                                          dt, im.gram.ptr, k, dt, im.eig.ptr, dt, im.work.ptr, dev_ws,
+                                          host_ws ? im.host_work.data() : nullptr, host_ws,
+                                          static_cast<int*>(im.info.ptr), nb),
+                   "cusolverDnXsyevBatched");
+    char* out = static_cast<char*>(im.eig_host[0].ptr);
+    const size_t eig_bytes = static_cast<size_t>(k) * esize * nb;
+    check_cuda(cudaMemcpyAsync(out, im.eig.ptr, eig_bytes, cudaMemcpyDeviceToHost, im.compute_stream),
+               "cudaMemcpyAsync(D2H)");
+    check_cuda(cudaMemcpyAsync(out + eig_bytes, im.amax.ptr, 4 * nb, cudaMemcpyDeviceToHost, im.compute_stream),
+               "cudaMemcpyAsync(D2H)");
+    check_cuda(cudaMemcpyAsync(out + eig_bytes + 4 * nb, im.info.ptr, 4 * nb, cudaMemcpyDeviceToHost,
+                               im.compute_stream), "cudaMemcpyAsync(D2H)");
+    check_cuda(cudaStreamSynchronize(im.compute_stream), "cudaStreamSynchronize");
+    for (int64_t b = 0; b < nb; ++b) {
+      Result& r = results[first + static_cast<size_t>(b)];
+      r.eigenvalues.resize(static_cast<size_t>(k));
+      for (int64_t j = 0; j < k; ++j) {
+        r.eigenvalues[static_cast<size_t>(j)] =
+            fp64 ? reinterpret_cast<const double*>(out)[b * k + j] : reinterpret_cast<const float*>(out)[b * k + j];
+      }
+      unsigned int bits;
+      float amax;
+      std::memcpy(&bits, out + eig_bytes + 4 * b, 4);
+      std::memcpy(&amax, &bits, 4);
+      r.amax = amax;
+      std::memcpy(&r.info, out + eig_bytes + 4 * nb + 4 * b, 4);
+    }
+  }
+  return results;
+}
+
 int device_count() {
   int n = 0;
   check_cuda(cudaGetDeviceCount(&n), "cudaGetDeviceCount");

@@ -70,6 +70,12 @@ class GramEngine {
   // fp64: Gram matrix and eigensolver in double precision (the accuracy fallback), else float32.
   std::vector<Result> run(const std::vector<Task>& tasks, bool fp64, const StopCheck& stop);
 
+  // Same results for tasks that all have one shape, dtype and scale layout (MoE experts, GQA k/v):
+  // up to `batch` matrices are read, widened, multiplied (strided-batched GEMM) and solved by one
+  // cusolverDnXsyevBatched call. No read/compute overlap: meant for many small matrices, where one
+  // solver call per matrix is dominated by launch and synchronisation costs.
+  std::vector<Result> run_batched(const std::vector<Task>& tasks, bool fp64, int64_t batch, const StopCheck& stop);
+
   int device() const { return device_; }
 
  private:

@@ -12,6 +12,7 @@ Several GPUs: one engine and one thread per device, matrices dealt out by :mod:`
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable, Sequence
 
@@ -84,13 +85,51 @@ def _judge(info: TensorInfo, lam: np.ndarray, amax: float, info_code: int, eps: 
     return MatrixStats(STATUS_OK, METHOD_GRAM32 if eps == _EPS32 else METHOD_GRAM64, stats)
 
 
+_BATCH = 64  # matrices per run_batched solver call
 _STOP = threading.Event()  # set when the main thread is interrupted: the device threads stop too
+
+
+def batched_max_k() -> int:
+    """Same-shape matrices with ``k`` up to this go through ``run_batched`` (strided-batched GEMM and
+    ``cusolverDnXsyevBatched``); 0 (the default) sends every matrix through ``run``. Off until measured on a
+    GPU (``bench/bench_gpu.py`` times both); ``SPECTRUM_FAST_BATCHED_MAX_K`` turns it on."""
+    try:
+        return max(0, int(os.environ.get("SPECTRUM_FAST_BATCHED_MAX_K", "0")))
+    except ValueError:
+        raise SpectrumError("SPECTRUM_FAST_BATCHED_MAX_K must be an integer") from None
+
+
+def _batch_groups(infos: list[TensorInfo], max_k: int) -> tuple[list[list[int]], list[int]]:
+    """Indices of same-shape groups (two or more matrices with ``k <= max_k``) and of the rest."""
+    groups: dict[tuple, list[int]] = {}
+    rest: list[int] = []
+    for i, info in enumerate(infos):
+        if max_k and min(info.shape) <= max_k:
+            sc = info.scale
+            key = (info.shape, info.dtype, scale_layout(info) if sc else None, sc.dtype if sc else None,
+                   sc.nbytes if sc else None)
+            groups.setdefault(key, []).append(i)
+        else:
+            rest.append(i)
+    batched = [g for g in groups.values() if len(g) > 1]
+    rest += [g[0] for g in groups.values() if len(g) == 1]
+    return batched, sorted(rest)
 
 
 def _engine_run(engine, infos: list[TensorInfo], fp64: bool) -> list:
     """The engine's results, with its errors (CUDA, cuSOLVER, short reads) as user errors naming tensors."""
     try:
-        return engine.run([_task(i) for i in infos], fp64=fp64, should_stop=_STOP.is_set)
+        batched, rest = _batch_groups(infos, batched_max_k())
+        out: list = [None] * len(infos)
+        for group in batched:
+            results = engine.run_batched([_task(infos[i]) for i in group], fp64=fp64, batch=_BATCH,
+                                         should_stop=_STOP.is_set)
+            for i, r in zip(group, results):
+                out[i] = r
+        if rest:
+            for i, r in zip(rest, engine.run([_task(infos[i]) for i in rest], fp64=fp64, should_stop=_STOP.is_set)):
+                out[i] = r
+        return out
     except RuntimeError as e:
         names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
         raise SpectrumError(f"CUDA engine on GPU {engine.device} failed on {names} ({infos[0].file}): {e}") from None

@@ -66,6 +66,17 @@ def _decode(path, offset, dtype, count) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
 
 
+def _fake_run_batched(self, tasks, fp64=False, batch=64, should_stop=None):
+    shapes = {(t[3], t[4], t[5]) for t in tasks}
+    assert len(shapes) == 1 and len(tasks) > 1, "run_batched takes two or more tasks of one shape"
+    FakeEngine.batched_calls.append(len(tasks))
+    return FakeEngine.run(self, tasks, fp64, should_stop)
+
+
+FakeEngine.run_batched = _fake_run_batched
+FakeEngine.batched_calls = []
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     fake = types.ModuleType("spectrum_fast._C")
@@ -74,6 +85,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(spectrum_fast, "_C", fake, raising=False)
     monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
     FakeEngine.calls = []
+    FakeEngine.batched_calls = []
     FakeEngine.fail_on = None
     FakeEngine.info_code = 0
     return FakeEngine
@@ -168,3 +180,23 @@ def test_fp8_with_block_scales_goes_to_the_engine(fake_gpu, tmp_path):
     assert rel_err(res["model.layers.0.mlp.up_proj"].snr, ref_snr(deq.double().numpy())) <= 1e-4
     assert rel_err(res["model.layers.1.mlp.up_proj"].snr, ref_snr(e5.double().numpy() * 0.25)) <= 1e-4
     assert [s["name"] for s in res.skipped] == ["model.layers.2.mlp.up_proj.weight"]
+
+
+def test_same_shape_small_matrices_go_through_the_batched_solver_when_enabled(fake_gpu, tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    t = {f"model.layers.{i}.mlp.experts.{e}.w1.weight": rng.standard_normal((96, 64)).astype(np.float32)
+         for i in range(2) for e in range(3)}
+    t["model.layers.0.self_attn.q_proj.weight"] = rng.standard_normal((64, 64)).astype(np.float32)
+    t["model.layers.0.mlp.big.weight"] = rng.standard_normal((600, 300)).astype(np.float32)
+    save_np(tmp_path / "model.safetensors", t)
+    off = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert fake_gpu.batched_calls == []  # off by default
+    monkeypatch.setenv("SPECTRUM_FAST_BATCHED_MAX_K", "128")
+    on = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert fake_gpu.batched_calls == [6]  # the six 96x64 experts in one call; the single 64x64 and the big one not
+    assert on.snr == off.snr
+    for r in on.records:
+        assert rel_err(r.snr, ref_snr(t[r.module + ".weight"])) <= 1e-4
+    monkeypatch.setenv("SPECTRUM_FAST_BATCHED_MAX_K", "many")
+    with pytest.raises(spectrum_fast.SpectrumError, match="SPECTRUM_FAST_BATCHED_MAX_K must be an integer"):
+        spectrum_fast.scan(tmp_path, device="cuda", progress=False)

@@ -165,3 +165,25 @@ def test_gpu_fp8_block_scaled_parity(tmp_path):
     assert len(gpu) == 3
     for r in gpu.records:
         assert rel_err(r.snr, ref_snr(want[r.module])) <= 1e-4, (r.module, r.method)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_batched_solver_matches_the_looped_one(tmp_path):
+    from spectrum_fast.checkpoint import open_checkpoint
+
+    rng = np.random.default_rng(3)
+    t = {f"model.layers.{i}.mlp.experts.{e}.w1.weight": (rng.standard_normal((384, 128)) * (1 + e)).astype(np.float32)
+         for i in range(2) for e in range(40)}
+    save_np(tmp_path / "model.safetensors", t)
+    infos = list(open_checkpoint(tmp_path).tensors.values())
+    tasks = [(str(i.file), i.offset, i.nbytes, i.dtype, i.shape[0], i.shape[1]) for i in infos]
+    engine = _C.GramEngine(0)
+    for fp64 in (False, True):
+        looped = engine.run(tasks, fp64=fp64)
+        batched = engine.run_batched(tasks, fp64=fp64, batch=32)  # 80 matrices: 32 + 32 + 16
+        for (a, amax_a, ia), (b, amax_b, ib) in zip(looped, batched):
+            assert ia == ib == 0 and amax_a == amax_b
+            np.testing.assert_allclose(b, a, rtol=0, atol=(1e-4 if not fp64 else 1e-10) * a.max())
+    with pytest.raises(ValueError, match="one shape"):
+        engine.run_batched(tasks[:1] + [(tasks[1][0], tasks[1][1], 4 * 64 * 2, "F32", 64, 2)])
