@@ -24,7 +24,7 @@ case "$STAGE" in
   core)
     timeout 180 $PY -m pytest -q -rs tests/test_native.py tests/test_cpu_engine.py -p no:cacheprovider 2>&1 \
       | tail -30 | tee "$OUT/tests.log"
-    GIT_COMMIT=$commit timeout 300 $PY bench/bench_gpu.py --json "$OUT/gpu_check.json" 2>&1 | tail -40 | tee "$OUT/bench.log"
+    GIT_COMMIT=$commit timeout 360 $PY bench/bench_gpu.py --json "$OUT/gpu_check.json" 2>&1 | tail -40 | tee "$OUT/bench.log"
     ;;
   scale)
     timeout 360 $PY bench/bench_scale.py --device cuda --models Qwen1.5-110B Llama-3.1-405B --samples 2 \
