@@ -145,6 +145,7 @@ void validate(const Task& t) {
     throw std::invalid_argument(t.path + ": matrix dimension exceeds 2^31 - 1");
   }
   const int64_t esize = element_size(t.dtype);
+  if (t.rows > INT64_MAX / t.cols / esize) throw std::invalid_argument(t.path + ": matrix too large");
   if (t.nbytes != t.rows * t.cols * esize) {
     throw std::invalid_argument(t.path + ": nbytes " + std::to_string(t.nbytes) + " != rows * cols * " +
                                 std::to_string(esize));
@@ -450,7 +451,12 @@ std::vector<Result> GramEngine::run_batched(const std::vector<Task>& tasks, bool
   const size_t esize = fp64 ? sizeof(double) : sizeof(float);
   const size_t raw_bytes = static_cast<size_t>(t0.nbytes), scale_bytes = static_cast<size_t>(t0.scale_nbytes);
   const bool scaled = t0.scale_layout != ScaleLayout::None;
-  const int64_t b_max = std::min<int64_t>(batch, static_cast<int64_t>(tasks.size()));
+#if !defined(CUSOLVER_VERSION) || CUSOLVER_VERSION < 11701
+  throw std::runtime_error("run_batched needs cusolverDnXsyevBatched (cuSOLVER 11.7.1, CUDA 12.6 Update 2, or newer)");
+#else
+  // cusolverDnXsyevBatched: n * lda * batchSize must fit in a 32-bit int
+  const int64_t fit = std::max<int64_t>(1, static_cast<int64_t>(INT32_MAX) / (k * k));
+  const int64_t b_max = std::min<int64_t>({batch, static_cast<int64_t>(tasks.size()), fit});
   check_cuda(cudaStreamSynchronize(im.compute_stream), "cudaStreamSynchronize");
   im.pinned[0].reserve(raw_bytes * b_max);
   im.raw[0].reserve(raw_bytes * b_max);
@@ -468,6 +474,7 @@ std::vector<Result> GramEngine::run_batched(const std::vector<Task>& tasks, bool
   const cublasOperation_t op_b = rows >= cols ? CUBLAS_OP_T : CUBLAS_OP_N;
   const int nk = static_cast<int>(k), kk = static_cast<int>(std::max(rows, cols)), lda = static_cast<int>(cols);
 
+  try {
   for (size_t first = 0; first < tasks.size(); first += static_cast<size_t>(b_max)) {
     if (stop && stop()) throw Interrupted();
     const int64_t nb = std::min<int64_t>(b_max, static_cast<int64_t>(tasks.size() - first));
@@ -557,7 +564,13 @@ std::vector<Result> GramEngine::run_batched(const std::vector<Task>& tasks, bool
       std::memcpy(&r.info, out + eig_bytes + 4 * nb + 4 * b, 4);
     }
   }
+  } catch (...) {
+    // nothing queued may still read the pinned buffers that the next run() reuses
+    cudaStreamSynchronize(im.compute_stream);
+    throw;
+  }
   return results;
+#endif
 }
 
 int device_count() {

@@ -215,7 +215,8 @@ def _freeze(args: argparse.Namespace) -> int:
     path = sel.save_yaml(args.out, embed_head=not args.no_embed_head)
     if not args.quiet:
         print(selection_table(sel))
-        print(training_estimate(sel, args.model, embed_head=not args.no_embed_head, train_dtype=args.train_dtype))
+        print(training_estimate(sel, args.model, embed_head=not args.no_embed_head, train_dtype=args.train_dtype,
+                                revision=args.revision))
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -225,12 +226,13 @@ def _freeze(args: argparse.Namespace) -> int:
 _TRAIN_BYTES = {"bf16": 2 + 8 + 4, "fp16": 2 + 8 + 4, "fp32": 4 + 8}
 
 
-def training_estimate(sel: Selection, model: str, *, embed_head: bool, train_dtype: str) -> str:
+def training_estimate(sel: Selection, model: str, *, embed_head: bool, train_dtype: str,
+                      revision: str | None = None) -> str:
     """Trainable parameters of the whole model under this selection, and the memory it saves."""
     from .checkpoint import open_checkpoint
 
     try:
-        tensors = open_checkpoint(model).tensors
+        tensors = open_checkpoint(model, revision=revision).tensors
     except SpectrumError:
         return "trainable parameters of the whole model: unknown (weights not available here)"
     chosen = set(sel.modules)

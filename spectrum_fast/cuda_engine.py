@@ -163,6 +163,7 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
         with lock:
             done(info, out)
 
+    _STOP.clear()  # a stop from an earlier, interrupted scan in this process does not carry over
     unfit = [i.name for i in infos if not engine_takes(i)]
     if unfit:
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")

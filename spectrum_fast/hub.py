@@ -100,7 +100,12 @@ class HubRepo:
         return Path(f"hf://{self.repo_id}@{self.commit}") / filename
 
     def _shard_of(self, path: Path) -> str | None:
-        return path.name if path.parent == self.placeholder("x").parent else None
+        """The shard (its name in the repo, subfolders included) a placeholder path stands for, else None."""
+        try:
+            name = path.relative_to(self.placeholder("x").parent).as_posix()
+        except ValueError:
+            return None
+        return name if name in self.shards else None
 
     # -- staging ---------------------------------------------------------------------------------------
 
@@ -125,7 +130,8 @@ class HubRepo:
         def start(i: int) -> None:
             for name in needs[i]:
                 if name not in local and name not in pending:
-                    pending[name] = _Background(functools.partial(self.download, name), f"download-{name}")
+                    pending[name] = _Background(functools.partial(self.download, name), f"download-{name}",
+                                                on_abandon=functools.partial(self._discard, name))
 
         try:
             for i, b in enumerate(order):
@@ -141,7 +147,8 @@ class HubRepo:
         finally:
             for name, path in local.items():
                 self._discard(name, path)
-            # downloads still running are left to finish or die with the process (daemon threads)
+            for job in pending.values():  # look-ahead downloads: deleted when (or as soon as) they finish
+                job.abandon()
 
     def _stage_ranges(self, infos: Sequence[TensorInfo]) -> Iterator[list[TensorInfo]]:
         batches: list[list[TensorInfo]] = [[]]
@@ -154,24 +161,29 @@ class HubRepo:
             batches[-1].append(info)
             size += need
         batches = [b for b in batches if b]
-        os.makedirs(self.cache_dir, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix=".spectrum_fast-ranges-", dir=self.cache_dir))
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            workdir = Path(tempfile.mkdtemp(prefix=".spectrum_fast-ranges-", dir=self.cache_dir))
+        except OSError as e:
+            raise CheckpointError(f"{self.cache_dir}: cannot create a work directory ({e.strerror or e})") from None
+        stop = threading.Event()  # set when the scan ends early: fetches still queued do not start
         pending: dict[int, _Background] = {}
         try:
             for i, batch in enumerate(batches):
                 for j in range(i, min(len(batches), i + 1 + self.lookahead)):
                     if j not in pending:
-                        job = functools.partial(self._fetch_batch, batches[j], workdir / str(j))
+                        job = functools.partial(self._fetch_batch, batches[j], workdir / str(j), stop)
                         pending[j] = _Background(job, f"ranges-{j}")
                 local = pending.pop(i).result()
                 yield [self._localize(info, local) for info in batch]
                 shutil.rmtree(workdir / str(i), ignore_errors=True)
         finally:
+            stop.set()
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _fetch_batch(self, batch: Sequence[TensorInfo], where: Path) -> dict[str, Path]:
+    def _fetch_batch(self, batch: Sequence[TensorInfo], where: Path, stop: threading.Event) -> dict[str, Path]:
         """The bytes of ``batch``'s tensors (and scales) written at their own offsets into sparse copies of
-        their shards under ``where``; returns shard name -> sparse file."""
+        their shards under ``where``; returns shard name -> sparse file. Stops early once ``stop`` is set."""
         pieces: list[tuple[str, int, int]] = []
         for info in batch:
             for t in (info, info.scale):
@@ -180,20 +192,27 @@ class HubRepo:
                     pieces += [(name, o, min(o + _RANGE_CHUNK, t.offset + t.nbytes))
                                for o in range(t.offset, t.offset + t.nbytes, _RANGE_CHUNK)]
         need = sum(end - start for _, start, end in pieces)
-        where.mkdir(parents=True)
-        free = shutil.disk_usage(where).free
-        if free < need + _DISK_MARGIN:
-            raise CheckpointError(f"{self.repo_id}: {need / 2**30:.1f} GiB of matrices to fetch but {where.parent} "
-                                  f"has {free / 2**30:.1f} GiB free (lower batch_bytes)")
-        local = {}
-        for name in sorted({p[0] for p in pieces}):
-            local[name] = where / name
-            with open(local[name], "wb") as f:
-                f.truncate(self.shards[name].size)  # sparse: only the fetched ranges take space
-        fds = {name: os.open(path, os.O_WRONLY) for name, path in local.items()}
+        local: dict[str, Path] = {}
+        fds: dict[str, int] = {}
+        pool = ThreadPoolExecutor(max_workers=_RANGE_STREAMS, thread_name_prefix="spectrum_fast-range")
         try:
+            where.mkdir()  # not parents: the scan may have ended and removed the work directory
+            free = shutil.disk_usage(where).free
+            if free < need * (1 + self.lookahead) + _DISK_MARGIN:
+                raise CheckpointError(f"{self.repo_id}: {need / 2**30:.1f} GiB of matrices per batch (and "
+                                      f"{self.lookahead} more batch(es) fetched ahead) but {where.parent} has "
+                                      f"{free / 2**30:.1f} GiB free (lower batch_bytes)")
+            for name in sorted({p[0] for p in pieces}):
+                local[name] = where / name
+                local[name].parent.mkdir(parents=True, exist_ok=True)
+                with open(local[name], "wb") as f:
+                    f.truncate(self.shards[name].size)  # sparse: only the fetched ranges take space
+                fds[name] = os.open(local[name], os.O_WRONLY)
+
             def get(piece: tuple[str, int, int]) -> int:
                 name, start, end = piece
+                if stop.is_set():
+                    raise CheckpointError("stopped")
                 try:
                     data = _range(self, name, start, end, retries=_RETRIES)
                 except CheckpointError:
@@ -203,17 +222,25 @@ class HubRepo:
                                           f"failed: {_reason(e)}") from None
                 if len(data) != end - start:
                     raise CheckpointError(f"{self.repo_id}/{name}: asked for bytes {start}-{end - 1}, got {len(data)}")
-                os.pwrite(fds[name], data, start)
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fds[name], view, start)
+                    view, start = view[n:], start + n
                 return len(data)
 
-            with ThreadPoolExecutor(max_workers=_RANGE_STREAMS) as pool:
-                got = sum(pool.map(get, pieces))
+            got = sum(pool.map(get, pieces))
             with _COUNTER_LOCK:  # batches fetch on their own threads
                 self.fetched_bytes += got
+            return local
+        except OSError as e:
+            raise CheckpointError(f"{where}: cannot write fetched matrices ({e.strerror or e})") from None
         finally:
+            # on an error the queued requests never start; the few in flight finish before their files close
+            pool.shutdown(wait=True, cancel_futures=True)
             for fd in fds.values():
                 os.close(fd)
-        return local
+            if stop.is_set():
+                shutil.rmtree(where, ignore_errors=True)
 
     def _needed(self, infos: Sequence[TensorInfo]) -> list[str]:
         names: list[str] = []
@@ -252,8 +279,11 @@ class HubRepo:
         shard = self.shards[name]
         if shard.cached and Path(shard.cached).is_file():
             return Path(shard.cached)
-        os.makedirs(self.cache_dir, exist_ok=True)
-        free = shutil.disk_usage(self.cache_dir).free
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            free = shutil.disk_usage(self.cache_dir).free
+        except OSError as e:
+            raise CheckpointError(f"{self.cache_dir}: cannot use the cache directory ({e.strerror or e})") from None
         if free < shard.size + _DISK_MARGIN:
             raise CheckpointError(
                 f"{self.repo_id}/{name}: needs {shard.size / 2**30:.1f} GiB but {self.cache_dir} has "
@@ -270,17 +300,22 @@ class HubRepo:
         self.downloaded.append(name)
         got = Path(path)
         if got.stat().st_size != shard.size:
-            raise CheckpointError(f"{self.repo_id}/{name}: downloaded {got.stat().st_size} bytes, the Hub "
-                                  f"announced {shard.size}")
+            size = got.stat().st_size
+            self._discard(name, got)
+            raise CheckpointError(f"{self.repo_id}/{name}: downloaded {size} bytes, the Hub announced {shard.size}")
         return got
 
 
 class _Background:
-    """A download on a daemon thread: an interrupted scan does not wait for it."""
+    """A download on a daemon thread: an interrupted scan does not wait for it. An abandoned job hands its
+    result to ``on_abandon`` (to delete what it downloaded) when it finishes, or at once if it has."""
 
-    def __init__(self, fn, what: str) -> None:
+    def __init__(self, fn, what: str, on_abandon=None) -> None:
         self._result = None
         self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._on_abandon = on_abandon
         self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name=f"spectrum_fast-{what}")
         self._thread.start()
 
@@ -290,7 +325,22 @@ class _Background:
         except BaseException as e:  # noqa: BLE001 - handed to the waiting scan, which raises it
             self._result = e
         finally:
-            self._done.set()
+            with self._lock:
+                self._done.set()
+                abandoned = self._abandoned
+            if abandoned:
+                self._clean_up()
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            finished = self._done.is_set()
+        if finished:
+            self._clean_up()
+
+    def _clean_up(self) -> None:
+        if self._on_abandon is not None and not isinstance(self._result, BaseException) and self._result is not None:
+            self._on_abandon(self._result)
 
     def result(self):
         self._done.wait()
@@ -377,8 +427,13 @@ def open_remote(repo_id: str, *, revision: str | None = None, token: str | bool 
         source = SourceFile(f"hf://{repo_id}@{commit}/{name}", shard.size, 0, hashlib.sha256(raw).hexdigest())
         return tensors, source
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        tables = list(pool.map(table, names))
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            tables = list(pool.map(table, names))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network or HTTP failure while reading headers: one line
+        raise CheckpointError(f"{where}: cannot read the shards' headers from {ep}: {_reason(e)}") from None
     tensors: dict[str, TensorInfo] = {}
     for name, (t, _) in zip(names, tables):
         for tname in t:
@@ -418,11 +473,13 @@ def _remote_header(repo: HubRepo, name: str) -> bytes:
     """The raw safetensors header of a shard on the Hub, by one or two range requests."""
     size = repo.shards[name].size
     where = f"{repo.repo_id}/{name}"
-    first = _range(repo, name, 0, min(size, _HEAD_PROBE))
+    if size < 8:
+        raise CheckpointError(f"{where}: not a safetensors file (shorter than 8 bytes)")
+    first = _range(repo, name, 0, min(size, _HEAD_PROBE), retries=_RETRIES)
     n = parse_header_prefix(where, first, size)
     raw = first[8:8 + n]
     if len(raw) < n:
-        raw += _range(repo, name, len(first), 8 + n)
+        raw += _range(repo, name, len(first), 8 + n, retries=_RETRIES)
     if len(raw) != n:
         raise CheckpointError(f"{where}: the server sent {len(raw)} of the header's {n} bytes")
     return raw
@@ -432,6 +489,7 @@ def _range(repo: HubRepo, name: str, start: int, end: int, retries: int = 0) -> 
     """Bytes ``[start, end)`` of a shard, by an HTTP range request (retried after dropped connections
     and server errors, with a growing pause)."""
     from huggingface_hub import hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     url = hf_hub_url(repo.repo_id, name, revision=repo.commit, endpoint=repo.endpoint)
@@ -440,18 +498,31 @@ def _range(repo: HubRepo, name: str, start: int, end: int, retries: int = 0) -> 
     headers["Accept-Encoding"] = "identity"
     for attempt in range(retries + 1):
         try:
-            r = get_session().get(url, headers=headers, follow_redirects=True)
-            if r.status_code < 500 or attempt == retries:
-                break
+            with get_session().stream("GET", url, headers=headers, follow_redirects=True) as r:
+                if r.status_code >= 500 and attempt < retries:
+                    time.sleep(min(8.0, 0.5 * 2**attempt))
+                    continue
+                if r.status_code == 200:
+                    # the server ignores ranges: read no further than needed (never a whole shard into memory)
+                    body = bytearray()
+                    for chunk in r.iter_bytes():
+                        body += chunk
+                        if len(body) >= end:
+                            break
+                    if len(body) < end:
+                        raise CheckpointError(f"{repo.repo_id}/{name}: the server sent {len(body)} bytes, "
+                                              f"fewer than the {end} needed")
+                    return bytes(body[start:end])
+                if r.status_code != 206:
+                    r.read()
+                    hf_raise_for_status(r)
+                    raise CheckpointError(f"{repo.repo_id}/{name}: range request answered with HTTP {r.status_code}")
+                return r.read()
+        except (CheckpointError, HfHubHTTPError):
+            raise  # an answer, not a transport failure: retrying would get the same
         except Exception:
             if attempt == retries:
                 raise
-        time.sleep(min(8.0, 0.5 * 2**attempt))
-    hf_raise_for_status(r)
-    body = r.content
-    if r.status_code == 200:  # the server ignored the range: take the slice ourselves
-        body = body[start:end]
-    elif r.status_code != 206:
-        raise CheckpointError(f"{repo.repo_id}/{name}: range request answered with HTTP {r.status_code}")
-    return body
+            time.sleep(min(8.0, 0.5 * 2**attempt))
+    raise AssertionError("unreachable")
 

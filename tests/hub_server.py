@@ -48,6 +48,10 @@ class FakeHub:
         self.fail_once: set[str] = set()
         #: filenames whose next ranged GET past the header fails with HTTP 500
         self.fail_ranged_once: set[str] = set()
+        #: filenames whose every GET fails with HTTP 500
+        self.fail_always: set[str] = set()
+        #: answer every GET with the whole file (200), as servers without range support do
+        self.ignore_ranges = False
         #: called with the filename before a GET of a file's body is answered
         self.on_get: Callable[[str], None] | None = None
         self._lock = threading.Lock()
@@ -130,13 +134,14 @@ class FakeHub:
                     if ranged and req.filename in hub.fail_ranged_once:
                         hub.fail_ranged_once.discard(req.filename)
                         fail = True
+                    fail = fail or (body and req.filename in hub.fail_always)
                 if fail:
                     return self._fail(500, "InternalError", req, commit)
                 size = path.stat().st_size
                 etag = hub.etag(path)
                 start, end = 0, size
                 status = 200
-                if req.range:
+                if req.range and not hub.ignore_ranges:
                     rm = re.fullmatch(r"bytes=(\d+)-(\d*)", req.range)
                     if rm:
                         start = int(rm[1])

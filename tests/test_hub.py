@@ -153,6 +153,56 @@ def test_fetch_ranges_survives_a_server_error(hub):
     assert any(r.status == 500 and r.filename == SHARDS[1] for r in hub.log)
 
 
+def test_header_read_failure_is_one_line(hub, monkeypatch):
+    from spectrum_fast import hub as hub_mod
+
+    monkeypatch.setattr(hub_mod, "_RETRIES", 1)
+    hub.fail_always.add(SHARDS[2])
+    with pytest.raises(CheckpointError, match=f"{REPO}: cannot read the shards' headers from .*HfHubHTTPError") as e:
+        spectrum_fast.scan(REPO, progress=False)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fetch", ["shards", "ranges"])
+def test_a_failed_scan_leaves_nothing_behind(hub, monkeypatch, fetch):
+    """The engine fails on the first batch while the next one is being fetched: what was fetched ahead is
+    deleted too (once its download ends), and the error is the engine's."""
+    import time
+
+    from spectrum_fast import scanner
+
+    def broken(*args, **kwargs):
+        raise spectrum_fast.SpectrumError("engine broke")
+
+    monkeypatch.setattr(scanner, "_cpu_stats", broken)
+    with pytest.raises(spectrum_fast.SpectrumError, match="engine broke"):
+        spectrum_fast.scan(REPO, progress=False, fetch=fetch, batch_bytes=20_000)
+    deadline = time.monotonic() + 10
+    while (_shard_blobs(hub.cache) or list(hub.cache.rglob("*.safetensors"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _shard_blobs(hub.cache) == [] and list(hub.cache.rglob("*.safetensors")) == []
+
+
+@pytest.mark.parametrize("fetch", ["shards", "ranges"])
+def test_server_without_range_support(hub, fetch):
+    hub.ignore_ranges = True
+    result = spectrum_fast.scan(REPO, progress=False, fetch=fetch)
+    assert result.snr == spectrum_fast.scan(hub.src[COMMIT_B], progress=False).snr
+
+
+@pytest.mark.parametrize("fetch", ["shards", "ranges"])
+def test_shards_in_a_subfolder(hub, tmp_path, fetch):
+    files = {f"weights/{name}": path for name, path in hub.repos[REPO].commits[COMMIT_B].items()
+             if name.endswith(".safetensors")}
+    index = json.loads((hub.src[COMMIT_B] / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: f"weights/{v}" for k, v in index["weight_map"].items()}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    files["model.safetensors.index.json"] = tmp_path / "index.json"
+    hub.repos["org/sub"] = Repo({COMMIT_A: files}, {"main": COMMIT_A})
+    result = spectrum_fast.scan("org/sub", progress=False, fetch=fetch)
+    assert result.snr == spectrum_fast.scan(hub.src[COMMIT_B], progress=False).snr
+
+
 def test_lookahead_zero_keeps_one_shard_on_disk(hub):
     peak = []
     hub.on_get = lambda name: name in SHARDS and peak.append(len(_shard_blobs(hub.cache)))
