@@ -74,8 +74,10 @@ std::vector<Task> to_tasks(const py::sequence& items) {
   return tasks;
 }
 
-py::list run(GramEngine& engine, const py::sequence& items, bool fp64, const py::object& should_stop) {
-  std::vector<Task> tasks = to_tasks(items);
+// Runs `work(stop)` without the GIL; between matrices, stop() checks for Ctrl-C and asks should_stop().
+// Results become a list of (eigenvalues, amax, info) tuples.
+template <typename Work>
+py::list call_engine(const py::object& should_stop, Work&& work) {
   std::vector<spectrum_fast::Result> results;
   bool interrupted = false;
   bool requested = false;  // should_stop() said so (other threads: signals only reach the main one)
@@ -91,10 +93,10 @@ py::list run(GramEngine& engine, const py::sequence& items, bool fp64, const py:
       return false;
     };
     try {
-      results = engine.run(tasks, fp64, stop);
+      results = work(spectrum_fast::StopCheck(stop));
     } catch (const spectrum_fast::Interrupted&) {
       interrupted = true;
-    }
+    }  // std::invalid_argument becomes ValueError through pybind11's translation
   }
   if (interrupted && requested) throw py::value_error("stopped: should_stop() returned True");
   if (interrupted) throw py::error_already_set();  // PyErr_CheckSignals left the KeyboardInterrupt set
@@ -107,38 +109,17 @@ py::list run(GramEngine& engine, const py::sequence& items, bool fp64, const py:
   return out;
 }
 
+py::list run(GramEngine& engine, const py::sequence& items, bool fp64, const py::object& should_stop) {
+  const std::vector<Task> tasks = to_tasks(items);
+  return call_engine(should_stop, [&](const spectrum_fast::StopCheck& stop) { return engine.run(tasks, fp64, stop); });
+}
+
 py::list run_batched(GramEngine& engine, const py::sequence& items, bool fp64, int64_t batch,
                      const py::object& should_stop) {
-  std::vector<Task> tasks = to_tasks(items);
-  std::vector<spectrum_fast::Result> results;
-  bool interrupted = false;
-  bool requested = false;
-  {
-    py::gil_scoped_release release;
-    auto stop = [&] {
-      py::gil_scoped_acquire acquire;
-      if (PyErr_CheckSignals() != 0) return true;
-      if (!should_stop.is_none() && should_stop().cast<bool>()) {
-        requested = true;
-        return true;
-      }
-      return false;
-    };
-    try {
-      results = engine.run_batched(tasks, fp64, batch, stop);
-    } catch (const spectrum_fast::Interrupted&) {
-      interrupted = true;
-    }  // std::invalid_argument (mixed shapes) becomes ValueError through pybind11's translation
-  }
-  if (interrupted && requested) throw py::value_error("stopped: should_stop() returned True");
-  if (interrupted) throw py::error_already_set();
-  py::list out;
-  for (auto& r : results) {
-    py::array_t<double> eig(static_cast<py::ssize_t>(r.eigenvalues.size()));
-    std::copy(r.eigenvalues.begin(), r.eigenvalues.end(), eig.mutable_data());
-    out.append(py::make_tuple(eig, r.amax, r.info));
-  }
-  return out;
+  const std::vector<Task> tasks = to_tasks(items);
+  return call_engine(should_stop, [&](const spectrum_fast::StopCheck& stop) {
+    return engine.run_batched(tasks, fp64, batch, stop);
+  });
 }
 
 }  // namespace

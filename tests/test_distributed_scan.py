@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from .conftest import save_np
+from .ranks import free_port
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("torch")
@@ -31,17 +31,11 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(n: int, args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for _ in range(3):  # the free port can be taken between probing and binding: try another
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), *args]
+               "127.0.0.1", "--master_port", str(free_port()), *args]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
         if "address already in use" not in r.stderr.lower():
             return r

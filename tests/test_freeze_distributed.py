@@ -19,16 +19,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import spectrum_fast
+
+from .ranks import run_workers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -36,7 +33,7 @@ pytest.importorskip("safetensors")
 
 pytestmark = pytest.mark.slow
 
-WORKER = Path(__file__).resolve().parent / "distributed" / "freeze_worker.py"
+WORKER = "freeze_worker.py"
 WORLD_SIZE = 2
 TIMEOUT_S = 240  # a hang (e.g. one rank died inside a collective) fails the test instead of CI
 
@@ -75,66 +72,15 @@ def selection(checkpoint) -> list[str]:
     return modules
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(mode: str, checkpoint: Path, selection: list[str], out: Path) -> tuple[dict, list[dict]]:
-    """Run the worker on WORLD_SIZE ranks (torchrun's environment, without its extra process)."""
-    try:
-        return _launch_once(mode, checkpoint, selection, out)
-    except _PortTaken:  # the free port was taken between our probe and the workers' bind: once more
-        return _launch_once(mode, checkpoint, selection, out)
-
-
-class _PortTaken(Exception):
-    pass
-
-
-def _launch_once(mode: str, checkpoint: Path, selection: list[str], out: Path) -> tuple[dict, list[dict]]:
+    """Run the worker on WORLD_SIZE ranks; the final full weights (rank 0 wrote them) and each rank's JSON."""
     out.mkdir(parents=True, exist_ok=True)
     sel_file = out / "selection.json"
     sel_file.write_text(json.dumps(selection), encoding="utf-8")
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD_SIZE):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE),
-                   OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore",
-                   CUDA_VISIBLE_DEVICES="")
-        log = open(out / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed below
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), mode, str(checkpoint), str(sel_file), str(out)],
-                                       env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + TIMEOUT_S
-    failed = None
-    try:
-        while any(p.poll() is None for p, _ in procs):
-            if failed is None:
-                failed = next((r for r, (p, _) in enumerate(procs) if p.returncode not in (None, 0)), None)
-            if failed is not None or time.monotonic() > deadline:
-                break  # one rank died (the others would wait forever in a collective) or a hang
-            time.sleep(0.2)
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            log.close()
-    logs = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n"
-                     + (out / f"rank{r}.log").read_text(errors="replace")[-6000:]
-                     for r, (p, _) in enumerate(procs))
-    if any(p.returncode != 0 for p, _ in procs):
-        if "address already in use" in logs.lower():
-            raise _PortTaken
-        why = "timed out" if failed is None and time.monotonic() > deadline else "failed"
-        pytest.fail(f"{mode}: worker {why}\n{logs}", pytrace=False)
+    ranks = run_workers(WORKER, [mode, checkpoint, sel_file], out, world=WORLD_SIZE, timeout_s=TIMEOUT_S)
     from safetensors.torch import load_file
 
-    final = load_file(str(out / "final.safetensors"))
-    ranks = [json.loads((out / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(WORLD_SIZE)]
-    return final, ranks
+    return load_file(str(out / "final.safetensors")), ranks
 
 
 def _selected_params(initial: dict, selection: list[str]) -> set[str]:

@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +21,7 @@ from spectrum_fast.apply import canonical_name
 from spectrum_fast.lr import param_groups
 
 from .conftest import ref_snr
+from .ranks import run_workers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -33,7 +29,6 @@ pytest.importorskip("safetensors")
 
 TOP = 0.75  # 3 of 4 layers per type: a real median
 BASE_LR = 0.05
-WORKERS = Path(__file__).resolve().parent / "distributed"
 
 
 def llama(seed: int = 0, layers: int = 4):
@@ -248,57 +243,6 @@ def test_lr_ratios_edge_cases():
 
 
 # -- 2 CPU ranks ------------------------------------------------------------------------------------
-
-
-class _PortTaken(Exception):
-    pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_workers(worker: str, args: list[str], out: Path, world: int = 2, timeout_s: float = 240) -> list[dict]:
-    """Start ``tests/distributed/<worker>`` on ``world`` ranks with torchrun's environment; their JSONs."""
-    try:
-        return _run_once(worker, args, out, world, timeout_s)
-    except _PortTaken:  # the probed port was taken before the workers bound it: once more
-        return _run_once(worker, args, out, world, timeout_s)
-
-
-def _run_once(worker: str, args: list[str], out: Path, world: int, timeout_s: float) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-                   PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
-        log = open(out / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed below
-        procs.append((subprocess.Popen([sys.executable, str(WORKERS / worker), *args, str(out)], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + timeout_s
-    try:
-        # one rank dying leaves the others waiting forever in a collective: stop at the first failure
-        while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
-            if any(p.returncode not in (None, 0) for p, _ in procs):
-                break
-            time.sleep(0.2)
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            log.close()
-    logs = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n"
-                     + (out / f"rank{r}.log").read_text(errors="replace")[-6000:] for r, (p, _) in enumerate(procs))
-    if any(p.returncode != 0 for p, _ in procs):
-        if "address already in use" in logs.lower():
-            raise _PortTaken
-        pytest.fail(f"{worker} {args[0]}: workers failed\n{logs}", pytrace=False)
-    return [json.loads((out / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(world)]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from spectrum_fast.lr import param_groups
 from spectrum_fast.retarget import RetargetReport, retarget, scan_live
 
 from .conftest import ref_select, ref_snr
-from .test_param_groups import expected_ratios, llama, module_type, run_workers
+from .ranks import run_workers
+from .test_param_groups import expected_ratios, llama, module_type
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

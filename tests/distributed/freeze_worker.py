@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 import torch.distributed as dist
+from _harness import exit_after, process_group, write_rank_info, zero3_config
 
 torch.set_num_threads(1)
 
@@ -183,15 +184,7 @@ def run_zero3(checkpoint, selection) -> tuple[dict, dict]:
 
     import spectrum_fast
 
-    config = {
-        "train_micro_batch_size_per_gpu": BATCH,
-        "gradient_accumulation_steps": 1,
-        # Threshold 0: partition every parameter. With the default (1e5 elements) all of this tiny
-        # model's parameters would stay whole on every rank, and p.numel() would look right by accident.
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "steps_per_print": 1_000_000,
-        "wall_clock_breakdown": False,
-    }
+    config = zero3_config(BATCH)
     weights = load_weights(checkpoint)
     torch.manual_seed(0)
     # No dtype=torch.float32 here: with the config given, Init takes the dtype from it (fp32 without
@@ -238,26 +231,7 @@ def main() -> int:
     mode, checkpoint, selection_file, out = sys.argv[1:5]
     with open(selection_file, encoding="utf-8") as f:
         selection = json.load(f)
-    rank = int(os.environ["RANK"])
-    if mode == "zero3":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import importlib
-
-        import deepspeed
-
-        # (not `import deepspeed.comm.torch as ...`: that binds deepspeed.comm's attribute `torch`,
-        # which is the torch package itself)
-        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
-
-        # On the CPU accelerator DeepSpeed's torch backend JIT-compiles a shared-memory all-reduce op
-        # (deepspeed_shm_comm, with g++/ninja into TORCH_EXTENSIONS_DIR) the first time it starts: ~45 s
-        # on 2 cores, and it needs a compiler. Plain gloo is all this test needs: no shm op.
-        if hasattr(ds_comm_torch, "build_shm_op"):
-            ds_comm_torch.build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo")
-    try:
+    with process_group(zero3=mode == "zero3"):
         if mode in ("fsdp2-before", "fsdp2-after"):
             full, info = run_fsdp2(checkpoint, selection, after=mode == "fsdp2-after")
         elif mode in ("fsdp1-orig", "fsdp1-flat"):
@@ -266,24 +240,13 @@ def main() -> int:
             full, info = run_zero3(checkpoint, selection)
         else:
             raise SystemExit(f"unknown mode {mode}")
-        info["world_size"] = dist.get_world_size()
-        with open(os.path.join(out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1)
-        if rank == 0:
+        if dist.get_rank() == 0:
             from safetensors.torch import save_file
 
             save_file({n: t.contiguous() for n, t in full.items()}, os.path.join(out, "final.safetensors"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        write_rank_info(out, info)
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Every output is written and closed. Skip interpreter teardown: a gloo thread still joinable at
-    # exit sometimes aborts the process ("terminate called without an active exception", exit -6)
-    # after the work is done, which would fail the run for nothing.
-    os._exit(code)
+    exit_after(main)

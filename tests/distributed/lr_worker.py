@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 import torch.distributed as dist
+from _harness import exit_after, process_group, write_rank_info, zero3_config
 
 torch.set_num_threads(1)
 
@@ -119,14 +120,7 @@ def run_zero3(checkpoint: str, result_file: str, selection: list[str]) -> dict:
     from spectrum_fast.lr import param_groups
     from spectrum_fast.retarget import retarget, scan_live
 
-    config = {
-        "train_micro_batch_size_per_gpu": BATCH,
-        "gradient_accumulation_steps": 1,
-        # threshold 0: partition every parameter, else this tiny model would stay whole on every rank
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "steps_per_print": 1_000_000,
-        "wall_clock_breakdown": False,
-    }
+    config = zero3_config(BATCH)
     weights = load_weights(checkpoint)
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=config):  # no dtype argument: see freeze_worker.py
@@ -172,33 +166,11 @@ def main() -> int:
     mode, checkpoint, result_file, selection_file, out = sys.argv[1:6]
     with open(selection_file, encoding="utf-8") as f:
         selection = json.load(f)
-    rank = int(os.environ["RANK"])
-    if mode == "zero3":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import importlib
-
-        import deepspeed
-
-        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
-        if hasattr(ds_comm_torch, "build_shm_op"):  # skip its JIT-compiled shm all-reduce: gloo is enough
-            ds_comm_torch.build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo")
-    try:
-        info = run_fsdp2(checkpoint, result_file, selection) if mode == "fsdp2" else \
-            run_zero3(checkpoint, result_file, selection)
-        info["world_size"] = dist.get_world_size()
-        with open(os.path.join(out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    with process_group(zero3=mode == "zero3"):
+        run = run_fsdp2 if mode == "fsdp2" else run_zero3
+        write_rank_info(out, run(checkpoint, result_file, selection))
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip interpreter teardown: a lingering gloo thread can abort a finished process
+    exit_after(main)

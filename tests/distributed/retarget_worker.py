@@ -14,7 +14,6 @@ and takes one more step. Rank 0 writes the full weights just before ``retarget``
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -24,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 import torch.distributed as dist
+from _harness import exit_after, process_group, write_rank_info
 
 torch.set_num_threads(1)
 
@@ -130,21 +130,10 @@ def run(checkpoint: str, out: str) -> dict:
 
 def main() -> int:
     checkpoint, out = sys.argv[1:3]
-    rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo")
-    try:
-        info = run(checkpoint, out)
-        info["world_size"] = dist.get_world_size()
-        with open(os.path.join(out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    with process_group():
+        write_rank_info(out, run(checkpoint, out))
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip interpreter teardown: a lingering gloo thread can abort a finished process
+    exit_after(main)
