@@ -187,3 +187,20 @@ def test_gpu_batched_solver_matches_the_looped_one(tmp_path):
             np.testing.assert_allclose(b, a, rtol=0, atol=(1e-4 if not fp64 else 1e-10) * a.max())
     with pytest.raises(ValueError, match="one shape"):
         engine.run_batched(tasks[:1] + [(tasks[1][0], tasks[1][1], 4 * 64 * 2, "F32", 64, 2)])
+
+
+def test_no_driver_is_found_without_loading_the_cuda_libraries():
+    """A CPU-only machine learns there is no GPU without mapping cuBLAS/cuSOLVER (~200 MB resident)."""
+    import ctypes
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("an NVIDIA driver is installed here")
+    except OSError:
+        pass
+    code = ("import sys; from spectrum_fast.backends import cuda_unavailable_reason as r; "
+            "print(r()); print('spectrum_fast._C' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["no usable GPU: no NVIDIA driver (libcuda.so.1 cannot be loaded)", "False"]
