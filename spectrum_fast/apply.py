@@ -115,22 +115,22 @@ def read_unfrozen_yaml(path: str | os.PathLike) -> list[str]:
     return entries
 
 
-def _entries(source: Any, top: float, grouping: str) -> _Entries:
+def _entries(source: Any, top: float, grouping: str, stacks: str = "merged") -> _Entries:
     """Turn any supported ``source`` into module names and ``^...$`` patterns."""
     if isinstance(source, Selection):
         names: list[str] = source.modules
     elif isinstance(source, ScanResult):
-        names = source.select(top, grouping=grouping).modules
+        names = source.select(top, grouping=grouping, stacks=stacks).modules
     elif isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if p.suffix in (".yaml", ".yml") and p.is_file():
             names = read_unfrozen_yaml(p)
         elif p.suffix == ".json" and p.is_file():
-            names = ScanResult.load(p).select(top, grouping=grouping).modules
+            names = ScanResult.load(p).select(top, grouping=grouping, stacks=stacks).modules
         else:  # a model to scan
             from .scanner import scan
 
-            names = scan(os.fspath(source), progress=False).select(top, grouping=grouping).modules
+            names = scan(os.fspath(source), progress=False).select(top, grouping=grouping, stacks=stacks).modules
     elif isinstance(source, Iterable):
         names = list(source)
         if not all(isinstance(n, str) for n in names):
@@ -192,20 +192,21 @@ def live_aliases(model: torch.nn.Module, modules: Iterable[str]) -> dict[str, st
 
 def freeze(model: torch.nn.Module, source: Any, *, top: float = 0.5, grouping: str = "expert",
            train_embeddings: bool = False, train_lm_head: bool = False, train_norms: bool = False,
-           strict: bool = True) -> FreezeReport:
+           strict: bool = True, stacks: str = "merged") -> FreezeReport:
     """Set ``requires_grad`` per SPEC.md §5 and report what is trainable.
 
     ``source``: a :class:`ScanResult` or :class:`Selection`, a result file (ours or the reference's,
     flat or grouped), an axolotl ``unfrozen_parameters`` YAML, a model path / repo id to scan, or a
     list of module names (``^...$`` entries are regular expressions over full parameter names, as in
-    the YAML). ``top`` and ``grouping`` apply where a selection must still be made. With ``strict``
+    the YAML). ``top``, ``grouping`` and ``stacks`` apply where a selection must still be made (see
+    :func:`~spectrum_fast.selection.select`; ``stacks="separate"`` ranks CLIP's towers apart). With ``strict``
     an entry that matches no parameter raises, naming it.
 
     When embeddings stay frozen and gradient checkpointing is on, a ``transformers`` model gets
     ``enable_input_require_grads()``, without which backward fails with "element 0 of tensors does
     not require grad".
     """
-    entries = _entries(source, top, grouping)
+    entries = _entries(source, top, grouping, stacks)
     # as axolotl applies them: re.match(entry with every "." escaped, parameter name)
     compiled = [(pat, axolotl_pattern(pat)) for pat in entries.patterns]
     alias = live_aliases(model, entries.modules)  # live name -> the checkpoint's, where transformers renames

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import distributed
 from .checkpoint import current_sources, slugify
 from .errors import CheckpointError, SpectrumError
-from .naming import MOE_EXPERT, MOE_GROUPINGS
+from .naming import MOE_EXPERT, MOE_GROUPINGS, STACKINGS, STACKS_MERGED
 from .result import DEFAULT_OUT_DIR, ScanResult, full_file_name, reference_file_name
 from .scanner import DEVICES, scan
 from .selection import Selection, axolotl_pattern, validate_top
@@ -151,6 +151,10 @@ def freeze_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-grouping", choices=MOE_GROUPINGS, default=MOE_EXPERT,
                    help="'expert' (default, as the reference): each expert index is its own type; "
                         "'pooled': all experts of a projection are ranked together")
+    p.add_argument("--stacks", choices=STACKINGS, default=STACKS_MERGED,
+                   help="models with several stacks of blocks (CLIP's text and vision towers): 'merged' (default, "
+                        "as the reference) ranks a type's modules of all stacks together, 'separate' each stack "
+                        "on its own")
     p.add_argument("--rescan", action="store_true", help="ignore existing results and scan again")
     p.add_argument("--no-embed-head", action="store_true",
                    help="leave the ^embedding$ / ^lm_head$ lines out of the YAML")
@@ -211,7 +215,7 @@ def _freeze(args: argparse.Namespace) -> int:
         print(why, file=sys.stderr)
     if result is None:
         result = _scan_and_save(args)
-    sel = result.select(top, grouping=args.moe_grouping)
+    sel = result.select(top, grouping=args.moe_grouping, stacks=args.stacks)
     path = sel.save_yaml(args.out, embed_head=not args.no_embed_head)
     if not args.quiet:
         print(selection_table(sel))

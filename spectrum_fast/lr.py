@@ -27,7 +27,7 @@ from .apply import canonical_name, is_norm, live_aliases
 from .errors import SpectrumError
 from .naming import MOE_EXPERT, group_of, module_type
 from .result import MatrixRecord, ScanResult
-from .selection import Selection, validate_top
+from .selection import Selection, group_keys, validate_top
 
 if TYPE_CHECKING:
     import torch
@@ -162,10 +162,10 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, str, torch.nn.Paramete
 def param_groups(model: torch.nn.Module, result: Any, *, base_lr: float, scale: str = "snr",
                  min_ratio: float = 0.5, max_ratio: float = 2.0, top: float | None = None,
                  grouping: str = MOE_EXPERT, weight_decay: float = 0.0,
-                 no_decay_norms_biases: bool = True) -> list[dict[str, Any]]:
+                 no_decay_norms_biases: bool = True, stacks: str = "merged") -> list[dict[str, Any]]:
     """Optimizer parameter groups over the trainable parameters, learning rates growing with SNR.
 
-    Per module type (``grouping`` as in the selection), over the *trainable* scanned modules of that
+    Per module type (``grouping`` and ``stacks`` as in the selection), over the *trainable* scanned modules of that
     type with an SNR (see :func:`lr_ratios` for ``"rank"`` and ``"none"``)::
 
         r  = snr / median(snr)            # scale="snr"
@@ -191,6 +191,7 @@ def param_groups(model: torch.nn.Module, result: Any, *, base_lr: float, scale: 
     res = snr_source(result)
     records = {r.module: r for r in res.records}
     # modules transformers renamed on load get their checkpoint record under the live name
+    keys = group_keys(res.records, grouping, stacks)  # the groups the selection ranks in
     alias = live_aliases(model, records)
     records.update({live: records[file] for live, file in alias.items()})
     params = _trainable(model)
@@ -204,9 +205,9 @@ def param_groups(model: torch.nn.Module, result: Any, *, base_lr: float, scale: 
             "its names are the live model's (transformers 5 renames some architectures on load, e.g. ViT; "
             "spectrum_fast.retarget.scan_live(model) scans the live names)")
     if top is not None:
-        _check_same_selection(res, {alias.get(m, m) for m in trainable_mods}, validate_top(top), grouping)
+        _check_same_selection(res, {alias.get(m, m) for m in trainable_mods}, validate_top(top), grouping, stacks)
     ratios = lr_ratios({m: _rank_snr(records[m]) for m in trainable_mods},
-                       {m: group_of(records[m].type, grouping) for m in trainable_mods},
+                       {m: keys[alias.get(m, m)] for m in trainable_mods},
                        scale=scale, min_ratio=min_ratio, max_ratio=max_ratio)
     settings = {"scale": scale, "min_ratio": min_ratio, "max_ratio": max_ratio, "grouping": grouping}
     groups: dict[tuple[str | None, bool], dict[str, Any]] = {}
@@ -243,8 +244,8 @@ def _rank_snr(rec: MatrixRecord) -> float:
     return rec.snr if rec.selectable else math.nan
 
 
-def _check_same_selection(res: ScanResult, trainable: set[str], top: float, grouping: str) -> None:
-    want = set(res.select(top, grouping=grouping).modules)
+def _check_same_selection(res: ScanResult, trainable: set[str], top: float, grouping: str, stacks: str) -> None:
+    want = set(res.select(top, grouping=grouping, stacks=stacks).modules)
     extra, missing = sorted(trainable - want), sorted(want - trainable)
     if extra or missing:
         raise SpectrumError(

@@ -15,6 +15,11 @@ import re
 MOE_EXPERT = "expert"  # reference behaviour: one type per expert index
 MOE_POOLED = "pooled"  # all experts of a projection form one type
 MOE_GROUPINGS = (MOE_EXPERT, MOE_POOLED)
+#: Multi-stack models (CLIP's text and vision towers, encoder-decoders) share module types across stacks:
+#: "merged" ranks them together as the reference does; "separate" ranks each stack's modules on their own.
+STACKS_MERGED = "merged"
+STACKS_SEPARATE = "separate"
+STACKINGS = (STACKS_MERGED, STACKS_SEPARATE)
 
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embedding)\.weight$")
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$|^output\.weight$")
@@ -37,6 +42,13 @@ def module_type(module: str) -> str:
     parts = module.split(".")
     i = block_index(module)
     return ".".join(parts[i + 1:]) if i is not None and i + 1 < len(parts) else module
+
+
+def stack_of(module: str) -> str:
+    """The stack of blocks a module sits in: the name before its block index (``model.layers``,
+    ``text_model.encoder.layers``, ``vision_model.encoder.layers``); ``""`` outside numbered blocks."""
+    i = block_index(module)
+    return ".".join(module.split(".")[:i]) if i is not None else ""
 
 
 def pooled_type(mtype: str) -> str:

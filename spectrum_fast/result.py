@@ -91,11 +91,12 @@ class ScanResult:
     def snr(self) -> dict[str, float]:
         return {r.module: r.snr for r in self.records}
 
-    def select(self, top: float = 0.5, *, grouping: str = MOE_EXPERT) -> Selection:
-        """Top fraction of modules per type (SPEC.md §3)."""
+    def select(self, top: float = 0.5, *, grouping: str = MOE_EXPERT, stacks: str = "merged") -> Selection:
+        """Top fraction of modules per type (SPEC.md §3); ``stacks="separate"`` ranks each stack of blocks
+        (CLIP's text and vision towers) on its own."""
         from .selection import select
 
-        return select(self, top, grouping=grouping)
+        return select(self, top, grouping=grouping, stacks=stacks)
 
     # -- files -------------------------------------------------------------------------------------
 

@@ -6,11 +6,13 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import ensure_writable_dir, write_text_atomic
-from .naming import MOE_EXPERT, group_of
+from .errors import SpectrumError
+from .naming import MOE_EXPERT, STACKINGS, STACKS_MERGED, STACKS_SEPARATE, group_of, stack_of
 from .result import MatrixRecord, ScanResult
 
 # What the reference tool writes when it does not know the checkpoint's names.
@@ -56,6 +58,7 @@ class Selection:
     grouping: str
     groups: dict[str, list[MatrixRecord]]
     group_sizes: dict[str, int]
+    stacks: str = STACKS_MERGED
 
     @property
     def modules(self) -> list[str]:
@@ -91,16 +94,31 @@ class Selection:
         return write_text_atomic(d / self.yaml_file_name(), self.to_yaml(embed_head=embed_head))
 
 
-def select(result: ScanResult, top: float = 0.5, *, grouping: str = MOE_EXPERT) -> Selection:
+def group_keys(records: Iterable[MatrixRecord], grouping: str = MOE_EXPERT,
+               stacks: str = STACKS_MERGED) -> dict[str, str]:
+    """The group every module is ranked in: its type (MoE experts per ``grouping``), and with
+    ``stacks="separate"`` its stack too (``text_model.encoder.layers:self_attn.q_proj``), when the model
+    has more than one stack; a single-stack model gets the same groups either way."""
+    if stacks not in STACKINGS:
+        raise SpectrumError(f"stacks must be one of {', '.join(STACKINGS)}, got {stacks!r}")
+    records = list(records)
+    split = stacks == STACKS_SEPARATE and len({stack_of(r.module) for r in records}) > 1
+    return {r.module: (f"{stack_of(r.module)}:" if split else "") + group_of(r.type, grouping) for r in records}
+
+
+def select(result: ScanResult, top: float = 0.5, *, grouping: str = MOE_EXPERT,
+           stacks: str = STACKS_MERGED) -> Selection:
     """Per group: sort by SNR descending (ties by module name), keep the first ``floor(len * top)``.
 
     ``len`` counts every module of the group, NaN ones included (as the reference does); NaN or
-    degenerate modules are never kept, so such a group can yield fewer.
+    degenerate modules are never kept, so such a group can yield fewer. Groups are module types
+    (:func:`group_keys`: MoE experts per ``grouping``, stacks merged or separate).
     """
     top = validate_top(top)
+    keys = group_keys(result.records, grouping, stacks)
     members: dict[str, list[MatrixRecord]] = {}
     for r in result.records:
-        members.setdefault(group_of(r.type, grouping), []).append(r)
+        members.setdefault(keys[r.module], []).append(r)
     groups: dict[str, list[MatrixRecord]] = {}
     sizes: dict[str, int] = {}
     for group in sorted(members):
@@ -109,4 +127,4 @@ def select(result: ScanResult, top: float = 0.5, *, grouping: str = MOE_EXPERT) 
         ranked = sorted((r for r in recs if r.selectable), key=lambda r: (-r.snr, r.module))
         groups[group] = ranked[:n_keep]
         sizes[group] = len(recs)
-    return Selection(result, top, grouping, groups, sizes)
+    return Selection(result, top, grouping, groups, sizes, stacks)

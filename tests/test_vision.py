@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import spectrum_fast
-from spectrum_fast import ScanResult
+from spectrum_fast import ScanResult, SpectrumError
 from spectrum_fast.retarget import scan_live
 
 from .conftest import ref_select, ref_snr
@@ -163,6 +163,14 @@ def test_clip_scan_merges_the_towers_types(clip_dir):
     assert {result[m].shape for m in ref if m.endswith("q_proj")} == {(32, 32), (48, 48)}
 
 
+def test_separate_stacks_change_nothing_for_one_stack(vit_dir):
+    result = spectrum_fast.scan(vit_dir, progress=False)
+    merged, separate = result.select(TOP), result.select(TOP, stacks="separate")
+    assert merged.modules == separate.modules and merged.group_sizes == separate.group_sizes
+    with pytest.raises(SpectrumError, match="stacks must be one of merged, separate"):
+        result.select(TOP, stacks="towers")
+
+
 def test_clip_freeze_live_merged_and_per_tower(clip_dir):
     result = spectrum_fast.scan(clip_dir, progress=False)
     ref = {r.module: ref_snr(w.double().numpy()) for r in result.records
@@ -175,17 +183,19 @@ def test_clip_freeze_live_merged_and_per_tower(clip_dir):
     merged = set(result.select(TOP).modules)
     assert trainable(model) == {n for n in names if n.rsplit(".", 1)[0] in merged}
 
-    # per tower today: one result per tower, each selected on its own, the union frozen
+    # stacks="separate": each tower ranked on its own, against the reference rule applied per tower
     per_tower = set()
     for t in ("text_model", "vision_model"):
-        part = ScanResult(model=result.model, slug=f"{result.slug}-{t}",
-                          records=[r for r in result.records if tower(r.module) == t])
-        per_tower |= set(part.select(TOP).modules)
         mods = {m: after_index(m) for m in ref if tower(m) == t}
-        assert set(part.select(TOP).modules) == ref_select({m: ref[m] for m in mods}, mods, TOP)
+        per_tower |= ref_select({m: ref[m] for m in mods}, mods, TOP)
+    sel = result.select(TOP, stacks="separate")
+    assert set(sel.modules) == per_tower
+    assert set(sel.group_sizes) == {f"{t}.encoder.layers:{ty}" for t in ("text_model", "vision_model")
+                                    for ty in CLIP_TYPES}
     assert all(sum(tower(m) == t and after_index(m) == ty for m in per_tower) == 1
                for t in ("text_model", "vision_model") for ty in CLIP_TYPES)  # one per type and tower
-    spectrum_fast.freeze(model, sorted(per_tower))
+    rep = spectrum_fast.freeze(model, result, top=TOP, stacks="separate")
+    assert rep.unmatched == []
     assert trainable(model) == {n for n in names if n.rsplit(".", 1)[0] in per_tower}
     clip_step(model)
     assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable(model)
@@ -194,3 +204,17 @@ def test_clip_freeze_live_merged_and_per_tower(clip_dir):
     live = scan_live(model)
     assert {r.module for r in live.records} == {r.module for r in result.records}
     assert all(abs(live[m].snr - ref[m]) <= 1e-4 * abs(ref[m]) for m in ref)
+
+
+def test_cli_freeze_with_separate_stacks(clip_dir, tmp_path):
+    from spectrum_fast.cli import freeze_main
+
+    out = tmp_path / "out"
+    assert freeze_main([str(clip_dir), "--top", str(TOP), "--stacks", "separate", "--out", str(out), "-q"]) == 0
+    (yaml_file,) = out.glob("*_unfrozenparameters_50percent.yaml")
+    text = yaml_file.read_text()
+    assert "# text_model.encoder.layers:self_attn.q_proj layers" in text
+    assert "# vision_model.encoder.layers:self_attn.q_proj layers" in text
+    entries = [line[2:] for line in text.splitlines() if line.startswith("- ") and not line.startswith("- ^")]
+    result = spectrum_fast.scan(clip_dir, progress=False)
+    assert sorted(entries) == sorted(result.select(TOP, stacks="separate").modules)
