@@ -197,7 +197,7 @@ def _vector(spec: Spec) -> bytes:
     import torch
 
     t = torch.ones(spec.shape) if spec.name.endswith("norm.weight") else torch.zeros(spec.shape)
-    return _encode(t.reshape(1, -1), spec.dtype, 128)[0] if spec.dtype != "F32" else t.numpy().tobytes()
+    return _encode(t.reshape(1, -1), spec.dtype, 128)[0]
 
 
 def _shards(specs: list[Spec], shard_bytes: int) -> list[list[Spec]]:

@@ -105,6 +105,26 @@ __global__ void widen_kernel(const void* __restrict__ in, int dtype, T* __restri
   if ((threadIdx.x & 31) == 0) atomicMax(amax_bits, local);
 }
 
+// Widens task t's stored values at `in` (scale at `scale`, for FP8) into `out` as float or double, on
+// `stream`; the element at `out_offset` is the matrix's first.
+void launch_widen(const Task& t, bool fp64, const void* in, const void* scale, void* out, int64_t out_offset,
+                  unsigned int* amax, cudaStream_t stream) {
+  const int64_t n_el = t.rows * t.cols;
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((n_el + threads - 1) / threads, 4096));
+  const int dtype = static_cast<int>(t.dtype), sdtype = static_cast<int>(t.scale_dtype);
+  const int layout = static_cast<int>(t.scale_layout);
+  if (fp64) {
+    widen_kernel<double><<<blocks, threads, 0, stream>>>(in, dtype, static_cast<double*>(out) + out_offset, n_el,
+                                                         t.cols, scale, sdtype, layout, t.scale_block, t.scale_cols,
+                                                         amax);
+  } else {
+    widen_kernel<float><<<blocks, threads, 0, stream>>>(in, dtype, static_cast<float*>(out) + out_offset, n_el,
+                                                        t.cols, scale, sdtype, layout, t.scale_block, t.scale_cols,
+                                                        amax);
+  }
+}
+
 void check_cublas(cublasStatus_t s, const char* call) {
   if (s != CUBLAS_STATUS_SUCCESS) {
     throw std::runtime_error(std::string(call) + " failed: cublasStatus " + std::to_string(static_cast<int>(s)));
@@ -355,20 +375,8 @@ std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, c
       im.eig_host[s].reserve(static_cast<size_t>(k) * esize + 8);
       check_cuda(cudaStreamWaitEvent(im.compute_stream, im.copied[s], 0), "cudaStreamWaitEvent");
       check_cuda(cudaMemsetAsync(im.amax.ptr, 0, sizeof(unsigned int), im.compute_stream), "cudaMemsetAsync");
-      const int threads = 256;
-      const int blocks = static_cast<int>(std::min<int64_t>((n_el + threads - 1) / threads, 4096));
-      const void* scale_ptr = scaled ? im.raw_scale[s].ptr : nullptr;
-      if (fp64) {
-        widen_kernel<double><<<blocks, threads, 0, im.compute_stream>>>(
-            im.raw[s].ptr, static_cast<int>(t.dtype), static_cast<double*>(im.matrix.ptr), n_el, t.cols, scale_ptr,
-            static_cast<int>(t.scale_dtype), static_cast<int>(t.scale_layout), t.scale_block, t.scale_cols,
-            static_cast<unsigned int*>(im.amax.ptr));
-      } else {
-        widen_kernel<float><<<blocks, threads, 0, im.compute_stream>>>(
-            im.raw[s].ptr, static_cast<int>(t.dtype), static_cast<float*>(im.matrix.ptr), n_el, t.cols, scale_ptr,
-            static_cast<int>(t.scale_dtype), static_cast<int>(t.scale_layout), t.scale_block, t.scale_cols,
-            static_cast<unsigned int*>(im.amax.ptr));
-      }
+      launch_widen(t, fp64, im.raw[s].ptr, scaled ? im.raw_scale[s].ptr : nullptr, im.matrix.ptr, 0,
+                   static_cast<unsigned int*>(im.amax.ptr), im.compute_stream);
       check_cuda(cudaGetLastError(), "widen_kernel launch");
       check_cuda(cudaEventRecord(im.widened[s], im.compute_stream), "cudaEventRecord");
       // The pinned slot can be refilled once its bytes are on the device.
@@ -494,21 +502,11 @@ std::vector<Result> GramEngine::run_batched(const std::vector<Task>& tasks, bool
                                  cudaMemcpyHostToDevice, im.compute_stream), "cudaMemcpyAsync(H2D scale)");
     }
     check_cuda(cudaMemsetAsync(im.amax.ptr, 0, sizeof(unsigned int) * nb, im.compute_stream), "cudaMemsetAsync");
-    const int threads = 256;
-    const int blocks = static_cast<int>(std::min<int64_t>((n_el + threads - 1) / threads, 4096));
     for (int64_t b = 0; b < nb; ++b) {
       const void* in = static_cast<const char*>(im.raw[0].ptr) + raw_bytes * b;
       const void* sc = scaled ? static_cast<const char*>(im.raw_scale[0].ptr) + scale_bytes * b : nullptr;
-      unsigned int* amax = static_cast<unsigned int*>(im.amax.ptr) + b;
-      if (fp64) {
-        widen_kernel<double><<<blocks, threads, 0, im.compute_stream>>>(
-            in, static_cast<int>(t0.dtype), static_cast<double*>(im.matrix.ptr) + n_el * b, n_el, cols, sc,
-            static_cast<int>(t0.scale_dtype), static_cast<int>(t0.scale_layout), t0.scale_block, t0.scale_cols, amax);
-      } else {
-        widen_kernel<float><<<blocks, threads, 0, im.compute_stream>>>(
-            in, static_cast<int>(t0.dtype), static_cast<float*>(im.matrix.ptr) + n_el * b, n_el, cols, sc,
-            static_cast<int>(t0.scale_dtype), static_cast<int>(t0.scale_layout), t0.scale_block, t0.scale_cols, amax);
-      }
+      launch_widen(t0, fp64, in, sc, im.matrix.ptr, n_el * b, static_cast<unsigned int*>(im.amax.ptr) + b,
+                   im.compute_stream);
     }
     check_cuda(cudaGetLastError(), "widen_kernel launch");
     // Row-major W is column-major W^T (ld = cols); the Gram matrix on the smaller side, full (both triangles).

@@ -132,7 +132,7 @@ def parse_header_prefix(path: object, head: bytes, size: int) -> int:
     return n
 
 
-def _read_header(path: Path) -> tuple[int, bytes]:
+def read_header(path: Path) -> tuple[int, bytes]:
     """A local file's size and raw safetensors header bytes."""
     try:
         size = path.stat().st_size
@@ -185,7 +185,7 @@ def tensor_table(path: Path, raw: bytes, size: int) -> dict[str, TensorInfo]:
 
 def read_tensor_table(path: Path) -> tuple[dict[str, TensorInfo], SourceFile]:
     """All tensors of one local safetensors file, validated against the file's size."""
-    size, raw = _read_header(path)
+    size, raw = read_header(path)
     tensors = tensor_table(path, raw, size)
     source = SourceFile(str(path.resolve()), size, path.stat().st_mtime_ns, hashlib.sha256(raw).hexdigest())
     return tensors, source

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .checkpoint import SourceFile, TensorInfo, parse_header_prefix, tensor_table
+from .checkpoint import SourceFile, TensorInfo, parse_header_prefix, read_header, tensor_table
 from .errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -418,7 +418,7 @@ def open_remote(repo_id: str, *, revision: str | None = None, token: str | bool 
     def table(name: str) -> tuple[dict[str, TensorInfo], SourceFile]:
         shard = shards[name]
         if shard.cached:
-            raw = _local_header(Path(shard.cached))
+            raw = read_header(Path(shard.cached))[1]
             path = Path(shard.cached)
         else:
             raw = _remote_header(repo, name)
@@ -461,12 +461,6 @@ def _commit(m, where: str) -> str:
     if not m.commit_hash:
         raise CheckpointError(f"{where}: the Hub did not say which commit it serves (no X-Repo-Commit header)")
     return m.commit_hash
-
-
-def _local_header(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        n = parse_header_prefix(path, f.read(8), os.path.getsize(path))
-        return f.read(n)
 
 
 def _remote_header(repo: HubRepo, name: str) -> bytes:
