@@ -82,7 +82,7 @@ def _scan_and_save(args: argparse.Namespace) -> ScanResult:
                   include_embeddings=args.include_embeddings, progress=not args.quiet, exact=args.exact,
                   workers=args.workers, journal=journal, routers=not args.skip_routers, revision=args.revision,
                   keep=args.keep, lookahead=args.lookahead, fetch=args.fetch,
-                  batch_bytes=max(1, int(args.batch_gb * 2**30)))
+                  batch_bytes=int(args.batch_gb * 2**30))
     if distributed.rank() == 0:  # under torchrun every rank has the whole result; one writes it
         full, ref = result.save(args.out)
         if not args.quiet:

@@ -146,6 +146,15 @@ def test_bad_hub_options(hub, kwargs, match):
     assert not hub.log  # refused before any request
 
 
+def test_cli_rejects_a_batch_size_of_zero(hub, tmp_path, capsys):
+    from spectrum_fast.cli import scan_main
+
+    out = tmp_path / "out"
+    assert scan_main([REPO, "--fetch", "ranges", "--batch-gb", "0", "--out", str(out), "-q"]) == 2
+    assert "batch_bytes must be positive" in capsys.readouterr().err
+    assert not hub.log and not list(out.glob("*.json"))
+
+
 def test_fetch_ranges_survives_a_server_error(hub):
     hub.fail_ranged_once.add(SHARDS[1])
     result = spectrum_fast.scan(REPO, progress=False, fetch="ranges")
