@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a lent GPU machine, in ONE device call (timeout_s ~500; the whole session has 15 device minutes):
 #   bash bench/gpu_check.sh [all|core|scale]
-# builds the CUDA engine there, then, each step bounded by what is left of BUDGET seconds (default 460):
+# builds the CUDA engine there, then, each step bounded by what is left of BUDGET seconds (default 460;
+# GPU_PARTS picks bench_gpu.py's parts, SCALE_MODELS the scale bench's models):
 #   core:  GPU tests (tests/test_native.py, tests/test_cuda_orchestration.py) + bench/bench_gpu.py
 #          (engine per matrix at k = 1024..16384, batched vs looped, Mistral-7B-shaped scan end to end)
 #   scale: bench/bench_scale.py on Qwen1.5-110B and Llama-3.1-405B shapes + the freeze-memory bench on the GPU
@@ -45,10 +46,10 @@ if [[ $STAGE == all || $STAGE == core ]]; then
   step 120 tests.log $PY -m pytest -q -rs -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::FutureWarning \
     tests/test_native.py tests/test_cuda_orchestration.py
   GIT_COMMIT=$commit; export GIT_COMMIT
-  step 200 bench.log $PY bench/bench_gpu.py --json "$OUT/gpu_check.json"
+  step 200 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-matrix,batched,e2e}" --json "$OUT/gpu_check.json"
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
-  step 200 scale.log $PY bench/bench_scale.py --device cuda --models Qwen1.5-110B Llama-3.1-405B --samples 2 \
+  step 200 scale.log $PY bench/bench_scale.py --device cuda --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 \
     --workdir /tmp/sf_scale --json "$OUT/scale_gpu.json"
   step 60 scale.log $PY bench/bench_freeze_memory.py --device cuda --json "$OUT/freeze_memory_gpu.json"
 fi

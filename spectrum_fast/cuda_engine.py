@@ -3,6 +3,9 @@ applies the same accuracy guard as on the CPU (:func:`spectrum_fast.cpu_engine.s
 
 Per matrix: fp32 Gram + ``cusolverDnXsyevd`` on the GPU; if the guard cannot vouch for the result, the
 matrix goes through the engine again in float64; if that fails too, the CPU computes its float64 SVD.
+Where most matrices of a size fail the fp32 guard (measured on an H100: every synthetic matrix with
+k >= 8192), trying fp32 first costs more than it saves, so :class:`Precision` sends the rest of that size
+straight to float64 (the same result the retry would give).
 Matrices whose largest entry lies outside the range where an fp32 Gram matrix is safe from overflow and
 underflow, or that are all zero or not finite, are handed to the CPU engine, which handles them.
 
@@ -85,16 +88,53 @@ def _judge(info: TensorInfo, lam: np.ndarray, amax: float, info_code: int, eps: 
     return MatrixStats(STATUS_OK, METHOD_GRAM32 if eps == _EPS32 else METHOD_GRAM64, stats)
 
 
+class Precision:
+    """Which matrices try the fp32 Gram first, learned during one scan.
+
+    Per size class (``k`` by powers of two), fp32 first costs ``t32 + p * t64`` against ``t64`` for float64
+    alone, where ``p`` is the class's fp32 failure rate; on an H100 ``t32 / t64`` was 0.86 at k = 4096 and
+    8192 and 0.67 at k = 16384 (bench/results/gpu_check.json), so float64 alone wins once ``p`` passes
+    about 0.15 to 0.33. After ``MIN_TRIED`` fp32 attempts in a class with more than ``MAX_FAIL`` of them
+    failed, the rest of that class goes straight to float64. The SNRs do not depend on it: a matrix that
+    fails fp32 gets exactly this float64 result, and one that would pass gets a more accurate one.
+    """
+
+    MIN_TRIED = 3
+    MAX_FAIL = 0.25
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tried: dict[int, int] = {}
+        self._failed: dict[int, int] = {}
+
+    @staticmethod
+    def _cls(info: TensorInfo) -> int:
+        return min(info.shape).bit_length()
+
+    def fp64_first(self, info: TensorInfo) -> bool:
+        c = self._cls(info)
+        with self._lock:
+            tried = self._tried.get(c, 0)
+            return tried >= self.MIN_TRIED and self._failed.get(c, 0) > self.MAX_FAIL * tried
+
+    def record(self, info: TensorInfo, failed: bool) -> None:
+        c = self._cls(info)
+        with self._lock:
+            self._tried[c] = self._tried.get(c, 0) + 1
+            self._failed[c] = self._failed.get(c, 0) + int(failed)
+
+
 _BATCH = 64  # matrices per run_batched solver call
 _STOP = threading.Event()  # set when the main thread is interrupted: the device threads stop too
 
 
 def batched_max_k() -> int:
     """Same-shape matrices with ``k`` up to this go through ``run_batched`` (strided-batched GEMM and
-    ``cusolverDnXsyevBatched``); 0 (the default) sends every matrix through ``run``. Off until measured on a
-    GPU (``bench/bench_gpu.py`` times both); ``SPECTRUM_FAST_BATCHED_MAX_K`` turns it on."""
+    ``cusolverDnXsyevBatched``), the rest through ``run``. Default 2048: on an H100, 32 same-shape bf16
+    matrices went 9x faster batched at k = 256, 3.3x at 512, 2.3x at 1024 and 1.2x at 2048
+    (bench/results/gpu_check.json). ``SPECTRUM_FAST_BATCHED_MAX_K`` overrides it; 0 turns batching off."""
     try:
-        return max(0, int(os.environ.get("SPECTRUM_FAST_BATCHED_MAX_K", "0")))
+        return max(0, int(os.environ.get("SPECTRUM_FAST_BATCHED_MAX_K", "2048")))
     except ValueError:
         raise SpectrumError("SPECTRUM_FAST_BATCHED_MAX_K must be an integer") from None
 
@@ -135,11 +175,15 @@ def _engine_run(engine, infos: list[TensorInfo], fp64: bool) -> list:
         raise SpectrumError(f"CUDA engine on GPU {engine.device} failed on {names} ({infos[0].file}): {e}") from None
 
 
-def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None]) -> None:
+def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None],
+                precision: Precision) -> None:
     for chunk in _chunks(infos):
-        retry: list[TensorInfo] = []
-        for info, (lam, amax, code) in zip(chunk, _engine_run(engine, chunk, fp64=False)):
+        straight = [precision.fp64_first(i) for i in chunk]
+        retry = [i for i, s in zip(chunk, straight) if s]
+        first = [i for i, s in zip(chunk, straight) if not s]
+        for info, (lam, amax, code) in zip(first, _engine_run(engine, first, fp64=False) if first else ()):
             out = _judge(info, lam, amax, code, _EPS32)
+            precision.record(info, out is None)
             if out is None:
                 retry.append(info)
             else:
@@ -168,14 +212,15 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
     if unfit:
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")
     work = plan(infos, len(devices))
+    precision = Precision()
     if len(devices) == 1:
-        _run_device(_C.GramEngine(devices[0]), work[0], report)
+        _run_device(_C.GramEngine(devices[0]), work[0], report, precision)
         return
     errors: list[BaseException] = []
 
     def worker(device: int, items: list[TensorInfo]) -> None:
         try:
-            _run_device(_C.GramEngine(device), items, report)
+            _run_device(_C.GramEngine(device), items, report, precision)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 
