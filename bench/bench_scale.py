@@ -155,7 +155,6 @@ def eig_seconds(k: int, device: str, cache: dict[int, float], cpu_max_k: int) ->
 def time_shapes(ckpt_dir: Path, device: str, samples: int) -> dict[tuple[int, int, str], dict]:
     """Seconds per matrix for each scanned shape of the generated checkpoint, via the real engine path."""
     from spectrum_fast.checkpoint import open_checkpoint
-    from spectrum_fast.cpu_engine import METHOD_GRAM32
     from spectrum_fast.cuda_engine import engine_takes
     from spectrum_fast.naming import wants
     from spectrum_fast.scanner import _cpu_stats
@@ -185,25 +184,6 @@ def time_shapes(ckpt_dir: Path, device: str, samples: int) -> dict[tuple[int, in
         dt = time.perf_counter() - t0
         out[key] = {"m": key[0], "n": key[1], "dtype": key[2], "sampled": len(pick),
                     "s_per_matrix": dt / len(pick), "methods": dict(methods)}
-        if device == "cuda" and METHOD_GRAM32 not in methods and all(engine_takes(i) for i in pick):
-            # every sample failed fp32: in a whole scan cuda_engine.Precision sends the rest of this size
-            # straight to float64 after three failures, so that is the steady-state cost per matrix
-            from spectrum_fast import _C
-            from spectrum_fast.cuda_engine import Precision, _run_device
-
-            for info in pick:
-                drop_cache(info.file)
-            straight = Precision()
-            for _ in range(Precision.MIN_TRIED):
-                straight.record(pick[0], failed=True)
-            t0 = time.perf_counter()
-            _run_device(_C.GramEngine(0), pick, lambda info, res: None, straight)
-            fp64_only = (time.perf_counter() - t0) / len(pick)
-            out[key].update(s_per_matrix_fp32_first=out[key]["s_per_matrix"], s_per_matrix=fp64_only,
-                            steady_state="float64 first (cuda_engine.Precision)")
-        print(f"  {key[0]:>6} x {key[1]:<6} {key[2]:<8} {dt / len(pick):8.3f} s/matrix  {dict(methods)}"
-              + (f", {out[key]['s_per_matrix']:.3f} s float64 first" if "steady_state" in out[key] else ""),
-              file=sys.stderr)
     return out
 
 

@@ -25,10 +25,12 @@ def main() -> int:
     from . import hub
 
     print(f"Hugging Face Hub: {hub.endpoint()}, cache {hub.cache_dir()}" + (" (offline)" if hub.offline() else ""))
-    from .cuda_engine import batched_max_k
+    from .cuda_engine import batched_max_k, fp64_min_k
 
     if batched_max_k():
-        print(f"batched eigensolver for same-shape matrices with k <= {batched_max_k()}")
+        print(f"GPU: batched eigensolver for same-shape matrices with k <= {batched_max_k()}")
+    if fp64_min_k() < 1 << 62:
+        print(f"GPU: float64 first for matrices with k >= {fp64_min_k()}")
     ext = native_extension()
     print(f"native extension: {'built (' + ext.__file__ + ')' if ext else 'not built'}")
     reason = cuda_unavailable_reason()

@@ -3,9 +3,8 @@ applies the same accuracy guard as on the CPU (:func:`spectrum_fast.cpu_engine.s
 
 Per matrix: fp32 Gram + ``cusolverDnXsyevd`` on the GPU; if the guard cannot vouch for the result, the
 matrix goes through the engine again in float64; if that fails too, the CPU computes its float64 SVD.
-Where most matrices of a size fail the fp32 guard (measured on an H100: every synthetic matrix with
-k >= 8192), trying fp32 first costs more than it saves, so :class:`Precision` sends the rest of that size
-straight to float64 (the same result the retry would give).
+Large matrices (``k >= 4096`` by default, :func:`fp64_min_k`) skip the fp32 attempt and go straight to
+float64: on an H100 nearly all of them failed the fp32 guard, and the attempt then only adds its cost.
 Matrices whose largest entry lies outside the range where an fp32 Gram matrix is safe from overflow and
 underflow, or that are all zero or not finite, are handed to the CPU engine, which handles them.
 
@@ -88,40 +87,21 @@ def _judge(info: TensorInfo, lam: np.ndarray, amax: float, info_code: int, eps: 
     return MatrixStats(STATUS_OK, METHOD_GRAM32 if eps == _EPS32 else METHOD_GRAM64, stats)
 
 
-class Precision:
-    """Which matrices try the fp32 Gram first, learned during one scan.
+def fp64_min_k() -> int:
+    """Matrices with ``k = min(m, n)`` at least this go straight to the float64 engine pass.
 
-    Per size class (``k`` by powers of two), fp32 first costs ``t32 + p * t64`` against ``t64`` for float64
-    alone, where ``p`` is the class's fp32 failure rate; on an H100 ``t32 / t64`` was 0.86 at k = 4096 and
-    8192 and 0.67 at k = 16384 (bench/results/gpu_check.json), so float64 alone wins once ``p`` passes
-    about 0.15 to 0.33. After ``MIN_TRIED`` fp32 attempts in a class with more than ``MAX_FAIL`` of them
-    failed, the rest of that class goes straight to float64. The SNRs do not depend on it: a matrix that
-    fails fp32 gets exactly this float64 result, and one that would pass gets a more accurate one.
-    """
-
-    MIN_TRIED = 3
-    MAX_FAIL = 0.25
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._tried: dict[int, int] = {}
-        self._failed: dict[int, int] = {}
-
-    @staticmethod
-    def _cls(info: TensorInfo) -> int:
-        return min(info.shape).bit_length()
-
-    def fp64_first(self, info: TensorInfo) -> bool:
-        c = self._cls(info)
-        with self._lock:
-            tried = self._tried.get(c, 0)
-            return tried >= self.MIN_TRIED and self._failed.get(c, 0) > self.MAX_FAIL * tried
-
-    def record(self, info: TensorInfo, failed: bool) -> None:
-        c = self._cls(info)
-        with self._lock:
-            self._tried[c] = self._tried.get(c, 0) + 1
-            self._failed[c] = self._failed.get(c, 0) + int(failed)
+    fp32 first costs ``t32 + p * t64`` against ``t64`` for float64 alone, where ``p`` is the share of
+    matrices whose fp32 result the guard cannot vouch for. Measured on an H100 (bench/results/): ``t32 / t64``
+    is 0.85 at k = 4096 and 8192 and 0.67 at 16384, so float64 alone wins once ``p`` passes 0.15 to 0.33;
+    ``p`` was 159 of 160 at k = 4096 (Mistral-7B shapes, bf16) and every matrix at k = 8192 and 16384
+    (Qwen1.5-110B and Llama-3.1-405B shapes), against none at k = 1024. A fixed rule, not one learned
+    during the scan, so a matrix's result never depends on which matrices came before it (resumed and
+    multi-GPU scans give the same numbers). ``SPECTRUM_FAST_FP64_MIN_K`` overrides it; 0 turns it off."""
+    try:
+        k = int(os.environ.get("SPECTRUM_FAST_FP64_MIN_K", "4096"))
+    except ValueError:
+        raise SpectrumError("SPECTRUM_FAST_FP64_MIN_K must be an integer") from None
+    return k if k > 0 else 1 << 62
 
 
 _BATCH = 64  # matrices per run_batched solver call
@@ -176,14 +156,13 @@ def _engine_run(engine, infos: list[TensorInfo], fp64: bool) -> list:
 
 
 def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None],
-                precision: Precision) -> None:
+                big: int) -> None:
+    """One device's share: fp32 first below ``k = big``, then float64, then the CPU's float64 SVD."""
     for chunk in _chunks(infos):
-        straight = [precision.fp64_first(i) for i in chunk]
-        retry = [i for i, s in zip(chunk, straight) if s]
-        first = [i for i, s in zip(chunk, straight) if not s]
+        retry = [i for i in chunk if min(i.shape) >= big]
+        first = [i for i in chunk if min(i.shape) < big]
         for info, (lam, amax, code) in zip(first, _engine_run(engine, first, fp64=False) if first else ()):
             out = _judge(info, lam, amax, code, _EPS32)
-            precision.record(info, out is None)
             if out is None:
                 retry.append(info)
             else:
@@ -212,15 +191,15 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
     if unfit:
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")
     work = plan(infos, len(devices))
-    precision = Precision()
+    big = fp64_min_k()
     if len(devices) == 1:
-        _run_device(_C.GramEngine(devices[0]), work[0], report, precision)
+        _run_device(_C.GramEngine(devices[0]), work[0], report, big)
         return
     errors: list[BaseException] = []
 
     def worker(device: int, items: list[TensorInfo]) -> None:
         try:
-            _run_device(_C.GramEngine(device), items, report, precision)
+            _run_device(_C.GramEngine(device), items, report, big)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 
