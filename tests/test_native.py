@@ -87,9 +87,14 @@ def _adversarial():
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_gpu_parity_with_float64_reference(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,fp64_min_k", [("float32", "4096"), ("float16", "4096"), ("bfloat16", "4096"),
+                                              ("bfloat16", "1")])
+def test_gpu_parity_with_float64_reference(tmp_path, monkeypatch, dtype, fp64_min_k):
+    """Every dtype through the fp32-first route; and (fp64_min_k=1) everything straight to float64, the
+    route of k >= 4096 in real models."""
     import torch
+
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", fp64_min_k)
 
     tensors = {f"model.layers.{i}.mlp.{name}.weight": torch.from_numpy(w).to(getattr(torch, dtype))
                for i, (name, w) in enumerate(_adversarial())}
@@ -187,6 +192,27 @@ def test_gpu_batched_solver_matches_the_looped_one(tmp_path):
             np.testing.assert_allclose(b, a, rtol=0, atol=(1e-4 if not fp64 else 1e-10) * a.max())
     with pytest.raises(ValueError, match="one shape"):
         engine.run_batched(tasks[:1] + [(tasks[1][0], tasks[1][1], 4 * 64 * 2, "F32", 64, 2)])
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_batched_result_does_not_depend_on_its_batch(tmp_path):
+    """A resumed or multi-GPU scan batches matrices differently from an uninterrupted one: a matrix's
+    eigenvalues must not depend on which others share its cusolverDnXsyevBatched call."""
+    from spectrum_fast.checkpoint import open_checkpoint
+
+    rng = np.random.default_rng(4)
+    t = {f"model.layers.0.mlp.experts.{e}.w1.weight": (rng.standard_normal((700, 200)) * (1 + e)).astype(np.float32)
+         for e in range(33)}
+    save_np(tmp_path / "model.safetensors", t)
+    infos = sorted(open_checkpoint(tmp_path).tensors.values(), key=lambda i: i.name)
+    tasks = [(str(i.file), i.offset, i.nbytes, i.dtype, i.shape[0], i.shape[1]) for i in infos]
+    engine = _C.GramEngine(0)
+    for fp64 in (False, True):
+        whole = engine.run_batched(tasks, fp64=fp64, batch=32)  # 32 + 1
+        parts = engine.run_batched(tasks[5:], fp64=fp64, batch=7) + engine.run_batched(tasks[:5], fp64=fp64, batch=2)
+        for a, b in zip(whole, parts[-5:] + parts[:-5]):
+            np.testing.assert_array_equal(a[0], b[0])
 
 
 def test_no_driver_is_found_without_loading_the_cuda_libraries():
