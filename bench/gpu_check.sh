@@ -3,11 +3,12 @@
 #   bash bench/gpu_check.sh [all|core|scale]
 # builds the CUDA engine there, then, each step bounded by what is left of BUDGET seconds (default 460;
 # GPU_PARTS picks bench_gpu.py's parts, SCALE_MODELS the scale bench's models):
-#   core:  GPU tests (tests/test_native.py, tests/test_cuda_orchestration.py) + bench/bench_gpu.py
-#          (engine per matrix at k = 1024..16384, batched vs looped, Mistral-7B-shaped scan end to end)
-#   scale: bench/bench_scale.py on Qwen1.5-110B and Llama-3.1-405B shapes + the freeze-memory bench on the GPU
+#   core:  GPU tests (tests/test_native.py, tests/test_cuda_orchestration.py), bench/bench_guard.py (the fp32
+#          guard's error model against the engine's real fp32 errors), bench/bench_gpu.py (engine per matrix
+#          at k = 1024..16384, batched vs looped, Mistral-7B-shaped scan end to end)
+#   scale: bench/bench_scale.py on Qwen1.5-110B and Llama-3.1-405B shapes
 # A failing step does not stop the next. Everything is left under $OUT (at most 8 files come back):
-# env.txt build.log tests.log bench.log gpu_check.json scale.log scale_gpu.json freeze_memory_gpu.json;
+# env.txt build.log tests.log bench.log guard_gpu.json gpu_check.json scale.log scale_gpu.json;
 # commit the JSONs under bench/results/.
 set -uo pipefail
 STAGE=${1:-all}
@@ -46,11 +47,11 @@ if [[ $STAGE == all || $STAGE == core ]]; then
   step 120 tests.log $PY -m pytest -q -rs -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::FutureWarning \
     tests/test_native.py tests/test_cuda_orchestration.py
   GIT_COMMIT=$commit; export GIT_COMMIT
-  step 200 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-matrix,batched,e2e}" --json "$OUT/gpu_check.json"
+  step 60 bench.log $PY bench/bench_guard.py --device cuda --sizes 1024 4096 8192 --json "$OUT/guard_gpu.json"
+  step 260 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-matrix,batched,e2e}" --json "$OUT/gpu_check.json"
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
   step 200 scale.log $PY bench/bench_scale.py --device cuda --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 \
     --workdir /tmp/sf_scale --json "$OUT/scale_gpu.json"
-  step 60 scale.log $PY bench/bench_freeze_memory.py --device cuda --json "$OUT/freeze_memory_gpu.json"
 fi
 echo "results in $OUT after $SECONDS s"

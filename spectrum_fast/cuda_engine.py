@@ -95,8 +95,8 @@ def fp64_min_k() -> int:
     is 0.85 at k = 4096 and 8192 and 0.67 at 16384, so float64 alone wins once ``p`` passes 0.15 to 0.33;
     ``p`` was 159 of 160 at k = 4096 (Mistral-7B shapes, bf16) and every matrix at k = 8192 and 16384
     (Qwen1.5-110B and Llama-3.1-405B shapes), against none at k = 1024. A fixed rule, not one learned
-    during the scan, so a matrix's result never depends on which matrices came before it (resumed and
-    multi-GPU scans give the same numbers). ``SPECTRUM_FAST_FP64_MIN_K`` overrides it; 0 turns it off."""
+    during the scan, so which route a matrix takes never depends on which matrices came before it (as in a
+    resumed or multi-GPU scan). ``SPECTRUM_FAST_FP64_MIN_K`` overrides it; 0 turns it off."""
     try:
         k = int(os.environ.get("SPECTRUM_FAST_FP64_MIN_K", "4096"))
     except ValueError:
