@@ -52,6 +52,6 @@ if [[ $STAGE == all || $STAGE == core ]]; then
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
   step 200 scale.log $PY bench/bench_scale.py --device cuda --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 \
-    --workdir /tmp/sf_scale --json "$OUT/scale_gpu.json"
+    --workdir /tmp/sf_scale --e2e --json "$OUT/scale_gpu.json"
 fi
 echo "results in $OUT after $SECONDS s"

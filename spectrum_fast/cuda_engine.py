@@ -155,24 +155,70 @@ def _engine_run(engine, infos: list[TensorInfo], fp64: bool) -> list:
         raise SpectrumError(f"CUDA engine on GPU {engine.device} failed on {names} ({infos[0].file}): {e}") from None
 
 
+def _warm(infos: list[TensorInfo], stop: threading.Event) -> int:
+    """Read these tensors' bytes (and their scales') once and drop them, so that the engine finds them in
+    the page cache; returns the bytes read. The engine overlaps reading with compute only inside one
+    ``run`` call; this carries the overlap across calls (a 100B model's matrices are one per call). A
+    tensor that cannot be read is skipped: the engine reports it."""
+    buf = memoryview(bytearray(16 << 20))
+    total = 0
+    for info in infos:
+        for t in (info, info.scale) if info.scale is not None else (info,):
+            try:
+                with open(t.file, "rb", buffering=0) as f:
+                    f.seek(t.offset)
+                    left = t.nbytes
+                    while left > 0:
+                        if stop.is_set():
+                            return total
+                        n = f.readinto(buf[: min(left, len(buf))])
+                        if not n:
+                            break
+                        left -= n
+                        total += n
+            except OSError:
+                continue
+    return total
+
+
 def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None],
                 big: int) -> None:
-    """One device's share: fp32 first below ``k = big``, then float64, then the CPU's float64 SVD."""
-    for chunk in _chunks(infos):
-        retry = [i for i in chunk if min(i.shape) >= big]
-        first = [i for i in chunk if min(i.shape) < big]
-        for info, (lam, amax, code) in zip(first, _engine_run(engine, first, fp64=False) if first else ()):
-            out = _judge(info, lam, amax, code, _EPS32)
-            if out is None:
-                retry.append(info)
-            else:
-                done(info, out)
-        if not retry:
-            continue
-        fp64 = _engine_run(engine, retry, fp64=True)
-        for info, (lam, amax, code) in zip(retry, fp64):
-            out = _judge(info, lam, amax, code, _EPS64)
-            done(info, out if out is not None else matrix_stats(read_matrix(info)))
+    """One device's share: fp32 first below ``k = big``, then float64, then the CPU's float64 SVD; while the
+    engine works on one chunk, the next one is read into the page cache (:func:`_warm`)."""
+    chunks = _chunks(infos)
+    stop = threading.Event()
+    warmer: threading.Thread | None = None
+    try:
+        for index, chunk in enumerate(chunks):
+            if warmer is not None:
+                warmer.join()  # this chunk is in the page cache (or being read as fast as the disk allows)
+                warmer = None
+            if index + 1 < len(chunks):
+                warmer = threading.Thread(target=_warm, args=(chunks[index + 1], stop), daemon=True,
+                                          name="spectrum_fast-warm")
+                warmer.start()
+            _run_chunk(engine, chunk, done, big)
+    finally:
+        stop.set()
+        if warmer is not None:
+            warmer.join()
+
+
+def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None], big: int) -> None:
+    retry = [i for i in chunk if min(i.shape) >= big]
+    first = [i for i in chunk if min(i.shape) < big]
+    for info, (lam, amax, code) in zip(first, _engine_run(engine, first, fp64=False) if first else ()):
+        out = _judge(info, lam, amax, code, _EPS32)
+        if out is None:
+            retry.append(info)
+        else:
+            done(info, out)
+    if not retry:
+        return
+    fp64 = _engine_run(engine, retry, fp64=True)
+    for info, (lam, amax, code) in zip(retry, fp64):
+        out = _judge(info, lam, amax, code, _EPS64)
+        done(info, out if out is not None else matrix_stats(read_matrix(info)))
 
 
 def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],

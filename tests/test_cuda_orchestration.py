@@ -234,3 +234,75 @@ def test_large_matrices_go_straight_to_float64(fake_gpu, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "big")
     with pytest.raises(spectrum_fast.SpectrumError, match="SPECTRUM_FAST_FP64_MIN_K must be an integer"):
         spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+
+
+def test_next_chunk_is_read_ahead_while_the_engine_works(fake_gpu, tmp_path, monkeypatch):
+    """Each chunk after the first has been read once (page cache) before the engine starts on it; the last
+    chunk's read-ahead thread is gone when the scan returns."""
+    import threading
+
+    from spectrum_fast import cuda_engine
+
+    rng = np.random.default_rng(2)
+    t = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((64, 32)).astype(np.float32) for i in range(5)}
+    save_np(tmp_path / "model.safetensors", t)
+    monkeypatch.setattr(cuda_engine, "_CHUNK_BYTES", 1)  # one matrix per chunk
+    warmed: list[str] = []
+    real_warm = cuda_engine._warm
+
+    def spy(infos, stop):
+        real_warm(infos, stop)
+        warmed.extend(i.name for i in infos)
+
+    started: list[tuple[str, list[str]]] = []
+    real_run = FakeEngine.run
+
+    def run(self, tasks, fp64=False, should_stop=None):
+        started.append((tasks[0][1], list(warmed)))
+        return real_run(self, tasks, fp64, should_stop)
+
+    monkeypatch.setattr(cuda_engine, "_warm", spy)
+    monkeypatch.setattr(FakeEngine, "run", run)
+    res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert len(res) == 5 and len(started) == 5
+    assert len(warmed) == 4  # every chunk but the first
+    offsets = [off for off, _ in started]
+    assert offsets == sorted(offsets)
+    for n_before, (_, seen) in enumerate(started):
+        assert len(seen) >= n_before  # chunk n was warmed before the engine started on it
+    assert not [th for th in threading.enumerate() if th.name == "spectrum_fast-warm"]
+
+
+def test_read_ahead_stops_with_a_failing_engine(fake_gpu, tmp_path, monkeypatch):
+    import threading
+
+    from spectrum_fast import cuda_engine
+
+    rng = np.random.default_rng(2)
+    save_np(tmp_path / "model.safetensors",
+            {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((64, 32)).astype(np.float32) for i in range(3)})
+    monkeypatch.setattr(cuda_engine, "_CHUNK_BYTES", 1)
+    fake_gpu.fail_on = "model.safetensors"
+    with pytest.raises(spectrum_fast.SpectrumError, match="out of memory"):
+        spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert not [th for th in threading.enumerate() if th.name == "spectrum_fast-warm"]
+
+
+def test_warm_reads_scales_and_leaves_missing_files_to_the_engine(tmp_path):
+    import threading
+
+    from spectrum_fast import cuda_engine
+    from spectrum_fast.checkpoint import TensorInfo
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(bytes(range(256)) * 64)
+    scale = TensorInfo("w_scale_inv", f, 0, 16, "F32", (4,))
+    info = TensorInfo("w", f, 1024, 4096, "F8_E4M3", (64, 64), scale)
+    assert cuda_engine._warm([info], threading.Event()) == 4096 + 16  # the matrix and its scale
+    gone = TensorInfo("x", tmp_path / "missing.safetensors", 0, 16, "F32", (2, 2))
+    assert cuda_engine._warm([gone, info], threading.Event()) == 4096 + 16  # skipped: the engine names it
+    short = TensorInfo("y", f, 16000, 4096, "F32", (32, 32))
+    assert cuda_engine._warm([short], threading.Event()) == 16384 - 16000  # a truncated file: what is there
+    stop = threading.Event()
+    stop.set()
+    assert cuda_engine._warm([info], stop) == 0  # stopped: returns at once
