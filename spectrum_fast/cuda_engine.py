@@ -136,10 +136,10 @@ def _batch_groups(infos: list[TensorInfo], max_k: int) -> tuple[list[list[int]],
     return batched, sorted(rest)
 
 
-def _engine_run(engine, infos: list[TensorInfo], fp64: bool) -> list:
+def _engine_run(engine, infos: list[TensorInfo], fp64: bool, batched_k: int) -> list:
     """The engine's results, with its errors (CUDA, cuSOLVER, short reads) as user errors naming tensors."""
     try:
-        batched, rest = _batch_groups(infos, batched_max_k())
+        batched, rest = _batch_groups(infos, batched_k)
         out: list = [None] * len(infos)
         for group in batched:
             results = engine.run_batched([_task(infos[i]) for i in group], fp64=fp64, batch=_BATCH,
@@ -169,7 +169,7 @@ def _warm(infos: list[TensorInfo], stop: threading.Event) -> int:
                     f.seek(t.offset)
                     left = t.nbytes
                     while left > 0:
-                        if stop.is_set():
+                        if stop.is_set() or _STOP.is_set():
                             return total
                         n = f.readinto(buf[: min(left, len(buf))])
                         if not n:
@@ -182,7 +182,7 @@ def _warm(infos: list[TensorInfo], stop: threading.Event) -> int:
 
 
 def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None],
-                big: int) -> None:
+                big: int, batched_k: int) -> None:
     """One device's share: fp32 first below ``k = big``, then float64, then the CPU's float64 SVD; while the
     engine works on one chunk, the next one is read into the page cache (:func:`_warm`)."""
     chunks = _chunks(infos)
@@ -194,20 +194,22 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
                 warmer.join()  # this chunk is in the page cache (or being read as fast as the disk allows)
                 warmer = None
             if index + 1 < len(chunks):
-                warmer = threading.Thread(target=_warm, args=(chunks[index + 1], stop), daemon=True,
+                thread = threading.Thread(target=_warm, args=(chunks[index + 1], stop), daemon=True,
                                           name="spectrum_fast-warm")
-                warmer.start()
-            _run_chunk(engine, chunk, done, big)
+                thread.start()
+                warmer = thread  # only a started thread is joined below
+            _run_chunk(engine, chunk, done, big, batched_k)
     finally:
         stop.set()
         if warmer is not None:
             warmer.join()
 
 
-def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None], big: int) -> None:
+def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None], big: int,
+               batched_k: int) -> None:
     retry = [i for i in chunk if min(i.shape) >= big]
     first = [i for i in chunk if min(i.shape) < big]
-    for info, (lam, amax, code) in zip(first, _engine_run(engine, first, fp64=False) if first else ()):
+    for info, (lam, amax, code) in zip(first, _engine_run(engine, first, False, batched_k) if first else ()):
         out = _judge(info, lam, amax, code, _EPS32)
         if out is None:
             retry.append(info)
@@ -215,7 +217,7 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
             done(info, out)
     if not retry:
         return
-    fp64 = _engine_run(engine, retry, fp64=True)
+    fp64 = _engine_run(engine, retry, True, batched_k)
     for info, (lam, amax, code) in zip(retry, fp64):
         out = _judge(info, lam, amax, code, _EPS64)
         done(info, out if out is not None else matrix_stats(read_matrix(info)))
@@ -237,15 +239,15 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
     if unfit:
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")
     work = plan(infos, len(devices))
-    big = fp64_min_k()
+    big, batched_k = fp64_min_k(), batched_max_k()  # settings errors before any engine starts
     if len(devices) == 1:
-        _run_device(_C.GramEngine(devices[0]), work[0], report, big)
+        _run_device(_C.GramEngine(devices[0]), work[0], report, big, batched_k)
         return
     errors: list[BaseException] = []
 
     def worker(device: int, items: list[TensorInfo]) -> None:
         try:
-            _run_device(_C.GramEngine(device), items, report, big)
+            _run_device(_C.GramEngine(device), items, report, big, batched_k)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 

@@ -87,6 +87,11 @@ def test_only_exactly_rank_deficient_matrices_have_roundoff_noise():
     assert noise_is_roundoff(dups)
     assert not noise_is_roundoff(low_rank_rounded)  # fp32 rounding made it full rank: strict comparison
     assert not noise_is_roundoff(rng.standard_normal((300, 200)))
+    spiked = rng.standard_normal((512, 256))
+    spiked[0, 0] = 1e15  # full rank, tiny noise values next to S[0], yet both references agree: strict
+    assert not noise_is_roundoff(spiked)
+    assert_snr_matches(matrix_stats(spiked).snr, spiked)
+    assert_snr_matches(matrix_stats(dups * 1e3).snr, dups * 1e3)  # the exemption's bound scales with W
     from spectrum_fast.snr import snr_from_singular_values
 
     s = np.linalg.svd(dups.astype(np.float64), compute_uv=False)
