@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# On a lent GPU machine, in ONE device call (timeout_s ~500; the whole session has 15 device minutes):
-#   bash bench/gpu_check.sh [all|core|scale]
+# On a lent GPU machine (the whole session has 15 device minutes; a machine starts in ~30 s):
+#   bash bench/gpu_check.sh core     (timeout_s ~480: ~400 s of work)
+#   bash bench/gpu_check.sh scale    (timeout_s ~300: ~250 s)
+#   bash bench/gpu_check.sh all      (both, cut at BUDGET: the scale step is usually skipped)
 # builds the CUDA engine there, then, each step bounded by what is left of BUDGET seconds (default 460;
 # GPU_PARTS picks bench_gpu.py's parts, SCALE_MODELS the scale bench's models):
-#   core:  GPU tests (tests/test_native.py, tests/test_cuda_orchestration.py), bench/bench_guard.py (the fp32
-#          guard's error model against the engine's real fp32 errors), bench/bench_gpu.py (engine per matrix
-#          at k = 1024..16384, batched vs looped, Mistral-7B-shaped scan end to end)
-#   scale: bench/bench_scale.py on Qwen1.5-110B and Llama-3.1-405B shapes
+#   core:  GPU tests (tests/test_native.py, tests/test_cuda_orchestration.py); bench/bench_guard.py (the fp32
+#          guard's error model against the engine's real fp32 errors); bench/bench_twostage.py (a two-stage
+#          eigensolver against syevd); bench/bench_gpu.py (engine per matrix at k = 1024..16384, batched vs
+#          looped, Mistral-7B-shaped scan end to end)
+#   scale: bench/bench_scale.py --e2e on Qwen1.5-110B and Llama-3.1-405B shapes
 # A failing step does not stop the next. Everything is left under $OUT (at most 8 files come back):
-# env.txt build.log tests.log bench.log guard_gpu.json gpu_check.json scale.log scale_gpu.json;
-# commit the JSONs under bench/results/.
+# env.txt (with the build log and a fingerprint of the sources: the device's .git can be stale) tests.log
+# bench.log guard_gpu.json twostage_gpu.json gpu_check.json scale.log scale_gpu.json; commit the JSONs under
+# bench/results/ and the figures in bench/NOTES-gpu.md.
 set -uo pipefail
 STAGE=${1:-all}
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -32,13 +36,13 @@ step() {
 }
 
 {
-  echo "stage $STAGE commit $commit"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
+  echo "stage $STAGE commit $commit sources $(cat csrc/* spectrum_fast/*.py bench/*.py | sha1sum | cut -c1-12)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
   nvcc --version | tail -1; $PY -c "import torch; print('torch', torch.__version__)"; nproc; free -g | head -2
 } 2>&1 | tee "$OUT/env.txt"
 # The wheels' cuSOLVER/cuBLAS are found by setup.py; no network there, so no build isolation.
 export SPECTRUM_FAST_CUDA=1
-step 200 build.log $PY -m pip install -v --no-build-isolation --no-deps -e . >/dev/null
-tail -5 "$OUT/build.log"
+step 200 env.txt $PY -m pip install -v --no-build-isolation --no-deps -e . >/dev/null
 $PY -m spectrum_fast 2>&1 | tee -a "$OUT/env.txt"
 if ! $PY -c "import spectrum_fast._C" 2>>"$OUT/env.txt"; then echo "the extension did not build or import"; exit 1; fi
 
@@ -48,6 +52,7 @@ if [[ $STAGE == all || $STAGE == core ]]; then
     tests/test_native.py tests/test_cuda_orchestration.py
   GIT_COMMIT=$commit; export GIT_COMMIT
   step 60 bench.log $PY bench/bench_guard.py --device cuda --sizes 1024 4096 8192 --json "$OUT/guard_gpu.json"
+  step 90 bench.log $PY bench/bench_twostage.py --device cuda --sizes 1024 4096 8192 --json "$OUT/twostage_gpu.json"
   step 260 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-matrix,batched,e2e}" --json "$OUT/gpu_check.json"
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then

@@ -1,0 +1,72 @@
+"""Experiment: eigenvalues of a symmetric matrix by a two-stage reduction, stage 1 on the GPU, stage 2 on CPU
+cores. Not used by ``scan()``: bench/bench_twostage.py decides on a lent GPU whether it beats ``syevd``.
+
+Why: on an H100 the one-stage eigensolver (``cusolverDnXsyevd``) is the floor of every scan (14.5 s of the
+Mistral-7B-shaped scan's 21 s; 193 s of Qwen1.5-110B's 210 s floor). Its tridiagonal reduction is half
+matrix-vector products, bound by memory bandwidth. A two-stage reduction does the O(k^3) part as matrix
+products (dense to band, bandwidth ``b``: QR of a k x b panel, then a rank-2b update of the trailing
+matrix) and leaves an O(k^2 b) part (band to tridiagonal, LAPACK ``?sbevd`` by bulge chasing), which runs
+on the CPU, one matrix per process, many at once.
+
+Stage 1 (:func:`band_reduce`) is plain torch, so it runs on the CPU too (the tests), in float32 or float64.
+For ``Q = I - V T V^T`` from ``geqrf``'s reflectors, ``T^{-1} = striu(V^T V) + diag(1 / tau)`` (Joffrain et
+al., "Accumulating Householder transformations, revisited", 2006), and with ``X = A V T`` the two-sided
+update is ``A - V Z^T - Z V^T``, ``Z = X - V (T^T V^T X) / 2``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def band_reduce(a, b: int):
+    """Lower band storage ``(b + 1, n)`` (row ``i`` holds the ``i``-th subdiagonal, as LAPACK's ``?sbevd``
+    and ``scipy.linalg.eig_banded(lower=True)`` take it) of a band matrix orthogonally similar to the
+    symmetric torch tensor ``a`` (only ``a``'s values are used, both triangles; ``a`` is not modified)."""
+    import torch
+
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(a.shape)}")
+    if b < 1:
+        raise ValueError(f"bandwidth must be at least 1, got {b}")
+    n = a.shape[0]
+    a = a.clone()
+    for j in range(0, n, b):
+        m = n - j - b  # rows below the band in this panel's columns
+        if m < 2:
+            break  # a single row below the band is already inside it after this panel
+        qr, tau = torch.geqrf(a[j + b:, j:j + b])
+        kk = min(m, b)
+        tau = tau[:kk]
+        v = torch.tril(qr[:, :kk], -1)
+        v.diagonal().fill_(1)
+        zero = tau == 0  # geqrf's "nothing to do" reflector: H = I
+        if bool(zero.any()):
+            v[:, zero] = 0
+            tau = torch.where(zero, torch.ones_like(tau), tau)
+        a[j + b:, j:j + b] = 0
+        a[j + b:j + b + kk, j:j + b] = torch.triu(qr[:kk, :])
+        a[j:j + b, j + b:] = a[j + b:, j:j + b].T
+        t_inv = torch.triu(v.T @ v, 1) + torch.diag(1 / tau)
+        t = torch.linalg.solve_triangular(t_inv, torch.eye(kk, dtype=a.dtype, device=a.device), upper=True)
+        a22 = a[j + b:, j + b:]
+        x = a22 @ (v @ t)
+        z = x - 0.5 * (v @ (t.T @ (v.T @ x)))
+        a22 -= v @ z.T + z @ v.T
+    band = torch.zeros(b + 1, n, dtype=a.dtype, device=a.device)
+    for i in range(min(b, n - 1) + 1):
+        band[i, : n - i] = torch.diagonal(a, offset=-i)
+    return band
+
+
+def band_eigenvalues(band: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of a symmetric band matrix in lower band storage (stage 2, LAPACK on the CPU)."""
+    from scipy.linalg import eig_banded
+
+    return eig_banded(np.ascontiguousarray(band), lower=True, eigvals_only=True, overwrite_a_band=True,
+                      check_finite=False)
+
+
+def eigenvalues(a, b: int = 64) -> np.ndarray:
+    """Both stages in this process: ascending eigenvalues of the symmetric torch tensor ``a``."""
+    return band_eigenvalues(band_reduce(a, b).cpu().numpy())
