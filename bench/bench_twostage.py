@@ -1,4 +1,4 @@
-"""Would a two-stage eigensolver (bench/twostage.py: dense to band on the GPU, band to eigenvalues on CPU
+"""Would a two-stage eigensolver (spectrum_fast/twostage.py: dense to band on the GPU, band to eigenvalues on CPU
 cores) beat the one-stage ``syevd`` that is the floor of every GPU scan? Times both in one run:
 
     python bench/bench_twostage.py --device cuda --json bench/results/twostage_gpu.json
@@ -26,8 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import twostage
 from _machine import machine_info
+
+from spectrum_fast import twostage
 
 
 def timed(fn, device: str, repeats: int) -> float:

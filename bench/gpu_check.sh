@@ -58,5 +58,8 @@ fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
   step 200 scale.log $PY bench/bench_scale.py --device cuda --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 \
     --workdir /tmp/sf_scale --e2e --json "$OUT/scale_gpu.json"
+  # the float64 pass by the two-stage solver (spectrum_fast/twostage.py) on the same generated layers
+  SPECTRUM_FAST_TWOSTAGE=1 step 120 scale.log $PY bench/bench_scale.py --device cuda --models Qwen1.5-110B \
+    --samples 2 --workdir /tmp/sf_scale --e2e --json "$OUT/scale_twostage_gpu.json"
 fi
 echo "results in $OUT after $SECONDS s"

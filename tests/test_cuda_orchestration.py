@@ -306,3 +306,74 @@ def test_warm_reads_scales_and_leaves_missing_files_to_the_engine(tmp_path):
     stop = threading.Event()
     stop.set()
     assert cuda_engine._warm([info], stop) == 0  # stopped: returns at once
+
+
+def test_twostage_float64_pass(fake_gpu, tmp_path, monkeypatch):
+    """SPECTRUM_FAST_TWOSTAGE=1: the float64 pass of F32/F16/BF16 matrices goes through the two-stage solver
+    (run here on the CPU's torch), not the engine; zero and non-finite matrices still reach the CPU engine."""
+    pytest.importorskip("torch")
+    from spectrum_fast import cuda_engine
+
+    rng = np.random.default_rng(6)
+    t = {f"model.layers.{i}.mlp.up_proj.weight": (rng.standard_normal((300, 120)) * 0.02 + (i + 1) * 0.01 *
+                                                   np.outer(rng.standard_normal(300), rng.standard_normal(120))
+                                                   ).astype(np.float32) for i in range(3)}
+    t["model.layers.3.mlp.up_proj.weight"] = np.zeros((300, 120), np.float32)
+    t["model.layers.4.mlp.up_proj.weight"] = np.full((300, 120), np.nan, np.float32)
+    t["model.layers.0.mlp.down_proj.weight"] = rng.standard_normal((40, 30)).astype(np.float32)  # k < 64: fp32
+    save_np(tmp_path / "model.safetensors", t)
+    monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_PROCS", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", spectrum_fast.DegenerateMatrixWarning)
+        res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert not [c for c in fake_gpu.calls if c[2]]  # the engine ran no float64 pass
+    by = {r.module: r for r in res.records}
+    for i in range(3):
+        r = by[f"model.layers.{i}.mlp.up_proj"]
+        assert r.method == "gram-fp64"
+        assert rel_err(r.snr, ref_snr(t[r.module + ".weight"])) <= 1e-4
+    assert by["model.layers.3.mlp.up_proj"].status == "zero"
+    assert by["model.layers.4.mlp.up_proj"].status == "nonfinite"
+    assert by["model.layers.0.mlp.down_proj"].method == "gram-fp32"
+
+
+def test_twostage_settings_are_checked(fake_gpu, tmp_path, monkeypatch):
+    from spectrum_fast import cuda_engine
+
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "0")
+    assert cuda_engine.twostage_procs() == 0
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_PROCS", "3")
+    assert cuda_engine.twostage_procs() == 3
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_PROCS", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cuda_engine.twostage_procs() == max(1, (__import__("os").cpu_count() or 1) // 2)
+    save_np(tmp_path / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": np.ones((4, 4), np.float32)})
+    for name, value, match in [("SPECTRUM_FAST_TWOSTAGE", "maybe", "must be 0 or 1"),
+                               ("SPECTRUM_FAST_TWOSTAGE_PROCS", "x", "must be an integer")]:
+        monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+        monkeypatch.setenv(name, value)
+        with pytest.raises(spectrum_fast.SpectrumError, match=match):
+            spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+        monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_PROCS", "1")
+
+
+def test_twostage_failure_is_a_user_error_naming_the_tensor(fake_gpu, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from spectrum_fast import cuda_engine, twostage
+
+    def oom(a, b, procs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    save_np(tmp_path / "model.safetensors",
+            {"model.layers.0.mlp.up_proj.weight": np.random.default_rng(1).standard_normal((200, 100)).astype(np.float32)})
+    monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
+    monkeypatch.setattr(twostage, "submit", oom)
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    with pytest.raises(spectrum_fast.SpectrumError,
+                       match=r"two-stage eigensolver on cpu failed on model\.layers\.0\.mlp\.up_proj\.weight .*out of memory"):
+        spectrum_fast.scan(tmp_path, device="cuda", progress=False)

@@ -1,16 +1,13 @@
-"""bench/twostage.py (the two-stage eigensolver experiment): its eigenvalues against float64 ``eigvalsh``."""
+"""spectrum_fast/twostage.py (the two-stage eigensolver): its eigenvalues against float64 ``eigvalsh``."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import twostage
+
+from spectrum_fast import twostage
 
 
 def _sym(rng, n):

@@ -1,5 +1,7 @@
-"""Experiment: eigenvalues of a symmetric matrix by a two-stage reduction, stage 1 on the GPU, stage 2 on CPU
-cores. Not used by ``scan()``: bench/bench_twostage.py decides on a lent GPU whether it beats ``syevd``.
+"""Eigenvalues of a symmetric matrix by a two-stage reduction: stage 1 on the GPU, stage 2 on CPU cores.
+
+Opt-in for the GPU scan's float64 pass (``SPECTRUM_FAST_TWOSTAGE=1``, see :func:`spectrum_fast.cuda_engine.twostage_procs`)
+until a lent GPU shows it beats ``syevd`` (bench/bench_twostage.py, bench/NOTES-gpu.md).
 
 Why: on an H100 the one-stage eigensolver (``cusolverDnXsyevd``) is the floor of every scan (14.5 s of the
 Mistral-7B-shaped scan's 21 s; 193 s of Qwen1.5-110B's 210 s floor). Its tridiagonal reduction is half
@@ -15,6 +17,11 @@ update is ``A - V Z^T - Z V^T``, ``Z = X - V (T^T V^T X) / 2``.
 """
 
 from __future__ import annotations
+
+import atexit
+import multiprocessing
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
 
@@ -70,3 +77,36 @@ def band_eigenvalues(band: np.ndarray) -> np.ndarray:
 def eigenvalues(a, b: int = 64) -> np.ndarray:
     """Both stages in this process: ascending eigenvalues of the symmetric torch tensor ``a``."""
     return band_eigenvalues(band_reduce(a, b).cpu().numpy())
+
+
+_POOL: ProcessPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+
+
+def pool(procs: int) -> ProcessPoolExecutor:
+    """One process pool per process for stage 2 (scipy holds the GIL in ``?sbevd``, so threads would not
+    overlap); spawned, not forked, since the parent holds a CUDA context and threads."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE != procs:
+            if _POOL is not None:
+                _POOL.shutdown(wait=True)
+            _POOL = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+            _POOL_SIZE = procs
+        return _POOL
+
+
+@atexit.register
+def _shutdown() -> None:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False, cancel_futures=True)
+            _POOL = None
+
+
+def submit(a, b: int, procs: int) -> Future:
+    """Stage 1 here (on ``a``'s device), stage 2 in the pool: a future of the ascending eigenvalues."""
+    band = band_reduce(a, b).to("cpu", copy=True).numpy()
+    return pool(procs).submit(band_eigenvalues, band)
