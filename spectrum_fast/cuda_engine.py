@@ -117,6 +117,10 @@ def twostage_procs() -> int:
         return 0
     if flag not in ("1", "on", "yes", "true"):
         raise SpectrumError(f"SPECTRUM_FAST_TWOSTAGE must be 0 or 1, got {flag!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise SpectrumError("SPECTRUM_FAST_TWOSTAGE=1 needs PyTorch (its band reduction runs in torch)")
     try:
         procs = int(os.environ.get("SPECTRUM_FAST_TWOSTAGE_PROCS", "0"))
     except ValueError:

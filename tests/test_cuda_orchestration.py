@@ -351,6 +351,12 @@ def test_twostage_settings_are_checked(fake_gpu, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_PROCS", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert cuda_engine.twostage_procs() == max(1, (__import__("os").cpu_count() or 1) // 2)
+    import importlib.util
+
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else object())
+        with pytest.raises(spectrum_fast.SpectrumError, match="needs PyTorch"):
+            cuda_engine.twostage_procs()
     save_np(tmp_path / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": np.ones((4, 4), np.float32)})
     for name, value, match in [("SPECTRUM_FAST_TWOSTAGE", "maybe", "must be 0 or 1"),
                                ("SPECTRUM_FAST_TWOSTAGE_PROCS", "x", "must be an integer")]:
