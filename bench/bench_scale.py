@@ -260,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
 
         from spectrum_fast import twostage
-        from spectrum_fast.cuda_engine import twostage_procs
+        from spectrum_fast.cuda_engine import twostage_threads
 
-        if procs := twostage_procs():  # SPECTRUM_FAST_TWOSTAGE=1: start its process pool before timing
-            list(twostage.pool(procs).map(twostage.band_eigenvalues, [np.ones((2, 4))] * procs))
+        if threads := twostage_threads():  # SPECTRUM_FAST_TWOSTAGE=1: start its threads before timing
+            list(twostage.pool(threads).map(twostage.band_eigenvalues, [np.ones((2, 4))] * threads))
     rates: dict = {"gemm_flops": gemm_rate(args.device)}
     if args.device == "cuda":
         rates["pcie_Bps"] = pcie_bandwidth()

@@ -5,9 +5,9 @@ cores) beat the one-stage ``syevd`` that is the floor of every GPU scan? Times b
     python bench/bench_twostage.py --device cpu --sizes 512 1024 --json /tmp/twostage_cpu.json
 
 Per k (Gram matrices of k x 3.5k Gaussian weights): ``torch.linalg.eigvalsh`` in fp32 and fp64 (what the
-engine's ``Xsyevd`` does), stage 1 per bandwidth, stage 2 on one core and its throughput over a pool of
-``--procs`` processes (LAPACK's ``?sbevd`` holds the GIL in scipy, so threads would not overlap), and the
-pipelined estimate ``max(stage 1, stage 2 / procs)`` per matrix against ``syevd``. Accuracy: largest
+engine's ``Xsyevd`` does), stage 1 per bandwidth, stage 2 on one core and its throughput over
+``--threads`` threads (``dsbevd`` through ctypes, which releases the GIL), and the pipelined estimate
+``max(stage 1, stage 2 per matrix in the pool)`` against ``syevd``. Accuracy: largest
 eigenvalue error against float64 ``eigvalsh``, relative to the largest eigenvalue.
 """
 
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,47 +51,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192])
     ap.add_argument("--bands", type=int, nargs="+", default=[64])
-    ap.add_argument("--procs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
-    # spawn, not fork: the parent holds a CUDA context and threads; the workers only run LAPACK
-    with ProcessPoolExecutor(args.procs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(twostage.band_eigenvalues, [np.ones((2, 4))] * args.procs))  # start the workers
-        for k in args.sizes:
-            g = torch.Generator(device=args.device).manual_seed(k)
-            w = torch.randn(7 * k // 2, k, device=args.device, generator=g, dtype=torch.float64) * 0.02
-            a64 = w.T @ w
-            a32 = a64.float()
-            del w
-            ref = torch.linalg.eigvalsh(a64).cpu().numpy()
-            scale = float(np.abs(ref).max())
-            row = {"k": k, "syevd_fp32_s": timed(lambda a32=a32: torch.linalg.eigvalsh(a32), args.device, args.repeats),
-                   "syevd_fp64_s": timed(lambda a64=a64: torch.linalg.eigvalsh(a64), args.device, args.repeats), "bands": []}
-            for b in args.bands:
-                entry = {"b": b}
-                for name, a in (("fp32", a32), ("fp64", a64)):
-                    twostage.band_reduce(a, b)  # warm-up
-                    entry[f"stage1_{name}_s"] = timed(lambda a=a, b=b: twostage.band_reduce(a, b), args.device, args.repeats)
-                    band = twostage.band_reduce(a, b).double().cpu().numpy()
-                    t = time.perf_counter()
-                    lam = twostage.band_eigenvalues(band.copy())
-                    entry[f"stage2_{name}_one_core_s"] = time.perf_counter() - t
-                    entry[f"max_err_{name}"] = float(np.abs(lam - ref).max() / scale)
-                    many = [band] * args.procs
-                    t = time.perf_counter()
-                    list(pool.map(twostage.band_eigenvalues, many))
-                    entry[f"stage2_{name}_per_matrix_in_pool_s"] = (time.perf_counter() - t) / len(many)
-                    entry[f"pipelined_{name}_s"] = max(entry[f"stage1_{name}_s"],
-                                                       entry[f"stage2_{name}_per_matrix_in_pool_s"])
-                    entry[f"speedup_{name}_vs_syevd"] = row[f"syevd_{name}_s"] / entry[f"pipelined_{name}_s"]
-                row["bands"].append(entry)
-                print(json.dumps({"k": k, **entry}), flush=True)
-            rows.append(row)
-            print(f"k={k}: syevd fp32 {row['syevd_fp32_s']:.4f} s, fp64 {row['syevd_fp64_s']:.4f} s", flush=True)
-    doc = {"bench": "twostage", "device": args.device, "procs": args.procs, "machine": machine_info(),
+    pool = twostage.pool(args.threads)
+    for k in args.sizes:
+        g = torch.Generator(device=args.device).manual_seed(k)
+        w = torch.randn(7 * k // 2, k, device=args.device, generator=g, dtype=torch.float64) * 0.02
+        a64 = w.T @ w
+        a32 = a64.float()
+        del w
+        ref = torch.linalg.eigvalsh(a64).cpu().numpy()
+        scale = float(np.abs(ref).max())
+        row = {"k": k, "syevd_fp32_s": timed(lambda a32=a32: torch.linalg.eigvalsh(a32), args.device, args.repeats),
+               "syevd_fp64_s": timed(lambda a64=a64: torch.linalg.eigvalsh(a64), args.device, args.repeats), "bands": []}
+        for b in args.bands:
+            entry = {"b": b}
+            for name, a in (("fp32", a32), ("fp64", a64)):
+                twostage.band_reduce(a, b)  # warm-up
+                entry[f"stage1_{name}_s"] = timed(lambda a=a, b=b: twostage.band_reduce(a, b), args.device, args.repeats)
+                band = twostage.band_reduce(a, b).double().cpu().numpy()
+                t = time.perf_counter()
+                lam = twostage.band_eigenvalues(band.copy())
+                entry[f"stage2_{name}_one_core_s"] = time.perf_counter() - t
+                entry[f"max_err_{name}"] = float(np.abs(lam - ref).max() / scale)
+                many = [band] * args.threads
+                t = time.perf_counter()
+                list(pool.map(twostage.band_eigenvalues, many))
+                entry[f"stage2_{name}_per_matrix_in_pool_s"] = (time.perf_counter() - t) / len(many)
+                entry[f"pipelined_{name}_s"] = max(entry[f"stage1_{name}_s"],
+                                                   entry[f"stage2_{name}_per_matrix_in_pool_s"])
+                entry[f"speedup_{name}_vs_syevd"] = row[f"syevd_{name}_s"] / entry[f"pipelined_{name}_s"]
+            row["bands"].append(entry)
+            print(json.dumps({"k": k, **entry}), flush=True)
+        rows.append(row)
+        print(f"k={k}: syevd fp32 {row['syevd_fp32_s']:.4f} s, fp64 {row['syevd_fp64_s']:.4f} s", flush=True)
+    doc = {"bench": "twostage", "device": args.device, "threads": args.threads,
+           "stage2": twostage.stage2_backend(), "machine": machine_info(),
            "command": "python bench/bench_twostage.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "rows": rows}
     if args.device == "cuda":

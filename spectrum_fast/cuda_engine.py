@@ -104,13 +104,13 @@ def fp64_min_k() -> int:
     return k if k > 0 else 1 << 62
 
 
-def twostage_procs() -> int:
-    """CPU processes for the two-stage eigensolver of the float64 pass, 0 when it is off (the default).
+def twostage_threads() -> int:
+    """CPU threads for the two-stage eigensolver of the float64 pass, 0 when it is off (the default).
 
     ``SPECTRUM_FAST_TWOSTAGE=1`` sends the float64 pass of F32/F16/BF16 matrices through
     :mod:`spectrum_fast.twostage` instead of the engine's ``Dsyevd``: the float64 Gram matrix and its
-    reduction to a band on the GPU, the band's eigenvalues on the CPU cores (one process per core, divided
-    among the ranks of a torchrun job; ``SPECTRUM_FAST_TWOSTAGE_PROCS`` sets the count). Off until a GPU
+    reduction to a band on the GPU, the band's eigenvalues on the CPU cores (one thread per core, divided
+    among the ranks of a torchrun job; ``SPECTRUM_FAST_TWOSTAGE_THREADS`` sets the count). Off until a GPU
     measurement shows it faster (bench/bench_twostage.py)."""
     flag = os.environ.get("SPECTRUM_FAST_TWOSTAGE", "0").strip().lower()
     if flag in ("", "0", "off", "no", "false"):
@@ -122,13 +122,13 @@ def twostage_procs() -> int:
     if importlib.util.find_spec("torch") is None:
         raise SpectrumError("SPECTRUM_FAST_TWOSTAGE=1 needs PyTorch (its band reduction runs in torch)")
     try:
-        procs = int(os.environ.get("SPECTRUM_FAST_TWOSTAGE_PROCS", "0"))
+        threads = int(os.environ.get("SPECTRUM_FAST_TWOSTAGE_THREADS", "0"))
     except ValueError:
-        raise SpectrumError("SPECTRUM_FAST_TWOSTAGE_PROCS must be an integer") from None
-    if procs <= 0:
+        raise SpectrumError("SPECTRUM_FAST_TWOSTAGE_THREADS must be an integer") from None
+    if threads <= 0:
         ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-        procs = max(1, (os.cpu_count() or 1) // ranks)
-    return procs
+        threads = max(1, (os.cpu_count() or 1) // ranks)
+    return threads
 
 
 _TWOSTAGE_BAND = 64
@@ -136,9 +136,10 @@ _TWOSTAGE_DTYPES = ("F32", "F16", "BF16")
 _TORCH_DEVICE: str | None = None  # tests run the two-stage path on the CPU; None: the engine's GPU
 
 
-def _twostage_run(device: int, infos: list[TensorInfo], procs: int) -> list:
-    """The engine's float64 output, ``(ascending Gram eigenvalues, amax, 0)`` per matrix, by the two-stage
-    solver: each matrix's stage 1 on the GPU while the process pool works on the ones before it."""
+def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
+    """The engine's float64 output, ``(ascending Gram eigenvalues, amax, info)`` per matrix, by the two-stage
+    solver: each matrix's stage 1 on the GPU while the CPU threads work on the ones before it. A band that
+    LAPACK cannot solve gets info 1, like a non-converged ``Dsyevd``: the CPU's float64 SVD takes it."""
     import torch
 
     from . import twostage
@@ -157,15 +158,22 @@ def _twostage_run(device: int, infos: list[TensorInfo], procs: int) -> list:
                 continue
             g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
             del w
-            pending.append((twostage.submit(g, _TWOSTAGE_BAND, procs), k, amax))
-        return [(np.asarray(f.result(), dtype=np.float64) if f is not None else np.zeros(k), amax, 0)
-                for f, k, amax in pending]
-    except (RuntimeError, OSError) as e:  # CUDA errors; a broken process pool is a RuntimeError too
-        for f, _, _ in pending:
-            if f is not None:
-                f.cancel()
+            pending.append((twostage.submit(g, _TWOSTAGE_BAND, threads), k, amax))
+        out = []
+        for f, k, amax in pending:
+            try:
+                out.append((np.asarray(f.result(), dtype=np.float64), amax, 0) if f is not None
+                           else (np.zeros(k), amax, 0))
+            except np.linalg.LinAlgError:
+                out.append((np.zeros(k), amax, 1))
+        return out
+    except RuntimeError as e:  # CUDA errors
         names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
         raise SpectrumError(f"two-stage eigensolver on {dev} failed on {names} ({infos[0].file}): {e}") from None
+    finally:
+        for f, _, _ in pending:
+            if f is not None:
+                f.cancel()  # no-op for the finished ones; on errors and Ctrl-C, the queued ones do not run
 
 
 _BATCH = 64  # matrices per run_batched solver call
@@ -246,7 +254,7 @@ def _warm(infos: list[TensorInfo], stop: threading.Event) -> int:
 
 
 def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None],
-                big: int, batched_k: int, procs: int = 0) -> None:
+                big: int, batched_k: int, threads: int = 0) -> None:
     """One device's share: fp32 first below ``k = big``, then float64, then the CPU's float64 SVD; while the
     engine works on one chunk, the next one is read into the page cache (:func:`_warm`)."""
     chunks = _chunks(infos)
@@ -262,7 +270,7 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
                                           name="spectrum_fast-warm")
                 thread.start()
                 warmer = thread  # only a started thread is joined below
-            _run_chunk(engine, chunk, done, big, batched_k, procs)
+            _run_chunk(engine, chunk, done, big, batched_k, threads)
     finally:
         stop.set()
         if warmer is not None:
@@ -270,7 +278,7 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
 
 
 def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None], big: int,
-               batched_k: int, procs: int = 0) -> None:
+               batched_k: int, threads: int = 0) -> None:
     retry = [i for i in chunk if min(i.shape) >= big]
     first = [i for i in chunk if min(i.shape) < big]
     for info, (lam, amax, code) in zip(first, _engine_run(engine, first, False, batched_k) if first else ()):
@@ -281,11 +289,11 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
             done(info, out)
     if not retry:
         return
-    if procs:
+    if threads:
         two = [i for i in retry if i.dtype in _TWOSTAGE_DTYPES and i.scale is None]
         rest = [i for i in retry if not (i.dtype in _TWOSTAGE_DTYPES and i.scale is None)]
         retry = two + rest
-        fp64 = _twostage_run(engine.device, two, procs) + (_engine_run(engine, rest, True, batched_k) if rest else [])
+        fp64 = _twostage_run(engine.device, two, threads) + (_engine_run(engine, rest, True, batched_k) if rest else [])
     else:
         fp64 = _engine_run(engine, retry, True, batched_k)
     for info, (lam, amax, code) in zip(retry, fp64):
@@ -309,15 +317,15 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
     if unfit:
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")
     work = plan(infos, len(devices))
-    big, batched_k, procs = fp64_min_k(), batched_max_k(), twostage_procs()  # settings errors up front
+    big, batched_k, band_threads = fp64_min_k(), batched_max_k(), twostage_threads()  # settings errors up front
     if len(devices) == 1:
-        _run_device(_C.GramEngine(devices[0]), work[0], report, big, batched_k, procs)
+        _run_device(_C.GramEngine(devices[0]), work[0], report, big, batched_k, band_threads)
         return
     errors: list[BaseException] = []
 
     def worker(device: int, items: list[TensorInfo]) -> None:
         try:
-            _run_device(_C.GramEngine(device), items, report, big, batched_k, procs)
+            _run_device(_C.GramEngine(device), items, report, big, batched_k, band_threads)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 

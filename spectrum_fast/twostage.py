@@ -1,14 +1,14 @@
 """Eigenvalues of a symmetric matrix by a two-stage reduction: stage 1 on the GPU, stage 2 on CPU cores.
 
-Opt-in for the GPU scan's float64 pass (``SPECTRUM_FAST_TWOSTAGE=1``, see :func:`spectrum_fast.cuda_engine.twostage_procs`)
+Opt-in for the GPU scan's float64 pass (``SPECTRUM_FAST_TWOSTAGE=1``, see :func:`spectrum_fast.cuda_engine.twostage_threads`)
 until a lent GPU shows it beats ``syevd`` (bench/bench_twostage.py, bench/NOTES-gpu.md).
 
 Why: on an H100 the one-stage eigensolver (``cusolverDnXsyevd``) is the floor of every scan (14.5 s of the
 Mistral-7B-shaped scan's 21 s; 193 s of Qwen1.5-110B's 210 s floor). Its tridiagonal reduction is half
 matrix-vector products, bound by memory bandwidth. A two-stage reduction does the O(k^3) part as matrix
 products (dense to band, bandwidth ``b``: QR of a k x b panel, then a rank-2b update of the trailing
-matrix) and leaves an O(k^2 b) part (band to tridiagonal, LAPACK ``?sbevd`` by bulge chasing), which runs
-on the CPU, one matrix per process, many at once.
+matrix) and leaves an O(k^2 b) part (band to tridiagonal, LAPACK ``dsbevd`` by bulge chasing), which runs
+on the CPU cores, one matrix per thread, many at once (called through ctypes, which releases the GIL).
 
 Stage 1 (:func:`band_reduce`) is plain torch, so it runs on the CPU too (the tests), in float32 or float64.
 For ``Q = I - V T V^T`` from ``geqrf``'s reflectors, ``T^{-1} = striu(V^T V) + diag(1 / tau)`` (Joffrain et
@@ -18,10 +18,8 @@ update is ``A - V Z^T - Z V^T``, ``Z = X - V (T^T V^T X) / 2``.
 
 from __future__ import annotations
 
-import atexit
-import multiprocessing
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -66,47 +64,94 @@ def band_reduce(a, b: int):
     return band
 
 
-def band_eigenvalues(band: np.ndarray) -> np.ndarray:
-    """Ascending eigenvalues of a symmetric band matrix in lower band storage (stage 2, LAPACK on the CPU)."""
-    from scipy.linalg import eig_banded
+_LAPACKE_NAMES = ("scipy_LAPACKE_dsbevd", "LAPACKE_dsbevd")
+_lapacke_lock = threading.Lock()
+_lapacke_cache: list = []  # [(function or None, where)] once looked up
 
-    return eig_banded(np.ascontiguousarray(band), lower=True, eigvals_only=True, overwrite_a_band=True,
-                      check_finite=False)
+
+def _lapacke() -> tuple[object | None, str]:
+    """``LAPACKE_dsbevd`` from scipy's bundled OpenBLAS (or a system LAPACKE) through ctypes, which releases
+    the GIL during the call, so a thread pool runs several at once; ``(None, why)`` where none is found."""
+    with _lapacke_lock:
+        if _lapacke_cache:
+            return _lapacke_cache[0]
+        import ctypes
+        import ctypes.util
+        import glob
+        import os
+
+        import scipy
+
+        site = os.path.dirname(os.path.dirname(scipy.__file__))
+        paths = sorted(glob.glob(os.path.join(site, "scipy.libs", "libscipy_openblas*.so*")))
+        paths += [p for p in (ctypes.util.find_library("lapacke"),) if p]
+        found: tuple[object | None, str] = (None, "no LAPACKE_dsbevd found: scipy's eig_banded, one at a time")
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for name in _LAPACKE_NAMES:
+                fn = getattr(lib, name, None)
+                if fn is None:
+                    continue
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                found = (fn, f"{name} in {os.path.basename(path)}")
+                break
+            if found[0] is not None:
+                break
+        _lapacke_cache.append(found)
+        return found
+
+
+def stage2_backend() -> str:
+    """What computes stage 2 here (for benchmarks and diagnostics)."""
+    return _lapacke()[1]
+
+
+def band_eigenvalues(band: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of a symmetric band matrix in lower band storage (stage 2: LAPACK ``dsbevd``,
+    values only, on the CPU). Raises ``numpy.linalg.LinAlgError`` if it does not converge."""
+    fn, _ = _lapacke()
+    if fn is None:
+        from scipy.linalg import eig_banded
+
+        return eig_banded(np.ascontiguousarray(band, dtype=np.float64), lower=True, eigvals_only=True,
+                          overwrite_a_band=True, check_finite=False)
+    ab = np.array(band, dtype=np.float64, order="F")  # (kd + 1, n), column-major, as LAPACK stores bands
+    kd, n = ab.shape[0] - 1, ab.shape[1]
+    w = np.empty(n, dtype=np.float64)
+    info = fn(102, b"N", b"L", n, kd, ab.ctypes.data, kd + 1, w.ctypes.data, None, 1)  # 102: column-major
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dsbevd failed (info {info})")
+    return w
 
 
 def eigenvalues(a, b: int = 64) -> np.ndarray:
-    """Both stages in this process: ascending eigenvalues of the symmetric torch tensor ``a``."""
+    """Both stages in this thread: ascending eigenvalues of the symmetric torch tensor ``a``."""
     return band_eigenvalues(band_reduce(a, b).cpu().numpy())
 
 
-_POOL: ProcessPoolExecutor | None = None
+_POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 
 
-def pool(procs: int) -> ProcessPoolExecutor:
-    """One process pool per process for stage 2 (scipy holds the GIL in ``?sbevd``, so threads would not
-    overlap); spawned, not forked, since the parent holds a CUDA context and threads."""
+def pool(threads: int) -> ThreadPoolExecutor:
+    """The threads that run stage 2 (``dsbevd`` through ctypes releases the GIL, so they run at once)."""
     global _POOL, _POOL_SIZE
     with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE != procs:
+        if _POOL is None or _POOL_SIZE != threads:
             if _POOL is not None:
-                _POOL.shutdown(wait=True)
-            _POOL = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
-            _POOL_SIZE = procs
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="spectrum_fast-band")
+            _POOL_SIZE = threads
         return _POOL
 
 
-@atexit.register
-def _shutdown() -> None:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is not None:
-            _POOL.shutdown(wait=False, cancel_futures=True)
-            _POOL = None
-
-
-def submit(a, b: int, procs: int) -> Future:
+def submit(a, b: int, threads: int) -> Future:
     """Stage 1 here (on ``a``'s device), stage 2 in the pool: a future of the ascending eigenvalues."""
     band = band_reduce(a, b).to("cpu", copy=True).numpy()
-    return pool(procs).submit(band_eigenvalues, band)
+    return pool(threads).submit(band_eigenvalues, band)

@@ -325,7 +325,7 @@ def test_twostage_float64_pass(fake_gpu, tmp_path, monkeypatch):
     monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
-    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_PROCS", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", spectrum_fast.DegenerateMatrixWarning)
         res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
@@ -344,34 +344,34 @@ def test_twostage_settings_are_checked(fake_gpu, tmp_path, monkeypatch):
     from spectrum_fast import cuda_engine
 
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "0")
-    assert cuda_engine.twostage_procs() == 0
+    assert cuda_engine.twostage_threads() == 0
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
-    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_PROCS", "3")
-    assert cuda_engine.twostage_procs() == 3
-    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_PROCS", "0")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "3")
+    assert cuda_engine.twostage_threads() == 3
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert cuda_engine.twostage_procs() == max(1, (__import__("os").cpu_count() or 1) // 2)
+    assert cuda_engine.twostage_threads() == max(1, (__import__("os").cpu_count() or 1) // 2)
     import importlib.util
 
     with monkeypatch.context() as m:
         m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else object())
         with pytest.raises(spectrum_fast.SpectrumError, match="needs PyTorch"):
-            cuda_engine.twostage_procs()
+            cuda_engine.twostage_threads()
     save_np(tmp_path / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": np.ones((4, 4), np.float32)})
     for name, value, match in [("SPECTRUM_FAST_TWOSTAGE", "maybe", "must be 0 or 1"),
-                               ("SPECTRUM_FAST_TWOSTAGE_PROCS", "x", "must be an integer")]:
+                               ("SPECTRUM_FAST_TWOSTAGE_THREADS", "x", "must be an integer")]:
         monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
         monkeypatch.setenv(name, value)
         with pytest.raises(spectrum_fast.SpectrumError, match=match):
             spectrum_fast.scan(tmp_path, device="cuda", progress=False)
-        monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_PROCS", "1")
+        monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "1")
 
 
 def test_twostage_failure_is_a_user_error_naming_the_tensor(fake_gpu, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     from spectrum_fast import cuda_engine, twostage
 
-    def oom(a, b, procs):
+    def oom(a, b, threads):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     save_np(tmp_path / "model.safetensors",
@@ -383,3 +383,25 @@ def test_twostage_failure_is_a_user_error_naming_the_tensor(fake_gpu, tmp_path, 
     with pytest.raises(spectrum_fast.SpectrumError,
                        match=r"two-stage eigensolver on cpu failed on model\.layers\.0\.mlp\.up_proj\.weight .*out of memory"):
         spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+
+
+def test_twostage_band_that_does_not_converge_goes_to_the_cpu(fake_gpu, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from spectrum_fast import cuda_engine, twostage
+
+    def fails(band):
+        raise np.linalg.LinAlgError("dsbevd failed (info 3)")
+
+    w = np.random.default_rng(4).standard_normal((200, 100)).astype(np.float32)
+    save_np(tmp_path / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": w})
+    monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
+    monkeypatch.setattr(twostage, "band_eigenvalues", fails)
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "2")
+    on_cpu = []
+    real = cuda_engine.matrix_stats
+    monkeypatch.setattr(cuda_engine, "matrix_stats", lambda m: on_cpu.append(m.shape) or real(m))
+    r = spectrum_fast.scan(tmp_path, device="cuda", progress=False).records[0]
+    assert on_cpu == [(200, 100)]  # the CPU engine computed it
+    assert rel_err(r.snr, ref_snr(w)) <= 1e-4

@@ -64,3 +64,27 @@ def test_bad_arguments():
         twostage.band_reduce(torch.zeros(3, 4), 2)
     with pytest.raises(ValueError, match="bandwidth"):
         twostage.band_reduce(torch.zeros(3, 3), 0)
+
+
+def test_stage2_through_lapacke_and_through_scipy_agree(monkeypatch):
+    """dsbevd through ctypes (threads run at once) and scipy's eig_banded (the fallback) give the same values."""
+    rng = np.random.default_rng(7)
+    band = twostage.band_reduce(torch.from_numpy(_sym(rng, 300)), 16).numpy()
+    fn, where = twostage._lapacke()
+    got = twostage.band_eigenvalues(band)
+    monkeypatch.setattr(twostage, "_lapacke", lambda: (None, "none"))
+    fallback = twostage.band_eigenvalues(band)
+    np.testing.assert_allclose(got, fallback, rtol=0, atol=1e-12 * np.abs(fallback).max())
+    assert isinstance(twostage.stage2_backend(), str)
+    if fn is None:
+        pytest.skip(f"no LAPACKE here ({where}): only the fallback ran")
+
+
+def test_pool_runs_stage2_in_threads():
+    rng = np.random.default_rng(8)
+    a = torch.from_numpy(_sym(rng, 120))
+    futures = [twostage.submit(a, 8, threads=2) for _ in range(4)]
+    want = np.linalg.eigvalsh(a.numpy())
+    for f in futures:
+        np.testing.assert_allclose(f.result(), want, rtol=0, atol=1e-12 * np.abs(want).max())
+    assert twostage.pool(2) is twostage.pool(2)
