@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -159,6 +160,20 @@ def test_python_dash_m_entry_points(model_dir, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such file or directory" in r.stderr
     r = subprocess.run([sys.executable, "-m", "spectrum_fast"], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "backend for device='auto': cpu" in r.stdout
+
+
+def test_diagnostics_show_the_gpu_settings():
+    def run(**env):
+        return subprocess.run([sys.executable, "-m", "spectrum_fast"], capture_output=True, text=True, check=False,
+                              env={**os.environ, **env}).stdout
+
+    out = run(SPECTRUM_FAST_TWOSTAGE="0", SPECTRUM_FAST_FP64_MIN_K="8192", SPECTRUM_FAST_BATCHED_MAX_K="0")
+    assert "float64 first for matrices with k >= 8192" in out
+    assert "batched" not in out and "two-stage" not in out
+    assert "two-stage float64 pass: SPECTRUM_FAST_TWOSTAGE must be 0 or 1" in run(SPECTRUM_FAST_TWOSTAGE="x")
+    if importlib.util.find_spec("torch") is not None:
+        out = run(SPECTRUM_FAST_TWOSTAGE="1", SPECTRUM_FAST_TWOSTAGE_THREADS="3")
+        assert "two-stage float64 pass, band eigenvalues on 3 threads" in out
 
 
 def test_device_cuda_without_gpu_is_a_clear_error(model_dir, capsys):
