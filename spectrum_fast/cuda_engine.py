@@ -136,6 +136,23 @@ _TWOSTAGE_DTYPES = ("F32", "F16", "BF16")
 _TORCH_DEVICE: str | None = None  # tests run the two-stage path on the CPU; None: the engine's GPU
 
 
+def _device_matrix(info: TensorInfo, dev):
+    """The stored F32/F16/BF16 bytes on the device, widened to float64 there (not on the CPU)."""
+    import torch
+
+    raw_np, torch_dtype = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+                           "BF16": (np.int16, torch.bfloat16)}[info.dtype]
+    count = info.nbytes // np.dtype(raw_np).itemsize
+    try:
+        raw = np.fromfile(info.file, dtype=raw_np, count=count, offset=info.offset)
+    except OSError as e:
+        raise SpectrumError(f"{info.file}: cannot read tensor '{info.name}': {e.strerror or e}") from None
+    if raw.size != count:
+        raise SpectrumError(f"{info.file}: tensor '{info.name}' is truncated (file changed while reading?)")
+    t = torch.from_numpy(raw).to(dev)
+    return (t.view(torch_dtype) if info.dtype == "BF16" else t).to(torch.float64).reshape(info.shape)
+
+
 def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
     """The engine's float64 output, ``(ascending Gram eigenvalues, amax, info)`` per matrix, by the two-stage
     solver: each matrix's stage 1 on the GPU while the CPU threads work on the ones before it. A band that
@@ -150,7 +167,7 @@ def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
         for info in infos:
             if _STOP.is_set():
                 raise KeyboardInterrupt
-            w = torch.from_numpy(read_matrix(info)).to(dev, torch.float64)
+            w = _device_matrix(info, dev)
             amax = float(w.abs().max())
             k = min(info.shape)
             if not math.isfinite(amax) or amax == 0.0 or abs(math.frexp(amax)[1]) > _SAFE_EXP:

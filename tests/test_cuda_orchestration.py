@@ -405,3 +405,22 @@ def test_twostage_band_that_does_not_converge_goes_to_the_cpu(fake_gpu, tmp_path
     r = spectrum_fast.scan(tmp_path, device="cuda", progress=False).records[0]
     assert on_cpu == [(200, 100)]  # the CPU engine computed it
     assert rel_err(r.snr, ref_snr(w)) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_twostage_widens_half_precision_on_the_device(fake_gpu, tmp_path, monkeypatch, dtype):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from spectrum_fast import cuda_engine
+
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(260, 130, generator=g) * 0.02 + 0.01 * torch.randn(260, 2, generator=g) @ torch.randn(2, 130, generator=g))
+    stored = w.to(getattr(torch, dtype))
+    save_file({"model.layers.0.mlp.up_proj.weight": stored}, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    r = spectrum_fast.scan(tmp_path, device="cuda", progress=False).records[0]
+    assert r.method == "gram-fp64" and not [c for c in fake_gpu.calls if c[2]]
+    assert rel_err(r.snr, ref_snr(stored.double().numpy())) <= 1e-4
