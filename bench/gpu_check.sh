@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (the whole session has 15 device minutes; a machine starts in ~30 s):
-#   bash bench/gpu_check.sh core     (timeout_s ~480: ~400 s of work)
-#   bash bench/gpu_check.sh scale    (timeout_s ~300: ~250 s)
+#   bash bench/gpu_check.sh core     (timeout_s ~500: ~440 s of work)
+#   bash bench/gpu_check.sh scale    (timeout_s ~330: ~310 s)
 #   bash bench/gpu_check.sh all      (both, cut at BUDGET: the scale step is usually skipped)
 # builds the CUDA engine there, then, each step bounded by what is left of BUDGET seconds (default 460;
 # GPU_PARTS picks bench_gpu.py's parts, SCALE_MODELS the scale bench's models):
@@ -53,13 +53,13 @@ if [[ $STAGE == all || $STAGE == core ]]; then
   GIT_COMMIT=$commit; export GIT_COMMIT
   step 60 bench.log $PY bench/bench_guard.py --device cuda --sizes 1024 4096 8192 --json "$OUT/guard_gpu.json"
   step 90 bench.log $PY bench/bench_twostage.py --device cuda --sizes 1024 4096 8192 --json "$OUT/twostage_gpu.json"
-  step 260 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-matrix,batched,e2e}" --json "$OUT/gpu_check.json"
+  step 300 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-matrix,batched,e2e}" --json "$OUT/gpu_check.json"
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
   step 200 scale.log $PY bench/bench_scale.py --device cuda --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 \
     --workdir /tmp/sf_scale --e2e --json "$OUT/scale_gpu.json"
   # the float64 pass by the two-stage solver (spectrum_fast/twostage.py) on the same generated layers
-  SPECTRUM_FAST_TWOSTAGE=1 step 120 scale.log $PY bench/bench_scale.py --device cuda --models Qwen1.5-110B \
+  SPECTRUM_FAST_TWOSTAGE=1 step 90 scale.log $PY bench/bench_scale.py --device cuda --models Qwen1.5-110B \
     --samples 2 --workdir /tmp/sf_scale --e2e --json "$OUT/scale_twostage_gpu.json"
 fi
 echo "results in $OUT after $SECONDS s"
