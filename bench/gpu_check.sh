@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh core     (timeout_s ~500: ~440 s of work)
 #   bash bench/gpu_check.sh scale    (timeout_s ~330: ~310 s)
 #   bash bench/gpu_check.sh all      (both, cut at BUDGET: the scale step is usually skipped)
-# builds the CUDA engine there, then, each step bounded by what is left of BUDGET seconds (default 460;
+# builds the CUDA engine there, then, each step bounded by what is left of BUDGET seconds (default 480;
 # GPU_PARTS picks bench_gpu.py's parts, SCALE_MODELS the scale bench's models):
 #   core:  GPU tests (tests/test_native.py, tests/test_cuda_orchestration.py); bench/bench_guard.py (the fp32
 #          guard's error model against the engine's real fp32 errors); bench/bench_twostage.py (a two-stage
@@ -20,7 +20,7 @@ OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-DEADLINE=$((SECONDS + ${BUDGET:-460}))
+DEADLINE=$((SECONDS + ${BUDGET:-480}))
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 
 # step CAP LOG CMD...: run CMD for at most min(CAP, seconds left), output appended to $OUT/LOG and shown
