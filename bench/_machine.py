@@ -1,9 +1,12 @@
-"""What machine a benchmark ran on (standard library only: the benchmarks' parents must stay small)."""
+"""What every benchmark shares: the machine it ran on, its result file, and file-reading rates (standard
+library only: the benchmarks' parents must stay small)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +27,35 @@ def machine_info() -> dict[str, Any]:
         pass
     return {"platform": platform.platform(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "cpu_model": cpu, "mem_gib": mem_gib}
+
+
+def write_result(path: Path, doc: dict[str, Any]) -> None:
+    """The benchmark's JSON, written atomically (a killed run never leaves a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def drop_cache(path: Path) -> None:
+    """Evict a file's pages from the page cache (no root needed for one's own files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_rate(path: Path, *, cold: bool) -> float:
+    """Bytes/s of one sequential read of a file, from disk (``cold``: page cache dropped first) or from the
+    page cache as it is."""
+    if cold:
+        drop_cache(path)
+    buf = bytearray(64 * 2**20)
+    t0 = time.perf_counter()
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while (k := f.readinto(buf)) > 0:
+            n += k
+    return n / (time.perf_counter() - t0)

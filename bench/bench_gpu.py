@@ -229,16 +229,10 @@ def floors(ckpt: Path, nbytes: int) -> dict:
     """Where the time must go, each step alone at its measured rate on this machine: reading the (page-cached)
     shards, the host-to-device copy, the fp32 Gram products, and the eigensolves (torch's syevd per k)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _machine import read_rate
     from bench_scale import eig_seconds, gemm_rate, pcie_bandwidth
 
-    shard = max(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size)
-    buf = bytearray(64 * 2**20)
-    t = time.perf_counter()
-    n = 0
-    with open(shard, "rb", buffering=0) as f:
-        while (r := f.readinto(buf)) > 0:
-            n += r
-    read_bps = n / (time.perf_counter() - t)
+    read_bps = read_rate(max(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size), cold=False)
     h, i = MISTRAL["hidden"], MISTRAL["intermediate"]
     kv = h * MISTRAL["kv_heads"] // MISTRAL["heads"]
     shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _machine import machine_info
+from _machine import machine_info, write_result
 
 
 def disk_used(d: Path) -> int:
@@ -132,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
            f"{args.layers} layers", "git_commit": commit, "machine": machine_info(),
            "command": "python bench/bench_hub.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "modes": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, args.json)
+    write_result(args.json, doc)
     return 0 if same else 1
 
 

@@ -15,7 +15,6 @@ figure comes from bench_scale.py --e2e on a lent GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_info
+from _machine import drop_cache, machine_info, read_rate, write_result
 
 
 class StandInEngine:
@@ -57,15 +56,6 @@ class StandInEngine:
             k = min(rows, cols)
             out.append((np.linspace(1.0, 2.0, k), 1.0, 0))
         return out
-
-
-def drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,13 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 delattr(spectrum_fast, "_C")
             else:
                 spectrum_fast._C = saved[1]
-        drop_cache(path)
-        t0 = time.perf_counter()
-        with open(path, "rb", buffering=0) as f:
-            buf = bytearray(64 << 20)
-            while f.readinto(buf):
-                pass
-        disk_bps = args.matrices * nbytes / (time.perf_counter() - t0)
+        disk_bps = read_rate(path, cold=True)
     best = {m: float(np.median(v)) for m, v in times.items()}  # the disk here is noisy: medians
     read_s, compute_s = args.matrices * nbytes / disk_bps, args.matrices * nbytes / StandInEngine.compute_bps
     doc = {"bench": "readahead", "machine": machine_info(), "command": "python bench/bench_readahead.py "
@@ -132,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
            "serial_prediction_s": read_s + compute_s, "overlapped_prediction_s": max(read_s, compute_s) + read_s / args.matrices}
     print(f"disk {disk_bps / 1e9:.2f} GB/s; without {best['without']:.2f} s (read + compute {read_s + compute_s:.2f} s), "
           f"with {best['with']:.2f} s (overlapped {doc['overlapped_prediction_s']:.2f} s): {doc['speedup']:.2f}x")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = args.json.with_suffix(".tmp")
-    tmp_json.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp_json, args.json)
+    write_result(args.json, doc)
     return 0
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_info
+from _machine import drop_cache, machine_info, read_rate, write_result
 from synth_checkpoint import Spec, tensor_list, write
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -62,26 +62,9 @@ def ensure_checkpoint(model: str, config: dict, layers: int, workdir: Path) -> P
     return out
 
 
-def drop_cache(path: Path) -> None:
-    """Evict a file's pages from the page cache (no root needed for one's own files)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def disk_bandwidth(path: Path) -> float:
     """Sequential read of a file whose page cache was dropped, bytes/s."""
-    drop_cache(path)
-    buf = bytearray(64 * 2**20)
-    t0 = time.perf_counter()
-    n = 0
-    with open(path, "rb", buffering=0) as f:
-        while (k := f.readinto(buf)) > 0:
-            n += k
-    return n / (time.perf_counter() - t0)
+    return read_rate(path, cold=True)
 
 
 def gemm_rate(device: str) -> float:
@@ -301,17 +284,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"measured, {r['e2e']['predicted_s']:.1f} s predicted ({r['e2e']['ratio']:.2f}x)")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent, check=False).stdout.strip()
-    doc = {"bench": "scale", "device": args.device, "twostage": os.environ.get("SPECTRUM_FAST_TWOSTAGE", "0"), "machine": machine_info(), "git_commit": commit,
+    doc = {"bench": "scale", "device": args.device, "twostage": os.environ.get("SPECTRUM_FAST_TWOSTAGE", "0"),
+           "machine": machine_info(), "git_commit": commit,
            "command": "python bench/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "rates": rates, "models": rows}
     if args.device == "cuda":
         import torch
 
         doc["gpu"] = torch.cuda.get_device_name(0)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, args.json)
+    write_result(args.json, doc)
     print(f"wrote {args.json}")
     return 0
 

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_info
+from _machine import machine_info, write_result
 
 from spectrum_fast import twostage
 
@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
            "rows": rows}
     if args.device == "cuda":
         doc["gpu"] = torch.cuda.get_device_name(0)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, args.json)
+    write_result(args.json, doc)
     best = {r["k"]: max(r["bands"], key=lambda e: e["speedup_fp64_vs_syevd"]) for r in rows}
     for k, e in best.items():
         print(f"k={k:>6} best b={e['b']:>4}: pipelined fp64 {e['pipelined_fp64_s']:.4f} s, "

@@ -70,9 +70,17 @@ def hub(tmp_path, monkeypatch):
 
 
 def _shard_blobs(cache: Path) -> list[Path]:
-    """Weight shards present in the cache (complete or being downloaded)."""
+    """Weight shards present in the cache (complete or being downloaded). The scan deletes shards while this
+    looks (it runs in the test server's request handler): a file gone between listing and stat is gone."""
     blobs = cache / f"models--{REPO.replace('/', '--')}" / "blobs"
-    return [p for p in blobs.glob("*") if p.stat().st_size > 10_000] if blobs.is_dir() else []
+    out = []
+    for p in blobs.glob("*") if blobs.is_dir() else ():
+        try:
+            if p.stat().st_size > 10_000:
+                out.append(p)
+        except FileNotFoundError:
+            continue
+    return out
 
 
 def _expected(src: Path) -> dict[str, float]:
