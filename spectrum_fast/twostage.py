@@ -45,10 +45,11 @@ def band_reduce(a, b: int):
         tau = tau[:kk]
         v = torch.tril(qr[:, :kk], -1)
         v.diagonal().fill_(1)
-        zero = tau == 0  # geqrf's "nothing to do" reflector: H = I
-        if bool(zero.any()):
-            v[:, zero] = 0
-            tau = torch.where(zero, torch.ones_like(tau), tau)
+        # geqrf's "nothing to do" reflector (tau = 0, H = I): a zero column of V with T's diagonal 1 is the
+        # same; done without a branch, which would wait for the GPU once per panel
+        zero = tau == 0
+        v = v * ~zero
+        tau = torch.where(zero, torch.ones_like(tau), tau)
         a[j + b:, j:j + b] = 0
         a[j + b:j + b + kk, j:j + b] = torch.triu(qr[:kk, :])
         a[j:j + b, j + b:] = a[j + b:, j:j + b].T
