@@ -60,6 +60,21 @@ def assert_snr_matches(snr: float, w: np.ndarray, tol: float = 1e-4, what: objec
     assert rel_err(snr, ref_snr(w)) <= tol, (what, snr, ref_snr(w))
 
 
+def adversarial():
+    """(name, float32 matrix) pairs that break naive routes: rank-deficient, duplicated rows, tall, a single
+    row, 1e-30 scale, spiked; used by the GPU parity tests and the two-stage route's."""
+    rng = np.random.default_rng(11)
+    yield "gauss", (rng.standard_normal((1536, 512)) * 0.02).astype(np.float32)
+    yield "wide", rng.standard_normal((256, 2048)).astype(np.float32)
+    yield "rank128", (rng.standard_normal((2048, 128)) @ rng.standard_normal((128, 512))).astype(np.float32)
+    yield "dups", np.repeat(rng.standard_normal((64, 256)), 8, axis=0).astype(np.float32)
+    yield "tall", rng.standard_normal((16384, 16)).astype(np.float32)
+    yield "row", rng.standard_normal((1, 300)).astype(np.float32)
+    yield "tiny", (rng.standard_normal((256, 128)) * 1e-30).astype(np.float32)
+    spikes = rng.standard_normal((1024, 8)) @ rng.standard_normal((8, 1024)) * 3
+    yield "spiked", (rng.standard_normal((1024, 1024)) + spikes).astype(np.float32)
+
+
 def ref_select(snrs: dict[str, float], types: dict[str, str], top: float) -> set[str]:
     """SPEC.md §3, independently: per type, SNR descending (ties by name), first floor(len * top)."""
     groups: dict[str, list[str]] = {}

@@ -424,3 +424,27 @@ def test_twostage_widens_half_precision_on_the_device(fake_gpu, tmp_path, monkey
     r = spectrum_fast.scan(tmp_path, device="cuda", progress=False).records[0]
     assert r.method == "gram-fp64" and not [c for c in fake_gpu.calls if c[2]]
     assert rel_err(r.snr, ref_snr(stored.double().numpy())) <= 1e-4
+
+
+def test_twostage_on_adversarial_matrices(fake_gpu, tmp_path, monkeypatch):
+    """Every adversarial matrix of the GPU parity test (rank-deficient, duplicated rows, 16384x16, 1x300,
+    1e-30 scale, spiked) through the two-stage route, run on the CPU's torch."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from spectrum_fast import cuda_engine
+
+    from .conftest import adversarial, assert_snr_matches
+
+    tensors = {f"model.layers.{i}.mlp.{name}.weight": torch.from_numpy(w).to(torch.bfloat16)
+               for i, (name, w) in enumerate(adversarial())}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", spectrum_fast.DegenerateMatrixWarning)
+        res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert not [c for c in fake_gpu.calls if c[2]] and len(res) == len(tensors)
+    for r in res.records:
+        assert_snr_matches(r.snr, tensors[r.module + ".weight"].double().numpy(), what=(r.module, r.method))

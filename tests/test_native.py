@@ -11,6 +11,7 @@ import pytest
 import spectrum_fast
 from spectrum_fast.backends import cuda_unavailable_reason, native_extension
 
+from .conftest import adversarial as _adversarial
 from .conftest import assert_snr_matches, ref_snr, rel_err, save_np
 
 _C = native_extension()
@@ -72,19 +73,6 @@ def test_cuda_request_without_gpu_is_a_clear_error(tmp_path):
 # -- on a GPU -------------------------------------------------------------------------------------
 
 
-def _adversarial():
-    rng = np.random.default_rng(11)
-    yield "gauss", (rng.standard_normal((1536, 512)) * 0.02).astype(np.float32)
-    yield "wide", rng.standard_normal((256, 2048)).astype(np.float32)
-    yield "rank128", (rng.standard_normal((2048, 128)) @ rng.standard_normal((128, 512))).astype(np.float32)
-    yield "dups", np.repeat(rng.standard_normal((64, 256)), 8, axis=0).astype(np.float32)
-    yield "tall", rng.standard_normal((16384, 16)).astype(np.float32)
-    yield "row", rng.standard_normal((1, 300)).astype(np.float32)
-    yield "tiny", (rng.standard_normal((256, 128)) * 1e-30).astype(np.float32)
-    spikes = rng.standard_normal((1024, 8)) @ rng.standard_normal((8, 1024)) * 3
-    yield "spiked", (rng.standard_normal((1024, 1024)) + spikes).astype(np.float32)
-
-
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,fp64_min_k", [("float32", "4096"), ("float16", "4096"), ("bfloat16", "4096"),
@@ -115,6 +103,36 @@ def test_gpu_parity_with_float64_reference(tmp_path, monkeypatch, dtype, fp64_mi
             continue
         assert_snr_matches(r.snr, stored, what=(r.module, r.method))
     assert gpu.select(0.5).modules == cpu.select(0.5).modules
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_twostage_parity_with_float64_reference(tmp_path, monkeypatch):
+    """SPECTRUM_FAST_TWOSTAGE=1 with every matrix in the float64 pass: band reduction on the GPU (torch geqrf,
+    solve_triangular, GEMMs), band eigenvalues on CPU threads; the same contract as every other route."""
+    import torch
+    from safetensors.torch import save_file
+
+    from spectrum_fast import twostage
+
+    rng = np.random.default_rng(12)
+    a = rng.standard_normal((700, 700))
+    a = torch.from_numpy(a + a.T).cuda()
+    band = twostage.band_reduce(a, 64).cpu().numpy()
+    want = np.linalg.eigvalsh(a.cpu().numpy())
+    np.testing.assert_allclose(twostage.band_eigenvalues(band), want, rtol=0, atol=1e-12 * np.abs(want).max())
+    tensors = {f"model.layers.{i}.mlp.{name}.weight": torch.from_numpy(w).to(torch.bfloat16)
+               for i, (name, w) in enumerate(_adversarial())}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", spectrum_fast.DegenerateMatrixWarning)
+        gpu = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    for r in gpu.records:
+        assert_snr_matches(r.snr, tensors[r.module + ".weight"].double().numpy(), what=(r.module, r.method))
 
 
 @needs_gpu
