@@ -298,8 +298,8 @@ def current_sources(model: str, *, revision: str | None = None) -> list[SourceFi
     return open_checkpoint(model, revision=revision).sources
 
 
-def read_matrix(info: TensorInfo) -> np.ndarray:
-    """Read one tensor and return it as float32 (float64 if stored as F64), shaped as stored."""
+def read_stored(info: TensorInfo) -> np.ndarray:
+    """One tensor's stored values, flat and not widened: BF16 as its uint16 bit patterns, FP8 as bytes."""
     if info.dtype not in _DTYPES:
         raise CheckpointError(f"{info.file}: tensor '{info.name}' has unsupported dtype {info.dtype}")
     itemsize, raw_dtype = _DTYPES[info.dtype]
@@ -311,6 +311,12 @@ def read_matrix(info: TensorInfo) -> np.ndarray:
         raise CheckpointError(f"{info.file}: cannot read tensor '{info.name}': {e.strerror or e}") from None
     if raw.size != count:
         raise CheckpointError(f"{info.file}: tensor '{info.name}' is truncated (file changed while reading?)")
+    return raw
+
+
+def read_matrix(info: TensorInfo) -> np.ndarray:
+    """Read one tensor and return it as float32 (float64 if stored as F64), shaped as stored."""
+    raw = read_stored(info)
     if info.dtype == "BF16":
         out = raw.astype(np.uint32)
         out <<= 16

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .checkpoint import TensorInfo, read_matrix, scale_layout
+from .checkpoint import TensorInfo, read_matrix, read_stored, scale_layout
 from .cpu_engine import (
     _SAFE_EXP,
     METHOD_GRAM32,
@@ -137,20 +137,15 @@ _TORCH_DEVICE: str | None = None  # tests run the two-stage path on the CPU; Non
 
 
 def _device_matrix(info: TensorInfo, dev):
-    """The stored F32/F16/BF16 bytes on the device, widened to float64 there (not on the CPU)."""
+    """The stored F32/F16/BF16 values on the device, widened to float64 there (not on the CPU)."""
     import torch
 
-    raw_np, torch_dtype = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
-                           "BF16": (np.int16, torch.bfloat16)}[info.dtype]
-    count = info.nbytes // np.dtype(raw_np).itemsize
-    try:
-        raw = np.fromfile(info.file, dtype=raw_np, count=count, offset=info.offset)
-    except OSError as e:
-        raise SpectrumError(f"{info.file}: cannot read tensor '{info.name}': {e.strerror or e}") from None
-    if raw.size != count:
-        raise SpectrumError(f"{info.file}: tensor '{info.name}' is truncated (file changed while reading?)")
-    t = torch.from_numpy(raw).to(dev)
-    return (t.view(torch_dtype) if info.dtype == "BF16" else t).to(torch.float64).reshape(info.shape)
+    raw = read_stored(info)
+    if info.dtype == "BF16":
+        t = torch.from_numpy(raw.view(np.int16)).to(dev).view(torch.bfloat16)  # the bits, then reinterpreted
+    else:
+        t = torch.from_numpy(raw).to(dev)
+    return t.to(torch.float64).reshape(info.shape)
 
 
 def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
