@@ -29,7 +29,7 @@ def main() -> int:
 
     if batched_max_k():
         print(f"GPU: batched eigensolver for same-shape matrices with k <= {batched_max_k()}")
-    if fp64_min_k() < 1 << 62:
+    if fp64_min_k():
         print(f"GPU: float64 first for matrices with k >= {fp64_min_k()}")
     from .cuda_engine import twostage_threads
     from .errors import SpectrumError

@@ -76,10 +76,16 @@ def _chunks(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
     return [c for c in chunks if c]
 
 
+def _for_cpu(amax: float) -> bool:
+    """A matrix whose largest entry is this is zero, not finite, or scaled outside the range where a Gram
+    matrix is safe from overflow and underflow: the CPU engine has the exact handling."""
+    return not math.isfinite(amax) or amax == 0.0 or abs(math.frexp(amax)[1]) > _SAFE_EXP
+
+
 def _judge(info: TensorInfo, lam: np.ndarray, amax: float, info_code: int, eps: float) -> MatrixStats | None:
     """Statistics from engine output if they can be trusted, else None (recompute elsewhere)."""
-    if not math.isfinite(amax) or amax == 0.0 or abs(math.frexp(amax)[1]) > _SAFE_EXP or info_code != 0:
-        return None  # degenerate or badly scaled: the CPU engine has the exact handling
+    if _for_cpu(amax) or info_code != 0:
+        return None
     m, n = info.shape
     stats = stats_from_gram(lam, float(lam.sum()), eps, m, n)
     if stats is None:
@@ -101,7 +107,7 @@ def fp64_min_k() -> int:
         k = int(os.environ.get("SPECTRUM_FAST_FP64_MIN_K", "4096"))
     except ValueError:
         raise SpectrumError("SPECTRUM_FAST_FP64_MIN_K must be an integer") from None
-    return k if k > 0 else 1 << 62
+    return max(0, k)
 
 
 def twostage_threads() -> int:
@@ -165,8 +171,8 @@ def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
             w = _device_matrix(info, dev)
             amax = float(w.abs().max())
             k = min(info.shape)
-            if not math.isfinite(amax) or amax == 0.0 or abs(math.frexp(amax)[1]) > _SAFE_EXP:
-                pending.append((None, k, amax))  # _judge hands it to the CPU engine, which handles it
+            if _for_cpu(amax):
+                pending.append((None, k, amax))  # _judge hands it to the CPU engine
                 continue
             g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
             del w
@@ -289,10 +295,17 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
             warmer.join()
 
 
+def _split(infos: list[TensorInfo], test: Callable[[TensorInfo], bool]) -> tuple[list, list]:
+    """``(those that pass, the rest)``, each in order."""
+    yes, no = [], []
+    for i in infos:
+        (yes if test(i) else no).append(i)
+    return yes, no
+
+
 def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None], big: int,
                batched_k: int, threads: int = 0) -> None:
-    retry = [i for i in chunk if min(i.shape) >= big]
-    first = [i for i in chunk if min(i.shape) < big]
+    first, retry = _split(chunk, lambda i: not big or min(i.shape) < big)  # retry: straight to float64
     for info, (lam, amax, code) in zip(first, _engine_run(engine, first, False, batched_k) if first else ()):
         out = _judge(info, lam, amax, code, _EPS32)
         if out is None:
@@ -302,8 +315,7 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
     if not retry:
         return
     if threads:
-        two = [i for i in retry if i.dtype in _TWOSTAGE_DTYPES and i.scale is None]
-        rest = [i for i in retry if not (i.dtype in _TWOSTAGE_DTYPES and i.scale is None)]
+        two, rest = _split(retry, lambda i: i.dtype in _TWOSTAGE_DTYPES and i.scale is None)
         retry = two + rest
         fp64 = _twostage_run(engine.device, two, threads) + (_engine_run(engine, rest, True, batched_k) if rest else [])
     else:
