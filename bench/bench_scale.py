@@ -167,6 +167,8 @@ def time_shapes(ckpt_dir: Path, device: str, samples: int) -> dict[tuple[int, in
         dt = time.perf_counter() - t0
         out[key] = {"m": key[0], "n": key[1], "dtype": key[2], "sampled": len(pick),
                     "s_per_matrix": dt / len(pick), "methods": dict(methods)}
+        print(f"  {key[0]:>6} x {key[1]:<6} {key[2]:<8} {dt / len(pick):8.3f} s/matrix  {dict(methods)}",
+              file=sys.stderr)
     return out
 
 
@@ -239,14 +241,6 @@ def main(argv: list[str] | None = None) -> int:
 
     first_shard = None
     rows = []
-    if args.device == "cuda":
-        import numpy as np
-
-        from spectrum_fast import twostage
-        from spectrum_fast.cuda_engine import twostage_threads
-
-        if threads := twostage_threads():  # SPECTRUM_FAST_TWOSTAGE=1: start its threads before timing
-            list(twostage.pool(threads).map(twostage.band_eigenvalues, [np.ones((2, 4))] * threads))
     rates: dict = {"gemm_flops": gemm_rate(args.device)}
     if args.device == "cuda":
         rates["pcie_Bps"] = pcie_bandwidth()
