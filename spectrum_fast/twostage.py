@@ -18,6 +18,7 @@ update is ``A - V Z^T - Z V^T``, ``Z = X - V (T^T V^T X) / 2``.
 
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -66,45 +67,35 @@ def band_reduce(a, b: int):
 
 
 _LAPACKE_NAMES = ("scipy_LAPACKE_dsbevd", "LAPACKE_dsbevd")
-_lapacke_lock = threading.Lock()
-_lapacke_cache: list = []  # [(function or None, where)] once looked up
 
 
+@functools.cache
 def _lapacke() -> tuple[object | None, str]:
     """``LAPACKE_dsbevd`` from scipy's bundled OpenBLAS (or a system LAPACKE) through ctypes, which releases
     the GIL during the call, so a thread pool runs several at once; ``(None, why)`` where none is found."""
-    with _lapacke_lock:
-        if _lapacke_cache:
-            return _lapacke_cache[0]
-        import ctypes
-        import ctypes.util
-        import glob
-        import os
+    import ctypes
+    import ctypes.util
+    import glob
+    import os
 
-        import scipy
+    import scipy
 
-        site = os.path.dirname(os.path.dirname(scipy.__file__))
-        paths = sorted(glob.glob(os.path.join(site, "scipy.libs", "libscipy_openblas*.so*")))
-        paths += [p for p in (ctypes.util.find_library("lapacke"),) if p]
-        found: tuple[object | None, str] = (None, "no LAPACKE_dsbevd found: scipy's eig_banded, one at a time")
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for name in _LAPACKE_NAMES:
-                fn = getattr(lib, name, None)
-                if fn is None:
-                    continue
+    site = os.path.dirname(os.path.dirname(scipy.__file__))
+    paths = sorted(glob.glob(os.path.join(site, "scipy.libs", "libscipy_openblas*.so*")))
+    paths += [p for p in (ctypes.util.find_library("lapacke"),) if p]
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _LAPACKE_NAMES:
+            fn = getattr(lib, name, None)
+            if fn is not None:
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, ctypes.c_int, ctypes.c_int,
                                ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-                found = (fn, f"{name} in {os.path.basename(path)}")
-                break
-            if found[0] is not None:
-                break
-        _lapacke_cache.append(found)
-        return found
+                return fn, f"{name} in {os.path.basename(path)}"
+    return None, "no LAPACKE_dsbevd found: scipy's eig_banded, one at a time"
 
 
 def stage2_backend() -> str:
