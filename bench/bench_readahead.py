@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     cuda_engine._warm = real_warm if mode == "with" else (lambda infos, stop: 0)
                     drop_cache(path)
                     t0 = time.perf_counter()
-                    cuda_engine.cuda_stats(infos, [0], lambda info, out: None)
+                    cuda_engine.cuda_stats(infos, [0], lambda info, out: None, units={})  # no batched solver
                     times[mode].append(time.perf_counter() - t0)
                     print(f"{mode:>8} read-ahead: {times[mode][-1]:.2f} s", flush=True)
         finally:

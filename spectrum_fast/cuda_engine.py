@@ -31,10 +31,16 @@ from .cpu_engine import (
     stats_from_gram,
 )
 from .errors import SpectrumError
-from .scheduling import plan
+from .scheduling import batch_units, group_units, plan
 
 _EPS32 = float(np.finfo(np.float32).eps)
 _EPS64 = float(np.finfo(np.float64).eps)
+#: The guard's error model (:func:`~spectrum_fast.cpu_engine.stats_from_gram`) was fitted to LAPACK on the
+#: CPU, whose largest measured eigenvalue error is 0.29 of it. cuBLAS + cuSOLVER on an H100 reached 1.72 of
+#: it (square bf16 matrices at k = 1024, 4096 and 8192, bench/results/guard_gpu.json), so on the GPU the
+#: model is widened 6x: the CPU's 3.4x margin again. Cheap where it bites: at k = 1024 the float64 pass
+#: costs what the fp32 one does on an H100, and from k = 4096 on matrices go to float64 first anyway.
+GPU_ERROR_SCALE = 6.0
 # Tasks per engine call: progress is reported between calls, the engine pipelines within one.
 _CHUNK_BYTES = 1 << 30
 #: Stored dtypes the native engine widens itself (FP8 times its scalar, per-row or block scale); F64
@@ -64,15 +70,17 @@ def _task(info: TensorInfo) -> tuple:
     return (str(info.file), info.offset, info.nbytes, info.dtype, info.shape[0], info.shape[1], scale)
 
 
-def _chunks(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
+def _chunks(infos: list[TensorInfo], units: dict[str, int]) -> list[list[TensorInfo]]:
+    """Engine calls of about ``_CHUNK_BYTES``; a unit is never cut."""
     chunks: list[list[TensorInfo]] = [[]]
     size = 0
-    for info in infos:
-        if chunks[-1] and size + info.nbytes > _CHUNK_BYTES:
+    for group in group_units(infos, units):
+        nbytes = sum(i.nbytes for i in group)
+        if chunks[-1] and size + nbytes > _CHUNK_BYTES:
             chunks.append([])
             size = 0
-        chunks[-1].append(info)
-        size += info.nbytes
+        chunks[-1].extend(group)
+        size += nbytes
     return [c for c in chunks if c]
 
 
@@ -87,7 +95,7 @@ def _judge(info: TensorInfo, lam: np.ndarray, amax: float, info_code: int, eps: 
     if _for_cpu(amax) or info_code != 0:
         return None
     m, n = info.shape
-    stats = stats_from_gram(lam, float(lam.sum()), eps, m, n)
+    stats = stats_from_gram(lam, float(lam.sum()), eps * GPU_ERROR_SCALE, m, n)
     if stats is None:
         return None
     return MatrixStats(STATUS_OK, METHOD_GRAM32 if eps == _EPS32 else METHOD_GRAM64, stats)
@@ -142,6 +150,10 @@ _TWOSTAGE_DTYPES = ("F32", "F16", "BF16")
 _TORCH_DEVICE: str | None = None  # tests run the two-stage path on the CPU; None: the engine's GPU
 
 
+def _twostage_takes(info: TensorInfo) -> bool:
+    return info.dtype in _TWOSTAGE_DTYPES and info.scale is None
+
+
 def _device_matrix(info: TensorInfo, dev):
     """The stored F32/F16/BF16 values on the device, widened to float64 there (not on the CPU)."""
     import torch
@@ -194,7 +206,8 @@ def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
                 f.cancel()  # no-op for the finished ones; on errors and Ctrl-C, the queued ones do not run
 
 
-_BATCH = 64  # matrices per run_batched solver call
+#: Matrices per batched solver call (a unit of :func:`~spectrum_fast.scheduling.batch_units`).
+BATCH = 64
 _STOP = threading.Event()  # set when the main thread is interrupted: the device threads stop too
 
 
@@ -209,30 +222,28 @@ def batched_max_k() -> int:
         raise SpectrumError("SPECTRUM_FAST_BATCHED_MAX_K must be an integer") from None
 
 
-def _batch_groups(infos: list[TensorInfo], max_k: int) -> tuple[list[list[int]], list[int]]:
-    """Indices of same-shape groups (two or more matrices with ``k <= max_k``) and of the rest."""
-    groups: dict[tuple, list[int]] = {}
+def _batch_groups(infos: list[TensorInfo], units: dict[str, int]) -> tuple[list[list[int]], list[int]]:
+    """Indices of the units (:func:`~spectrum_fast.scheduling.batch_units`) among ``infos``, and of the rest."""
+    groups: dict[int, list[int]] = {}
     rest: list[int] = []
     for i, info in enumerate(infos):
-        if max_k and min(info.shape) <= max_k:
-            sc = info.scale
-            key = (info.shape, info.dtype, scale_layout(info) if sc else None, sc.dtype if sc else None,
-                   sc.nbytes if sc else None)
-            groups.setdefault(key, []).append(i)
-        else:
+        unit = units.get(info.name)
+        if unit is None:
             rest.append(i)
+        else:
+            groups.setdefault(unit, []).append(i)
     batched = [g for g in groups.values() if len(g) > 1]
     rest += [g[0] for g in groups.values() if len(g) == 1]
     return batched, sorted(rest)
 
 
-def _engine_run(engine, infos: list[TensorInfo], fp64: bool, batched_k: int) -> list:
+def _engine_run(engine, infos: list[TensorInfo], fp64: bool, units: dict[str, int]) -> list:
     """The engine's results, with its errors (CUDA, cuSOLVER, short reads) as user errors naming tensors."""
     try:
-        batched, rest = _batch_groups(infos, batched_k)
+        batched, rest = _batch_groups(infos, units)
         out: list = [None] * len(infos)
         for group in batched:
-            results = engine.run_batched([_task(infos[i]) for i in group], fp64=fp64, batch=_BATCH,
+            results = engine.run_batched([_task(infos[i]) for i in group], fp64=fp64, batch=BATCH,
                                          should_stop=_STOP.is_set)
             for i, r in zip(group, results):
                 out[i] = r
@@ -272,10 +283,10 @@ def _warm(infos: list[TensorInfo], stop: threading.Event) -> int:
 
 
 def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None],
-                big: int, batched_k: int, threads: int = 0) -> None:
+                big: int, units: dict[str, int], threads: int = 0) -> None:
     """One device's share: fp32 first below ``k = big``, then float64, then the CPU's float64 SVD; while the
     engine works on one chunk, the next one is read into the page cache (:func:`_warm`)."""
-    chunks = _chunks(infos)
+    chunks = _chunks(infos, units)
     stop = threading.Event()
     warmer: threading.Thread | None = None
     try:
@@ -288,7 +299,7 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
                                           name="spectrum_fast-warm")
                 thread.start()
                 warmer = thread  # only a started thread is joined below
-            _run_chunk(engine, chunk, done, big, batched_k, threads)
+            _run_chunk(engine, chunk, done, big, units, threads)
     finally:
         stop.set()
         if warmer is not None:
@@ -304,30 +315,35 @@ def _split(infos: list[TensorInfo], test: Callable[[TensorInfo], bool]) -> tuple
 
 
 def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None], big: int,
-               batched_k: int, threads: int = 0) -> None:
-    first, retry = _split(chunk, lambda i: not big or min(i.shape) < big)  # retry: straight to float64
-    for info, (lam, amax, code) in zip(first, _engine_run(engine, first, False, batched_k) if first else ()):
+               units: dict[str, int], threads: int = 0) -> None:
+    first, straight = _split(chunk, lambda i: not big or min(i.shape) < big)  # straight to float64
+    failed = []
+    for info, (lam, amax, code) in zip(first, _engine_run(engine, first, False, units) if first else ()):
         out = _judge(info, lam, amax, code, _EPS32)
         if out is None:
-            retry.append(info)
+            failed.append(info)
         else:
             done(info, out)
-    if not retry:
-        return
+    # Matrices whose fp32 result failed go one at a time: a batch of them would depend on which others failed.
+    two: list[TensorInfo] = []
     if threads:
-        two, rest = _split(retry, lambda i: i.dtype in _TWOSTAGE_DTYPES and i.scale is None)
-        retry = two + rest
-        fp64 = _twostage_run(engine.device, two, threads) + (_engine_run(engine, rest, True, batched_k) if rest else [])
-    else:
-        fp64 = _engine_run(engine, retry, True, batched_k)
-    for info, (lam, amax, code) in zip(retry, fp64):
-        out = _judge(info, lam, amax, code, _EPS64)
-        done(info, out if out is not None else matrix_stats(read_matrix(info)))
+        two, straight = _split(straight, _twostage_takes)
+        two_failed, failed = _split(failed, _twostage_takes)
+        two += two_failed
+    passes = [(two, lambda: _twostage_run(engine.device, two, threads)),
+              (straight, lambda: _engine_run(engine, straight, True, units)),
+              (failed, lambda: _engine_run(engine, failed, True, {}))]
+    for part, compute in passes:
+        for info, (lam, amax, code) in zip(part, compute() if part else ()):
+            out = _judge(info, lam, amax, code, _EPS64)
+            done(info, out if out is not None else matrix_stats(read_matrix(info)))
 
 
 def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
-               done: Callable[[TensorInfo, MatrixStats], None]) -> None:
-    """Compute every matrix on the GPUs; ``done`` is called (under a lock) as each one finishes."""
+               done: Callable[[TensorInfo, MatrixStats], None], units: dict[str, int] | None = None) -> None:
+    """Compute every matrix on the GPUs; ``done`` is called (under a lock) as each one finishes. ``units``:
+    the batched solver's calls (:func:`~spectrum_fast.scheduling.batch_units`), fixed by the caller for
+    the whole scan, each one whole in ``infos``; by default formed from ``infos``."""
     from . import _C  # type: ignore[attr-defined]
 
     lock = threading.Lock()
@@ -340,16 +356,18 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
     unfit = [i.name for i in infos if not engine_takes(i)]
     if unfit:
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")
-    work = plan(infos, len(devices))
     big, batched_k, band_threads = fp64_min_k(), batched_max_k(), twostage_threads()  # settings errors up front
+    if units is None:
+        units = batch_units(infos, batched_k, BATCH)
+    work = plan(infos, len(devices), units)
     if len(devices) == 1:
-        _run_device(_C.GramEngine(devices[0]), work[0], report, big, batched_k, band_threads)
+        _run_device(_C.GramEngine(devices[0]), work[0], report, big, units, band_threads)
         return
     errors: list[BaseException] = []
 
     def worker(device: int, items: list[TensorInfo]) -> None:
         try:
-            _run_device(_C.GramEngine(device), items, report, big, batched_k, band_threads)
+            _run_device(_C.GramEngine(device), items, report, big, units, band_threads)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 

@@ -109,15 +109,17 @@ class HubRepo:
 
     # -- staging ---------------------------------------------------------------------------------------
 
-    def stage(self, infos: Sequence[TensorInfo]) -> Iterator[list[TensorInfo]]:
+    def stage(self, infos: Sequence[TensorInfo], units: dict[str, int] | None = None) -> Iterator[list[TensorInfo]]:
         """Yield ``infos`` in batches, each pointing at local files that exist while the batch is used.
 
         ``fetch="shards"``: one batch per shard; the next shards download in the background while the
         caller works on the current one, and are deleted once no later batch needs them (unless
-        ``keep``). ``fetch="ranges"``: batches of at most ``batch_bytes`` whose bytes alone are fetched.
+        ``keep``). ``fetch="ranges"``: batches of at most ``batch_bytes`` whose bytes alone are fetched,
+        never cutting one of ``units`` (matrix name -> unit, members listed together; a unit lies in one
+        shard).
         """
         if self.fetch == "ranges":
-            yield from self._stage_ranges(infos)
+            yield from self._stage_ranges(infos, units or {})
             return
         batches: dict[str, list[TensorInfo]] = {}
         for info in infos:
@@ -150,12 +152,13 @@ class HubRepo:
             for job in pending.values():  # look-ahead downloads: deleted when (or as soon as) they finish
                 job.abandon()
 
-    def _stage_ranges(self, infos: Sequence[TensorInfo]) -> Iterator[list[TensorInfo]]:
+    def _stage_ranges(self, infos: Sequence[TensorInfo], units: dict[str, int]) -> Iterator[list[TensorInfo]]:
         batches: list[list[TensorInfo]] = [[]]
         size = 0
         for info in infos:
             need = info.nbytes + (info.scale.nbytes if info.scale is not None else 0)
-            if batches[-1] and size + need > self.batch_bytes:
+            inside = batches[-1] and units.get(info.name, -1) == units.get(batches[-1][-1].name, -2)
+            if batches[-1] and size + need > self.batch_bytes and not inside:
                 batches.append([])
                 size = 0
             batches[-1].append(info)

@@ -26,7 +26,7 @@ from .errors import SpectrumError
 from .journal import Journal
 from .naming import is_embedding, is_head, module_name, module_type, wants
 from .result import MatrixRecord, ScanResult
-from .scheduling import plan, plan_files
+from .scheduling import batch_units, group_units, plan, plan_files
 
 _PREFETCH = 2
 DEVICES = ("auto", "cpu", "cuda")
@@ -177,11 +177,16 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         print(f"spectrum_fast: {backend_note}", file=sys.stderr)
 
     settings = {"types": types, "include_embeddings": include_embeddings, "exact": exact, "routers": routers}
+    units: dict[str, int] = {}  # the GPU's batched solver calls, fixed here for the whole scan
+    if backend == "cuda" and not exact:
+        from .cuda_engine import BATCH, batched_max_k, engine_takes
+
+        units = batch_units([i for i in chosen if engine_takes(i)], batched_max_k(), BATCH)
     ctx = distributed.context()
     if ctx is not None:
         # the same deal on every rank; whole shards when they are downloaded, so each is downloaded once
         whole_shards = ckpt.remote is not None and fetch == "shards"
-        deal = plan_files(chosen, ctx.world) if whole_shards else plan(chosen, ctx.world)
+        deal = plan_files(chosen, ctx.world) if whole_shards else plan(chosen, ctx.world, units)
         chosen_here = deal[ctx.rank]
         progress = progress and ctx.rank == 0
         if backend == "cuda" and not devices:
@@ -198,7 +203,10 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         finished = {r.module + ".weight": r for r in log.resumed}
         records = [finished[i.name] for i in chosen_here if i.name in finished]
     resumed = {r.module + ".weight" for r in records}
-    todo = [i for i in chosen_here if i.name not in resumed]
+    # a unit with a matrix left to do is computed whole, so that its batch is the uninterrupted scan's
+    open_units = {units[i.name] for i in chosen_here if i.name not in resumed and i.name in units}
+    todo = [i for g in group_units(chosen_here, units) for i in g
+            if i.name not in resumed or units.get(i.name) in open_units]
     if ckpt.remote is not None and progress:
         if fetch == "ranges":
             fate = "only the matrices' bytes, by range requests, nothing kept"
@@ -211,6 +219,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         bar.update(sum(i.nbytes for i in chosen_here) - sum(i.nbytes for i in todo))
 
         def done(info: TensorInfo, out: MatrixStats) -> None:
+            if info.name in resumed:
+                return  # recomputed with its unit; the journal's record stands
             rec = _record(info, out)
             if log is not None:
                 log.append(rec)
@@ -223,14 +233,14 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
             if backend == "cuda" and not exact:
                 from .cuda_engine import cuda_stats, engine_takes
 
-                cuda_stats([i for i in batch if engine_takes(i)], list(devices) if devices else [0], done)
+                cuda_stats([i for i in batch if engine_takes(i)], list(devices) if devices else [0], done, units)
                 on_cpu = [i for i in batch if not engine_takes(i)]
             if on_cpu:
                 _cpu_stats(on_cpu, workers, exact, done)
 
         try:
             if ckpt.remote is not None:
-                for batch in ckpt.remote.stage(todo):
+                for batch in ckpt.remote.stage(todo, units):
                     compute(batch)
             else:
                 compute(todo)

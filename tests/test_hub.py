@@ -391,3 +391,20 @@ def test_torchrun_ranks_download_disjoint_shards(hub, tmp_path):
     ref = json.loads((out / "snr_results_org-tiny-llm.json").read_text())
     assert {m: v["snr"] for m, v in ref.items()} == spectrum_fast.scan(hub.src[COMMIT_B], progress=False).snr
     assert _shard_blobs(hub.cache) == []
+
+
+def test_fetch_ranges_never_cuts_a_batched_unit(hub):
+    """Range batches are cut by size, but never inside a unit of the GPU's batched solver (whose bits depend
+    on the company), so a resumed range scan batches as the uninterrupted one did."""
+    from spectrum_fast.checkpoint import open_checkpoint
+    from spectrum_fast.scheduling import batch_units, group_units
+
+    ckpt = open_checkpoint(REPO)
+    ckpt.remote.fetch, ckpt.remote.batch_bytes, ckpt.remote.progress = "ranges", 1, False
+    infos = sorted((i for n, i in ckpt.tensors.items() if "proj" in n), key=lambda i: (str(i.file), i.offset))
+    units = batch_units(infos, 2048, 64)
+    assert len(set(units.values())) == 6 and len(units) == 12  # q_proj and up_proj pairs, per shard
+    batches = [[i.name for i in b] for b in ckpt.remote.stage([i for g in group_units(infos, units) for i in g], units)]
+    assert sorted(len(b) for b in batches) == [2] * 6
+    assert all(units[a] == units[b] for a, b in batches)
+    assert [[i.name for i in b] for b in ckpt.remote.stage(infos[:3])] == [[i.name] for i in infos[:3]]
