@@ -324,17 +324,34 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
             failed.append(info)
         else:
             done(info, out)
-    # Matrices whose fp32 result failed go one at a time: a batch of them would depend on which others failed.
     two: list[TensorInfo] = []
     if threads:
         two, straight = _split(straight, _twostage_takes)
         two_failed, failed = _split(failed, _twostage_takes)
         two += two_failed
+    # fp32 failures of a batched unit: the whole unit again in float64 when at least half of it failed,
+    # else those one at a time; either way a matrix's numbers depend on its unit alone, never on which
+    # other matrices happened to fail (a batch of just those would).
+    members: dict[int, list[TensorInfo]] = {}
+    for info in first:
+        if info.name in units:
+            members.setdefault(units[info.name], []).append(info)
+    missed: dict[int, int] = {}
+    for info in failed:
+        if info.name in units:
+            missed[units[info.name]] = missed.get(units[info.name], 0) + 1
+    whole = {u for u, n in missed.items() if 2 * n >= len(members[u])}
+    again = [i for u in whole for i in members[u]]
+    single = [i for i in failed if units.get(i.name) not in whole]
+    wanted = {i.name for i in failed}
     passes = [(two, lambda: _twostage_run(engine.device, two, threads)),
               (straight, lambda: _engine_run(engine, straight, True, units)),
-              (failed, lambda: _engine_run(engine, failed, True, {}))]
+              (again, lambda: _engine_run(engine, again, True, units)),
+              (single, lambda: _engine_run(engine, single, True, {}))]
     for part, compute in passes:
         for info, (lam, amax, code) in zip(part, compute() if part else ()):
+            if part is again and info.name not in wanted:
+                continue  # its fp32 result stood
             out = _judge(info, lam, amax, code, _EPS64)
             done(info, out if out is not None else matrix_stats(read_matrix(info)))
 

@@ -116,7 +116,7 @@ class HubRepo:
         caller works on the current one, and are deleted once no later batch needs them (unless
         ``keep``). ``fetch="ranges"``: batches of at most ``batch_bytes`` whose bytes alone are fetched,
         never cutting one of ``units`` (matrix name -> unit, members listed together; a unit lies in one
-        shard).
+        shard), so a batch can exceed ``batch_bytes`` by up to one unit (64 same-shape matrices).
         """
         if self.fetch == "ranges":
             yield from self._stage_ranges(infos, units or {})

@@ -177,11 +177,12 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         print(f"spectrum_fast: {backend_note}", file=sys.stderr)
 
     settings = {"types": types, "include_embeddings": include_embeddings, "exact": exact, "routers": routers}
-    units: dict[str, int] = {}  # the GPU's batched solver calls, fixed here for the whole scan
-    if backend == "cuda" and not exact:
-        from .cuda_engine import BATCH, batched_max_k, engine_takes
+    # The GPU's batched solver calls, fixed here for the whole scan. From the checkpoint alone, whatever the
+    # backend: every rank deals by them, and a rank without a GPU must deal as the others do.
+    from .cuda_engine import BATCH, batched_max_k, engine_takes
 
-        units = batch_units([i for i in chosen if engine_takes(i)], batched_max_k(), BATCH)
+    units = batch_units([i for i in chosen if engine_takes(i)], batched_max_k(), BATCH)
+    gpu_units = units if backend == "cuda" and not exact else {}
     ctx = distributed.context()
     if ctx is not None:
         # the same deal on every rank; whole shards when they are downloaded, so each is downloaded once
@@ -204,9 +205,9 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         records = [finished[i.name] for i in chosen_here if i.name in finished]
     resumed = {r.module + ".weight" for r in records}
     # a unit with a matrix left to do is computed whole, so that its batch is the uninterrupted scan's
-    open_units = {units[i.name] for i in chosen_here if i.name not in resumed and i.name in units}
-    todo = [i for g in group_units(chosen_here, units) for i in g
-            if i.name not in resumed or units.get(i.name) in open_units]
+    open_units = {gpu_units[i.name] for i in chosen_here if i.name not in resumed and i.name in gpu_units}
+    todo = [i for g in group_units(chosen_here, gpu_units) for i in g
+            if i.name not in resumed or gpu_units.get(i.name) in open_units]
     if ckpt.remote is not None and progress:
         if fetch == "ranges":
             fate = "only the matrices' bytes, by range requests, nothing kept"
@@ -216,7 +217,7 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
               f"{ckpt.remote.endpoint}: {len(ckpt.remote.shards)} shards, {fate}", file=sys.stderr)
     error: BaseException | None = None
     with _progress(sum(i.nbytes for i in chosen_here), len(chosen_here), progress) as bar:
-        bar.update(sum(i.nbytes for i in chosen_here) - sum(i.nbytes for i in todo))
+        bar.update(sum(i.nbytes for i in chosen_here if i.name in resumed))
 
         def done(info: TensorInfo, out: MatrixStats) -> None:
             if info.name in resumed:
@@ -233,14 +234,14 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
             if backend == "cuda" and not exact:
                 from .cuda_engine import cuda_stats, engine_takes
 
-                cuda_stats([i for i in batch if engine_takes(i)], list(devices) if devices else [0], done, units)
+                cuda_stats([i for i in batch if engine_takes(i)], list(devices) if devices else [0], done, gpu_units)
                 on_cpu = [i for i in batch if not engine_takes(i)]
             if on_cpu:
                 _cpu_stats(on_cpu, workers, exact, done)
 
         try:
             if ckpt.remote is not None:
-                for batch in ckpt.remote.stage(todo, units):
+                for batch in ckpt.remote.stage(todo, gpu_units):
                     compute(batch)
             else:
                 compute(todo)

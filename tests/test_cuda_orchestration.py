@@ -499,6 +499,27 @@ def test_batched_units_make_resumed_and_multi_gpu_scans_bit_identical(fake_gpu, 
     journal = tmp_path / "scan.journal"
     whole = spectrum_fast.scan(tmp_path, device="cuda", progress=False, journal=journal)
     assert fake_gpu.batched_calls == [9]
+    from spectrum_fast import scanner
+
+    class Bar:
+        def __init__(self, total, n, enabled):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, nbytes):
+            self.n += nbytes
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+    bars: list[Bar] = []
+    monkeypatch.setattr(scanner, "_progress", Bar)
     lines = journal.read_bytes().split(b"\n")
     experts = [ln for ln in lines[1:] if b"experts" in ln]
     journal.write_bytes(b"\n".join([lines[0], *experts[:4]]) + b"\n")  # killed after 4 of the unit's 9
@@ -506,6 +527,7 @@ def test_batched_units_make_resumed_and_multi_gpu_scans_bit_identical(fake_gpu, 
     resumed = spectrum_fast.scan(tmp_path, device="cuda", progress=False, journal=journal)
     assert fake_gpu.batched_calls == [9]  # the unit again, whole
     assert resumed.snr == whole.snr
+    assert bars[-1].n == bars[-1].total  # the progress bar ends full, the recomputed 4 counted once
     assert journal.read_bytes().count(b"\n") == 1 + len(t)  # the 4 kept records were not journaled twice
     assert len({json.loads(ln)["module"] for ln in journal.read_bytes().split(b"\n")[1:] if ln}) == len(t)
     assert spectrum_fast.scan(tmp_path, device="cuda", devices=[0, 1], progress=False).snr == whole.snr
@@ -531,3 +553,46 @@ def test_batch_units_are_fixed_per_file_shape_and_size():
         names = [i.name for i in share]
         for a, b in (("e0", "e1"), ("e2", "e3"), ("f0", "f1")):
             assert (a in names) == (b in names)  # a unit goes whole to one worker
+
+
+def test_fp32_failures_in_a_unit_retry_by_a_rule_that_depends_on_the_unit_alone(fake_gpu, tmp_path, monkeypatch):
+    """A unit where most matrices fail the fp32 guard goes to float64 whole, batched; one where few fail
+    retries those one at a time. Either way the numbers meet the contract."""
+    rng = np.random.default_rng(12)
+
+    def low_rank(m, n, r):  # its small singular values are roundoff: fp32 cannot vouch for them
+        return (rng.standard_normal((m, r)) @ rng.standard_normal((r, n))).astype(np.float32)
+
+    t = {f"model.layers.{i}.mlp.experts.{e}.w1.weight": low_rank(96, 64, 8) for i in range(2) for e in range(3)}
+    t.update({f"model.layers.{i}.mlp.experts.{e}.w2.weight": (low_rank(80, 48, 6) if e == 0 else
+                                                              rng.standard_normal((80, 48)).astype(np.float32))
+              for i in range(2) for e in range(3)})
+    save_np(tmp_path / "model.safetensors", t)
+    res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    batched64 = [(rows, fp64) for _, rows, fp64 in fake_gpu.calls if fp64]
+    assert batched64.count((96, True)) == 6  # w1: all six failed -> the unit again, whole
+    assert batched64.count((80, True)) == 2  # w2: two of six failed -> just those two
+    assert sorted(fake_gpu.batched_calls) == [6, 6, 6]  # fp32 w1, fp32 w2, float64 w1
+    assert {r.method for r in res.records if ".w1" in r.module} <= {"gram-fp64", "svd-fp64"}
+    for r in res.records:
+        assert rel_err(r.snr, ref_snr(t[r.module + ".weight"])) <= 1e-4, r.module
+
+
+def test_every_rank_deals_alike_whatever_its_backend(fake_gpu, tmp_path, monkeypatch):
+    """torchrun ranks deal matrices out without talking: a rank on the CPU and one on a GPU must make the
+    same deal (by the same batched units), or matrices are scanned twice or never."""
+    from spectrum_fast import distributed
+
+    rng = np.random.default_rng(13)
+    t = {f"model.layers.{i}.mlp.experts.{e}.w1.weight": rng.standard_normal((96, 64)).astype(np.float32)
+         for i in range(4) for e in range(4)}
+    t.update({f"model.layers.{i}.self_attn.o_proj.weight": rng.standard_normal((200, 150)).astype(np.float32)
+              for i in range(4)})
+    save_np(tmp_path / "model.safetensors", t)
+    monkeypatch.setattr(distributed, "exchange", lambda ctx, records, error: records)
+    shares = []
+    for rank, device in ((0, "cpu"), (1, "cuda")):
+        monkeypatch.setattr(distributed, "context", lambda rank=rank: distributed.Context(rank, 2, None))
+        shares.append({r.module for r in spectrum_fast.scan(tmp_path, device=device, progress=False).records})
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert shares[0] | shares[1] == {n[: -len(".weight")] for n in t}
