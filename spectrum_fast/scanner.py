@@ -182,7 +182,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     from .cuda_engine import BATCH, batched_max_k, engine_takes
 
     units = batch_units([i for i in chosen if engine_takes(i)], batched_max_k(), BATCH)
-    gpu_units = units if backend == "cuda" and not exact else {}
+    on_gpu = backend == "cuda" and not exact
+    gpu_units = units if on_gpu else {}
     ctx = distributed.context()
     if ctx is not None:
         # the same deal on every rank; whole shards when they are downloaded, so each is downloaded once
@@ -197,7 +198,13 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     records: list[MatrixRecord] = []
     log = None
     if journal is not None:
-        header = {"sources": [s.to_json() for s in ckpt.sources], "settings": settings}
+        # what fixes the numbers' last bits too: a journal from another backend or GPU setting starts over
+        engine: dict = {"backend": "cuda" if on_gpu else "cpu"}
+        if on_gpu:
+            from .cuda_engine import fp64_min_k, twostage_threads
+
+            engine.update(batched_max_k=batched_max_k(), fp64_min_k=fp64_min_k(), twostage=twostage_threads() > 0)
+        header = {"sources": [s.to_json() for s in ckpt.sources], "settings": settings, "engine": engine}
         log = Journal(distributed.rank_journal(Path(journal)), header).open()
         if log.note and progress:
             print(f"spectrum_fast: {log.note}", file=sys.stderr)
@@ -231,8 +238,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
 
         def compute(batch: list[TensorInfo]) -> None:
             on_cpu = batch
-            if backend == "cuda" and not exact:
-                from .cuda_engine import cuda_stats, engine_takes
+            if on_gpu:
+                from .cuda_engine import cuda_stats
 
                 cuda_stats([i for i in batch if engine_takes(i)], list(devices) if devices else [0], done, gpu_units)
                 on_cpu = [i for i in batch if not engine_takes(i)]

@@ -596,3 +596,23 @@ def test_every_rank_deals_alike_whatever_its_backend(fake_gpu, tmp_path, monkeyp
         shares.append({r.module for r in spectrum_fast.scan(tmp_path, device=device, progress=False).records})
     assert shares[0] and shares[1] and not shares[0] & shares[1]
     assert shares[0] | shares[1] == {n[: -len(".weight")] for n in t}
+
+
+def test_journal_from_another_engine_or_gpu_setting_starts_over(fake_gpu, tmp_path, monkeypatch, capsys):
+    """Bit-identical resumes need the same engine and settings: a CPU scan's journal, or one written under
+    another SPECTRUM_FAST_BATCHED_MAX_K, is not mixed into a GPU scan."""
+    rng = np.random.default_rng(14)
+    t = {f"model.layers.{i}.mlp.experts.{e}.w1.weight": rng.standard_normal((96, 64)).astype(np.float32)
+         for i in range(2) for e in range(2)}
+    save_np(tmp_path / "model.safetensors", t)
+    journal = tmp_path / "scan.journal"
+    spectrum_fast.scan(tmp_path, device="cpu", progress=False, journal=journal)
+    capsys.readouterr()
+    spectrum_fast.scan(tmp_path, device="cuda", progress=True, journal=journal)
+    assert "starting over" in capsys.readouterr().err and len(fake_gpu.calls) == 4
+    fake_gpu.calls = []
+    spectrum_fast.scan(tmp_path, device="cuda", progress=True, journal=journal)
+    assert "starting over" not in capsys.readouterr().err and fake_gpu.calls == []  # same settings: resumed
+    monkeypatch.setenv("SPECTRUM_FAST_BATCHED_MAX_K", "0")
+    spectrum_fast.scan(tmp_path, device="cuda", progress=True, journal=journal)
+    assert "starting over" in capsys.readouterr().err and len(fake_gpu.calls) == 4
