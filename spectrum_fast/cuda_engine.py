@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -222,35 +223,19 @@ def batched_max_k() -> int:
         raise SpectrumError("SPECTRUM_FAST_BATCHED_MAX_K must be an integer") from None
 
 
-def _batch_groups(infos: list[TensorInfo], units: dict[str, int]) -> tuple[list[list[int]], list[int]]:
-    """Indices of the units (:func:`~spectrum_fast.scheduling.batch_units`) among ``infos``, and of the rest."""
-    groups: dict[int, list[int]] = {}
-    rest: list[int] = []
-    for i, info in enumerate(infos):
-        unit = units.get(info.name)
-        if unit is None:
-            rest.append(i)
-        else:
-            groups.setdefault(unit, []).append(i)
-    batched = [g for g in groups.values() if len(g) > 1]
-    rest += [g[0] for g in groups.values() if len(g) == 1]
-    return batched, sorted(rest)
-
-
 def _engine_run(engine, infos: list[TensorInfo], fp64: bool, units: dict[str, int]) -> list:
     """The engine's results, with its errors (CUDA, cuSOLVER, short reads) as user errors naming tensors."""
     try:
-        batched, rest = _batch_groups(infos, units)
-        out: list = [None] * len(infos)
-        for group in batched:
-            results = engine.run_batched([_task(infos[i]) for i in group], fp64=fp64, batch=BATCH,
-                                         should_stop=_STOP.is_set)
-            for i, r in zip(group, results):
-                out[i] = r
+        groups = group_units(infos, units)
+        out: dict[str, tuple] = {}
+        for group in (g for g in groups if len(g) > 1):
+            out.update(zip((i.name for i in group), engine.run_batched(
+                [_task(i) for i in group], fp64=fp64, batch=BATCH, should_stop=_STOP.is_set)))
+        rest = [g[0] for g in groups if len(g) == 1]  # alone, or the one member of its unit in ``infos``
         if rest:
-            for i, r in zip(rest, engine.run([_task(infos[i]) for i in rest], fp64=fp64, should_stop=_STOP.is_set)):
-                out[i] = r
-        return out
+            out.update(zip((i.name for i in rest), engine.run([_task(i) for i in rest], fp64=fp64,
+                                                              should_stop=_STOP.is_set)))
+        return [out[i.name] for i in infos]
     except RuntimeError as e:
         names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
         raise SpectrumError(f"CUDA engine on GPU {engine.device} failed on {names} ({infos[0].file}): {e}") from None
@@ -336,10 +321,7 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
     for info in first:
         if info.name in units:
             members.setdefault(units[info.name], []).append(info)
-    missed: dict[int, int] = {}
-    for info in failed:
-        if info.name in units:
-            missed[units[info.name]] = missed.get(units[info.name], 0) + 1
+    missed = Counter(units[i.name] for i in failed if i.name in units)
     whole = {u for u, n in missed.items() if 2 * n >= len(members[u])}
     again = [i for u in whole for i in members[u]]
     single = [i for i in failed if units.get(i.name) not in whole]

@@ -157,7 +157,8 @@ class HubRepo:
         size = 0
         for info in infos:
             need = info.nbytes + (info.scale.nbytes if info.scale is not None else 0)
-            inside = batches[-1] and units.get(info.name, -1) == units.get(batches[-1][-1].name, -2)
+            unit = units.get(info.name)
+            inside = unit is not None and batches[-1] and unit == units.get(batches[-1][-1].name)
             if batches[-1] and size + need > self.batch_bytes and not inside:
                 batches.append([])
                 size = 0

@@ -181,7 +181,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     # backend: every rank deals by them, and a rank without a GPU must deal as the others do.
     from .cuda_engine import BATCH, batched_max_k, engine_takes
 
-    units = batch_units([i for i in chosen if engine_takes(i)], batched_max_k(), BATCH)
+    max_k = batched_max_k()
+    units = batch_units([i for i in chosen if engine_takes(i)], max_k, BATCH)
     on_gpu = backend == "cuda" and not exact
     gpu_units = units if on_gpu else {}
     ctx = distributed.context()
@@ -203,7 +204,7 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         if on_gpu:
             from .cuda_engine import fp64_min_k, twostage_threads
 
-            engine.update(batched_max_k=batched_max_k(), fp64_min_k=fp64_min_k(), twostage=twostage_threads() > 0)
+            engine.update(batched_max_k=max_k, fp64_min_k=fp64_min_k(), twostage=twostage_threads() > 0)
         header = {"sources": [s.to_json() for s in ckpt.sources], "settings": settings, "engine": engine}
         log = Journal(distributed.rank_journal(Path(journal)), header).open()
         if log.note and progress:
