@@ -8,6 +8,7 @@
 #include <tuple>
 #include <vector>
 
+#include "band_solver_api.h"
 #include "engine.h"
 
 namespace py = pybind11;
@@ -122,6 +123,23 @@ py::list run_batched(GramEngine& engine, const py::sequence& items, bool fp64, i
   });
 }
 
+// bands: (batch, n, ld) float64, C order: matrix m's column q at [m, q, :], A(q + i, q) at [m, q, i], the
+// rest zero (see band_solver.h). Not modified (the solver works on a copy).
+py::array_t<double> band_eigenvalues_host(const py::array_t<double, py::array::c_style | py::array::forcecast>& bands,
+                                          int64_t b, int64_t threads) {
+  if (bands.ndim() != 3) throw py::value_error("bands must be (batch, n, ld), got " + std::to_string(bands.ndim()) + " dimensions");
+  const int64_t batch = bands.shape(0), n = bands.shape(1), ld = bands.shape(2);
+  spectrum_fast::check_band_args(batch, n, b, ld, n * ld, threads);
+  std::vector<double> work(bands.data(), bands.data() + batch * n * ld);
+  py::array_t<double> w({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(n)});
+  double* out = w.mutable_data();
+  {
+    py::gil_scoped_release release;
+    spectrum_fast::band_eigenvalues_host(work.data(), batch, n * ld, n, b, ld, out, threads);
+  }
+  return w;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -141,5 +159,20 @@ PYBIND11_MODULE(_C, m) {
            py::arg("should_stop") = py::none(),
            "As run(), for tasks of one shape, dtype and scale layout: `batch` matrices per strided-batched GEMM "
            "and cusolverDnXsyevBatched call.");
+  m.def("band_eigenvalues_host", &band_eigenvalues_host, py::arg("bands"), py::arg("b"), py::arg("threads") = 4,
+        "Ascending eigenvalues (batch, n) of symmetric band matrices given as (batch, n, ld) float64, ld >= 2b: "
+        "the GPU's band solver run by a team of `threads` host threads per matrix (for tests).");
+  m.def("band_eigenvalues_cuda",
+        [](int device, uintptr_t bands, int64_t batch, int64_t stride, int64_t n, int64_t b, int64_t ld,
+           uintptr_t work, uintptr_t w, uintptr_t stream, int64_t threads) {
+          spectrum_fast::band_eigenvalues_cuda(device, reinterpret_cast<double*>(bands), batch, stride, n, b, ld,
+                                               reinterpret_cast<double*>(work), reinterpret_cast<double*>(w),
+                                               stream, threads);
+        },
+        py::arg("device"), py::arg("bands"), py::arg("batch"), py::arg("stride"), py::arg("n"), py::arg("b"),
+        py::arg("ld"), py::arg("work"), py::arg("w"), py::arg("stream"), py::arg("threads") = 64,
+        "Queue the band eigensolver on a GPU: device pointers (as integers) to `batch` band matrices `stride` "
+        "doubles apart (layout of band_eigenvalues_host; overwritten), a work area of batch * 2n doubles and "
+        "the output (batch, n); `stream` a cudaStream_t as an integer. Arguments are checked before any CUDA call.");
   m.def("validate_tasks", [](const py::sequence& items) { return to_tasks(items).size(); }, "Check task tuples as run() would, without a GPU; returns their number.");
 }

@@ -1,0 +1,85 @@
+// The band eigensolver on a GPU: band_solver.h with a CUDA thread block as the team, one block per matrix
+// for the bulge chasing (stage 2), then one thread per eigenvalue for the bisection (stage 3). A batch of
+// matrices fills the GPU: each matrix's chase is a long chain of small steps, and the chains run side by side.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "band_solver_api.h"
+#include "cuda_check.h"
+
+#define SF_FN __device__
+#define SF_NS device
+#include "band_solver.h"
+
+namespace spectrum_fast {
+namespace {
+
+struct BlockTeam {
+  double* partial;  // shared, one per warp
+  double* v_;
+  double* w_;
+  double* y_;
+  __device__ int rank() const { return static_cast<int>(threadIdx.x); }
+  __device__ int size() const { return static_cast<int>(blockDim.x); }
+  __device__ void sync() { __syncthreads(); }
+  // blockDim.x is a multiple of 32 (checked by the launcher): full warps, fixed order
+  __device__ double sum(double x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = x;
+    __syncthreads();
+    double s = 0.0;
+    for (int i = 0; i < static_cast<int>(blockDim.x >> 5); ++i) s += partial[i];
+    __syncthreads();
+    return s;
+  }
+  __device__ double* v() { return v_; }
+  __device__ double* w() { return w_; }
+  __device__ double* y() { return y_; }
+};
+
+__global__ void chase_kernel(double* bands, int64_t stride, int64_t n, int64_t b, int64_t ld, double* work) {
+  __shared__ double partial[32];
+  __shared__ double v[device::kMaxBand], w[device::kMaxBand], y[device::kMaxBand];
+  BlockTeam t{partial, v, w, y};
+  const int64_t m = blockIdx.x;
+  double* d = work + m * 2 * n;
+  device::chase(t, bands + m * stride, n, b, ld, d, d + n);
+}
+
+__global__ void bisect_kernel(const double* work, int64_t n, double* w) {
+  const int64_t m = blockIdx.y;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  const double* d = work + m * 2 * n;
+  const double* e = d + n;
+  double lo, hi, pivmin;
+  device::bounds(d, e, n, &lo, &hi, &pivmin);
+  w[m * n + j] = device::eigenvalue(d, e, n, j, lo, hi, pivmin);
+}
+
+}  // namespace
+
+void band_eigenvalues_cuda(int device, double* bands, int64_t batch, int64_t stride, int64_t n, int64_t b,
+                           int64_t ld, double* work, double* w, uintptr_t stream, int64_t threads) {
+  check_band_args(batch, n, b, ld, stride, threads);
+  if (threads % 32 != 0) throw std::invalid_argument("band eigensolver: threads must be a multiple of 32 on a GPU");
+  if (batch > 65535) throw std::invalid_argument("band eigensolver: at most 65535 matrices per call on a GPU");
+  int previous = 0;
+  check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  chase_kernel<<<static_cast<unsigned>(batch), static_cast<unsigned>(threads), 0, s>>>(bands, stride, n, b, ld, work);
+  cudaError_t status = cudaGetLastError();
+  if (status == cudaSuccess) {
+    const unsigned per_block = 128;
+    dim3 grid(static_cast<unsigned>((n + per_block - 1) / per_block), static_cast<unsigned>(batch));
+    bisect_kernel<<<grid, per_block, 0, s>>>(work, n, w);
+    status = cudaGetLastError();
+  }
+  cudaSetDevice(previous);
+  check_cuda(status, "band eigensolver kernel launch");
+}
+
+}  // namespace spectrum_fast

@@ -1,0 +1,174 @@
+// Eigenvalues of symmetric band matrices: stage 2 and 3 of a two-stage eigensolver.
+//
+// Stage 1 (dense to band, matrix products) runs in torch (spectrum_fast/twostage.py). This file is the rest,
+// written once for two executors: a CUDA thread block per matrix (band_solver.cu, SF_FN = __device__) and a
+// team of std::threads on the host (band_solver_host.cpp, SF_FN empty), which the CPU tests run. Both
+// include this header inside their own namespace (SF_NS), so the two instantiations never meet.
+//
+// A team is a fixed set of threads that run the same code: rank() / size(), sync() (a barrier), sum(x)
+// (every thread's x added in a fixed order, the total returned to all; a barrier), and shared scratch
+// vectors v(), w(), y() of kMaxBand doubles. Work inside one phase is split by rank and touches disjoint
+// memory; phases are separated by sync().
+//
+// Storage: the lower triangle of a symmetric n x n matrix in band form, column-major by column:
+//   A(p, q), p >= q, at a[q * ld + (p - q)],   ld >= 2 * b (the bulges reach 2b - 1 below the diagonal).
+// On entry A has bandwidth b (offsets b + 1 .. ld - 1 must be zero); it is overwritten.
+//
+// Stage 2 (chase): band to tridiagonal by Householder bulge chasing, one column at a time (the scheme of
+// LAPACK's dsytrd_sb2st): sweep i annihilates column i below its subdiagonal with a reflector H on rows
+// i+1 .. i+b, applies it to the diagonal block from both sides and to the block below from the right,
+// which creates a bulge; the bulge's first column is annihilated by the next reflector, and so on down
+// the matrix. What stays of each bulge is removed by the next sweeps. O(n^2 b) flops, n^2 / (2b) steps.
+// Stage 3 (bisection): every eigenvalue of the tridiagonal matrix by Sturm counts, one per thread.
+// Inputs should be scaled to max |a| ~ 1 (the callers divide by it), so that squares neither overflow nor
+// underflow in ways that matter.
+//
+// The result depends only on the matrix and the team size: no atomics, fixed summation order.
+
+#ifndef SF_FN
+#error "define SF_FN (__device__ or empty) and SF_NS before including band_solver.h"
+#endif
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+namespace spectrum_fast {
+namespace SF_NS {
+
+constexpr int kMaxBand = 128;
+
+SF_FN inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// A(p, q) of the symmetric band matrix, either triangle
+SF_FN inline double sym(const double* a, int64_t ld, int64_t p, int64_t q) {
+  return p >= q ? a[q * ld + (p - q)] : a[p * ld + (q - p)];
+}
+
+// Band (ld, n as described above) to tridiagonal: d[0..n-1] the diagonal, e[0..n-2] the subdiagonal.
+template <class Team>
+SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d, double* e) {
+  const int rank = t.rank(), size = t.size();
+  double* v = t.v();
+  double* w = t.w();
+  double* y = t.y();
+  for (int64_t i = 0; i + 2 < n && b > 1; ++i) {
+    int64_t col = i, j0 = i + 1, j1 = min64(i + b, n - 1);  // reflector rows J = [j0, j1], from column col
+    int64_t pc0 = 0, pc1 = -1;                              // the columns it is applied to from the left
+    while (j1 > j0) {
+      const int64_t len = j1 - j0 + 1;
+      double* x = a + col * ld + (j0 - col);  // A(J, col), contiguous
+      // Householder (LAPACK dlarfg): (I - tau v v^T) x = beta e_1, v[0] = 1
+      const double alpha = x[0];  // read before the barrier in sum(): x[0] is overwritten right after it
+      double part = 0.0;
+      for (int64_t r = 1 + rank; r < len; r += size) part += x[r] * x[r];
+      const double ss = t.sum(part);
+      double tau = 0.0, beta = alpha, scale = 0.0;
+      if (ss > 0.0) {
+        beta = -copysign(sqrt(alpha * alpha + ss), alpha);
+        tau = (beta - alpha) / beta;
+        scale = 1.0 / (alpha - beta);
+      }
+      for (int64_t r = rank; r < len; r += size) {
+        v[r] = r == 0 ? 1.0 : x[r] * scale;
+        x[r] = r == 0 ? beta : 0.0;  // each thread reads its x[r] before writing it
+      }
+      t.sync();
+      if (tau != 0.0) {  // the same decision in every thread (tau is shared)
+        const int64_t r0 = j1 + 1, r1 = min64(j1 + b, n - 1), rows = r1 - j1;  // the block below: rows R
+        // phase A, three disjoint regions read/written with v only
+        for (int64_t q = pc0 + 1 + rank; q <= pc1; q += size) {  // left: A(J, q) -= tau v (v^T A(J, q))
+          double* c = a + q * ld + (j0 - q);
+          double s = 0.0;
+          for (int64_t r = 0; r < len; ++r) s += v[r] * c[r];
+          s *= tau;
+          for (int64_t r = 0; r < len; ++r) c[r] -= s * v[r];
+        }
+        for (int64_t r = rank; r < len; r += size) {  // w = tau D v, D = A(J, J)
+          double s = 0.0;
+          for (int64_t c = 0; c < len; ++c) s += sym(a, ld, j0 + r, j0 + c) * v[c];
+          w[r] = tau * s;
+        }
+        for (int64_t r = rank; r < rows; r += size) {  // y = A(R, J) v
+          double s = 0.0;
+          for (int64_t c = 0; c < len; ++c) s += a[(j0 + c) * ld + (r0 + r - j0 - c)] * v[c];
+          y[r] = s;
+        }
+        t.sync();
+        part = 0.0;
+        for (int64_t r = rank; r < len; r += size) part += v[r] * w[r];
+        const double gamma = 0.5 * tau * t.sum(part);
+        // phase C: D -= v z^T + z v^T (lower triangle), z = w - gamma v; A(R, J) -= tau y v^T
+        for (int64_t c = rank; c < len; c += size) {
+          const double zc = w[c] - gamma * v[c], vc = v[c];
+          double* dc = a + (j0 + c) * ld;
+          for (int64_t r = c; r < len; ++r) dc[r - c] -= v[r] * zc + (w[r] - gamma * v[r]) * vc;
+        }
+        for (int64_t idx = rank; idx < rows * len; idx += size) {
+          const int64_t r = idx % rows, c = idx / rows;
+          a[(j0 + c) * ld + (r0 + r - j0 - c)] -= tau * y[r] * v[c];
+        }
+        t.sync();
+      }
+      col = j0;
+      pc0 = j0;
+      pc1 = j1;
+      j0 = j1 + 1;
+      j1 = min64(j1 + b, n - 1);
+    }
+  }
+  for (int64_t q = rank; q < n; q += size) {
+    d[q] = a[q * ld];
+    if (q + 1 < n) e[q] = a[q * ld + 1];
+  }
+  t.sync();
+}
+
+// Number of eigenvalues of the tridiagonal (d, e) below x (Sturm count; LAPACK dlaebz's pivmin guard).
+SF_FN inline int64_t count_below(const double* d, const double* e, int64_t n, double x, double pivmin) {
+  int64_t count = 0;
+  double q = d[0] - x;
+  if (fabs(q) < pivmin) q = -pivmin;
+  if (q < 0.0) ++count;
+  for (int64_t i = 1; i < n; ++i) {
+    q = d[i] - x - e[i - 1] * e[i - 1] / q;
+    if (fabs(q) < pivmin) q = -pivmin;
+    if (q < 0.0) ++count;
+  }
+  return count;
+}
+
+// The j-th smallest eigenvalue (j = 0 .. n-1) of the tridiagonal (d, e) by bisection, to about
+// 2 eps max(|lo|, |hi|) of the Gershgorin interval [lo, hi]; pivmin as in count_below.
+SF_FN inline double eigenvalue(const double* d, const double* e, int64_t n, int64_t j, double lo, double hi,
+                               double pivmin) {
+  const double tol = 2.0 * DBL_EPSILON * fmax(fabs(lo), fabs(hi)) + pivmin;
+  for (int it = 0; it < 200 && hi - lo > tol; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    if (mid <= lo || mid >= hi) break;
+    if (count_below(d, e, n, mid, pivmin) > j) {
+      hi = mid;
+    } else {
+      lo = mid;
+    }
+  }
+  return 0.5 * (lo + hi);
+}
+
+// Gershgorin interval (widened a little) and pivmin of the tridiagonal (d, e).
+SF_FN inline void bounds(const double* d, const double* e, int64_t n, double* lo, double* hi, double* pivmin) {
+  double l = d[0], h = d[0], emax2 = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double r = (i > 0 ? fabs(e[i - 1]) : 0.0) + (i + 1 < n ? fabs(e[i]) : 0.0);
+    l = fmin(l, d[i] - r);
+    h = fmax(h, d[i] + r);
+    if (i + 1 < n) emax2 = fmax(emax2, e[i] * e[i]);
+  }
+  const double pad = 2.0 * DBL_EPSILON * fmax(fabs(l), fabs(h)) * static_cast<double>(n) + DBL_MIN;
+  *lo = l - pad;
+  *hi = h + pad;
+  *pivmin = DBL_MIN * fmax(1.0, emax2);
+}
+
+}  // namespace SF_NS
+}  // namespace spectrum_fast

@@ -1,0 +1,104 @@
+// The band eigensolver on the host: each matrix by a team of std::threads running band_solver.h with real
+// barriers, so the CPU tests exercise the same phases and synchronisation as the GPU's thread blocks.
+#include <condition_variable>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "band_solver_api.h"
+
+#define SF_FN
+#define SF_NS host
+#include "band_solver.h"
+
+namespace spectrum_fast {
+namespace {
+
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const int64_t gen = generation_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lock, [&] { return generation_ != gen; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int count_;
+  int arrived_ = 0;
+  int64_t generation_ = 0;
+};
+
+struct Shared {
+  explicit Shared(int size) : barrier(size), partial(size), v(host::kMaxBand), w(host::kMaxBand), y(host::kMaxBand) {}
+  Barrier barrier;
+  std::vector<double> partial, v, w, y;
+};
+
+struct HostTeam {
+  Shared* sh;
+  int rank_, size_;
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  void sync() { sh->barrier.wait(); }
+  double sum(double x) {
+    sh->partial[rank_] = x;
+    sync();
+    double s = 0.0;
+    for (int i = 0; i < size_; ++i) s += sh->partial[i];
+    sync();  // nobody writes partial[] again before everyone has read it
+    return s;
+  }
+  double* v() { return sh->v.data(); }
+  double* w() { return sh->w.data(); }
+  double* y() { return sh->y.data(); }
+};
+
+}  // namespace
+
+void check_band_args(int64_t batch, int64_t n, int64_t b, int64_t ld, int64_t stride, int64_t threads) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("band eigensolver: " + what); };
+  if (batch < 1) fail("batch must be at least 1, got " + std::to_string(batch));
+  if (n < 1) fail("n must be at least 1, got " + std::to_string(n));
+  if (b < 1 || b > host::kMaxBand) {
+    fail("bandwidth must be in 1.." + std::to_string(host::kMaxBand) + ", got " + std::to_string(b));
+  }
+  if (ld < 2 * b) fail("ld must be at least 2 * bandwidth = " + std::to_string(2 * b) + ", got " + std::to_string(ld));
+  if (stride < n * ld) fail("stride must be at least n * ld = " + std::to_string(n * ld) + ", got " + std::to_string(stride));
+  if (threads < 1 || threads > 1024) fail("threads must be in 1..1024, got " + std::to_string(threads));
+}
+
+void band_eigenvalues_host(double* bands, int64_t batch, int64_t stride, int64_t n, int64_t b, int64_t ld,
+                           double* w, int64_t threads) {
+  check_band_args(batch, n, b, ld, stride, threads);
+  std::vector<double> d(n), e(n);
+  for (int64_t m = 0; m < batch; ++m) {
+    double* a = bands + m * stride;
+    double* out = w + m * n;
+    const int size = static_cast<int>(threads);
+    Shared sh(size);
+    auto body = [&](int rank) {
+      HostTeam t{&sh, rank, size};
+      host::chase(t, a, n, b, ld, d.data(), e.data());
+      double lo, hi, pivmin;
+      host::bounds(d.data(), e.data(), n, &lo, &hi, &pivmin);
+      for (int64_t j = rank; j < n; j += size) out[j] = host::eigenvalue(d.data(), e.data(), n, j, lo, hi, pivmin);
+    };
+    std::vector<std::thread> team;
+    for (int r = 1; r < size; ++r) team.emplace_back(body, r);
+    body(0);
+    for (auto& th : team) th.join();
+  }
+}
+
+}  // namespace spectrum_fast
