@@ -164,7 +164,8 @@ SF_FN inline void bounds(const double* d, const double* e, int64_t n, double* lo
     h = fmax(h, d[i] + r);
     if (i + 1 < n) emax2 = fmax(emax2, e[i] * e[i]);
   }
-  const double pad = 2.0 * DBL_EPSILON * fmax(fabs(l), fabs(h)) * static_cast<double>(n) + DBL_MIN;
+  // a multiple of the identity (the zero matrix included) is exact: an empty interval
+  const double pad = h > l ? 2.0 * DBL_EPSILON * fmax(fabs(l), fabs(h)) * static_cast<double>(n) + DBL_MIN : 0.0;
   *lo = l - pad;
   *hi = h + pad;
   *pivmin = DBL_MIN * fmax(1.0, emax2);

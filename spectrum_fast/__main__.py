@@ -31,15 +31,17 @@ def main() -> int:
         print(f"GPU: batched eigensolver for same-shape matrices with k <= {batched_max_k()}")
     if fp64_min_k():
         print(f"GPU: float64 first for matrices with k >= {fp64_min_k()}")
-    from .cuda_engine import twostage_threads
+    from .cuda_engine import twostage_mode, twostage_threads
     from .errors import SpectrumError
 
     try:
-        band_threads = twostage_threads()
+        mode, band_threads = twostage_mode(), twostage_threads()
     except SpectrumError as e:
         print(f"GPU: two-stage float64 pass: {e}")
     else:
-        if band_threads:
+        if mode == "gpu":
+            print("GPU: two-stage float64 pass, band eigenvalues on the GPU (the native band solver)")
+        elif band_threads:
             from .twostage import stage2_backend
 
             print(f"GPU: two-stage float64 pass, band eigenvalues on {band_threads} threads ({stage2_backend()})")

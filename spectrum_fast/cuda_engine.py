@@ -119,23 +119,33 @@ def fp64_min_k() -> int:
     return max(0, k)
 
 
-def twostage_threads() -> int:
-    """CPU threads for the two-stage eigensolver of the float64 pass, 0 when it is off (the default).
+def twostage_mode() -> str:
+    """Which eigensolver takes the float64 pass of F32/F16/BF16 matrices: ``"off"`` (the engine's ``Dsyevd``,
+    the default), ``"gpu"`` or ``"cpu"`` (:mod:`spectrum_fast.twostage`).
 
-    ``SPECTRUM_FAST_TWOSTAGE=1`` sends the float64 pass of F32/F16/BF16 matrices through
-    :mod:`spectrum_fast.twostage` instead of the engine's ``Dsyevd``: the float64 Gram matrix and its
-    reduction to a band on the GPU, the band's eigenvalues on the CPU cores (one thread per core, divided
-    among the ranks of a torchrun job; ``SPECTRUM_FAST_TWOSTAGE_THREADS`` sets the count). Off until a GPU
-    measurement shows it faster (bench/bench_twostage.py)."""
+    ``SPECTRUM_FAST_TWOSTAGE=gpu`` (or ``1``): the float64 Gram matrix, its reduction to a band (torch) and
+    the band's eigenvalues (the ``_C`` band solver: bulge chasing and bisection, many matrices at once), all
+    on the GPU. ``=cpu``: the band's eigenvalues by LAPACK on the CPU cores instead (one thread per core,
+    divided among the ranks of a torchrun job; ``SPECTRUM_FAST_TWOSTAGE_THREADS`` sets the count); on an
+    H100's host it was 0.52x ``Dsyevd`` at k = 4096 (bench/NOTES-gpu.md, run 3). Off until a GPU
+    measurement shows one faster (bench/bench_twostage.py)."""
     flag = os.environ.get("SPECTRUM_FAST_TWOSTAGE", "0").strip().lower()
     if flag in ("", "0", "off", "no", "false"):
-        return 0
-    if flag not in ("1", "on", "yes", "true"):
-        raise SpectrumError(f"SPECTRUM_FAST_TWOSTAGE must be 0 or 1, got {flag!r}")
+        return "off"
+    mode = {"1": "gpu", "on": "gpu", "yes": "gpu", "true": "gpu", "gpu": "gpu", "cpu": "cpu"}.get(flag)
+    if mode is None:
+        raise SpectrumError(f"SPECTRUM_FAST_TWOSTAGE must be 0, gpu or cpu (1 means gpu), got {flag!r}")
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
-        raise SpectrumError("SPECTRUM_FAST_TWOSTAGE=1 needs PyTorch (its band reduction runs in torch)")
+        raise SpectrumError("SPECTRUM_FAST_TWOSTAGE needs PyTorch (its band reduction runs in torch)")
+    return mode
+
+
+def twostage_threads() -> int:
+    """CPU threads for ``SPECTRUM_FAST_TWOSTAGE=cpu``'s band eigenvalues, 0 in the other modes."""
+    if twostage_mode() != "cpu":
+        return 0
     try:
         threads = int(os.environ.get("SPECTRUM_FAST_TWOSTAGE_THREADS", "0"))
     except ValueError:
@@ -146,7 +156,8 @@ def twostage_threads() -> int:
     return threads
 
 
-_TWOSTAGE_BAND = 64
+_TWOSTAGE_BAND = 64  # the CPU stage 2's bandwidth (run 3)
+_DEVICE_BAND = 32  # the GPU band solver's: its steps cost ~b^2 each, n^2 / 2b of them in a row
 _TWOSTAGE_DTYPES = ("F32", "F16", "BF16")
 _TORCH_DEVICE: str | None = None  # tests run the two-stage path on the CPU; None: the engine's GPU
 
@@ -205,6 +216,44 @@ def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
         for f, _, _ in pending:
             if f is not None:
                 f.cancel()  # no-op for the finished ones; on errors and Ctrl-C, the queued ones do not run
+
+
+def _bands_submit(solver, infos: list[TensorInfo]) -> list:
+    """Reduce these matrices' float64 Gram matrices to bands for ``solver`` (a :class:`~spectrum_fast.twostage.DeviceBands`)
+    and launch it; returns ``(info, None, amax)`` for those the solver does not take (zero, not finite, or out
+    of the Gram matrix's safe range: :func:`_judge` hands them to the CPU engine)."""
+    import torch
+
+    rest = []
+    try:
+        for info in infos:
+            if _STOP.is_set():
+                raise KeyboardInterrupt
+            w = _device_matrix(info, solver.device)
+            amax = float(w.abs().max())
+            if _for_cpu(amax):
+                rest.append((info, np.zeros(min(info.shape)), amax))
+                continue
+            g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+            del w
+            solver.submit((info, amax), g)
+            del g
+        solver.launch()
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
+        raise SpectrumError(f"two-stage eigensolver on {solver.device} failed on {names} ({infos[0].file}): {e}") from None
+    return rest
+
+
+def _bands_done(solver, done: Callable[[TensorInfo, MatrixStats], None], wait: bool) -> None:
+    """Deliver the band solver's finished matrices (all of them when ``wait``)."""
+    try:
+        finished = solver.finished(wait)
+    except RuntimeError as e:
+        raise SpectrumError(f"two-stage eigensolver on {solver.device} failed: {e}") from None
+    for (info, amax), lam in finished:
+        out = _judge(info, lam, amax, 0, _EPS64)
+        done(info, out if out is not None else matrix_stats(read_matrix(info)))
 
 
 #: Matrices per batched solver call (a unit of :func:`~spectrum_fast.scheduling.batch_units`).
@@ -268,12 +317,19 @@ def _warm(infos: list[TensorInfo], stop: threading.Event) -> int:
 
 
 def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None],
-                big: int, units: dict[str, int], threads: int = 0) -> None:
+                big: int, units: dict[str, int], threads: int = 0, mode: str = "off") -> None:
     """One device's share: fp32 first below ``k = big``, then float64, then the CPU's float64 SVD; while the
-    engine works on one chunk, the next one is read into the page cache (:func:`_warm`)."""
+    engine works on one chunk, the next one is read into the page cache (:func:`_warm`). With the GPU
+    two-stage solver (``mode == "gpu"``) the float64 pass of a chunk is queued on the GPU and delivered as
+    it finishes, while the next chunks go on."""
     chunks = _chunks(infos, units)
     stop = threading.Event()
     warmer: threading.Thread | None = None
+    solver = None
+    if mode == "gpu":
+        from .twostage import DeviceBands
+
+        solver = DeviceBands(_TORCH_DEVICE or f"cuda:{engine.device}", _DEVICE_BAND)
     try:
         for index, chunk in enumerate(chunks):
             if warmer is not None:
@@ -284,7 +340,11 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
                                           name="spectrum_fast-warm")
                 thread.start()
                 warmer = thread  # only a started thread is joined below
-            _run_chunk(engine, chunk, done, big, units, threads)
+            _run_chunk(engine, chunk, done, big, units, threads, solver)
+            if solver is not None:
+                _bands_done(solver, done, wait=False)
+        if solver is not None:
+            _bands_done(solver, done, wait=True)
     finally:
         stop.set()
         if warmer is not None:
@@ -300,7 +360,7 @@ def _split(infos: list[TensorInfo], test: Callable[[TensorInfo], bool]) -> tuple
 
 
 def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None], big: int,
-               units: dict[str, int], threads: int = 0) -> None:
+               units: dict[str, int], threads: int = 0, solver=None) -> None:
     first, straight = _split(chunk, lambda i: not big or min(i.shape) < big)  # straight to float64
     failed = []
     for info, (lam, amax, code) in zip(first, _engine_run(engine, first, False, units) if first else ()):
@@ -310,7 +370,7 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
         else:
             done(info, out)
     two: list[TensorInfo] = []
-    if threads:
+    if threads or solver is not None:
         two, straight = _split(straight, _twostage_takes)
         two_failed, failed = _split(failed, _twostage_takes)
         two += two_failed
@@ -326,7 +386,11 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
     again = [i for u in whole for i in members[u]]
     single = [i for i in failed if units.get(i.name) not in whole]
     wanted = {i.name for i in failed}
-    passes = [(two, lambda: _twostage_run(engine.device, two, threads)),
+    unfit: list = []  # (info, eigenvalues, amax) the GPU band solver did not take: the CPU's
+    if solver is not None and two:  # queued on the GPU; :func:`_run_device` delivers them as they finish
+        unfit, two = _bands_submit(solver, two), []
+    passes = [([i for i, _, _ in unfit], lambda: [(lam, amax, 0) for _, lam, amax in unfit]),
+              (two, lambda: _twostage_run(engine.device, two, threads)),
               (straight, lambda: _engine_run(engine, straight, True, units)),
               (again, lambda: _engine_run(engine, again, True, units)),
               (single, lambda: _engine_run(engine, single, True, {}))]
@@ -355,18 +419,19 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
     unfit = [i.name for i in infos if not engine_takes(i)]
     if unfit:
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")
-    big, batched_k, band_threads = fp64_min_k(), batched_max_k(), twostage_threads()  # settings errors up front
+    # settings errors up front
+    big, batched_k, mode, band_threads = fp64_min_k(), batched_max_k(), twostage_mode(), twostage_threads()
     if units is None:
         units = batch_units(infos, batched_k, BATCH)
     work = plan(infos, len(devices), units)
     if len(devices) == 1:
-        _run_device(_C.GramEngine(devices[0]), work[0], report, big, units, band_threads)
+        _run_device(_C.GramEngine(devices[0]), work[0], report, big, units, band_threads, mode)
         return
     errors: list[BaseException] = []
 
     def worker(device: int, items: list[TensorInfo]) -> None:
         try:
-            _run_device(_C.GramEngine(device), items, report, big, units, band_threads)
+            _run_device(_C.GramEngine(device), items, report, big, units, band_threads, mode)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 

@@ -1,7 +1,12 @@
-"""Eigenvalues of a symmetric matrix by a two-stage reduction: stage 1 on the GPU, stage 2 on CPU cores.
+"""Eigenvalues of a symmetric matrix by a two-stage reduction: stage 1 on the GPU, stages 2 and 3 on the GPU
+(:class:`DeviceBands`, the ``_C`` band solver) or on CPU cores (:func:`submit`, LAPACK).
 
-Opt-in for the GPU scan's float64 pass (``SPECTRUM_FAST_TWOSTAGE=1``, see :func:`spectrum_fast.cuda_engine.twostage_threads`)
-until a lent GPU shows it beats ``syevd`` (bench/bench_twostage.py, bench/NOTES-gpu.md).
+Opt-in for the GPU scan's float64 pass (``SPECTRUM_FAST_TWOSTAGE=gpu`` or ``cpu``, see
+:func:`spectrum_fast.cuda_engine.twostage_mode`) until a lent GPU shows it beats ``syevd``
+(bench/bench_twostage.py, bench/NOTES-gpu.md). The CPU stage 2 lost on an H100's host (run 3: 0.52x at
+k = 4096): LAPACK's band reduction takes 2 s per matrix and core there. The GPU one (csrc/band_solver.h)
+chases the bulges of many matrices at once, one thread block each, and finds the eigenvalues of the
+tridiagonal matrices by bisection, one thread per eigenvalue.
 
 Why: on an H100 the one-stage eigensolver (``cusolverDnXsyevd``) is the floor of every scan (14.5 s of the
 Mistral-7B-shaped scan's 21 s; 193 s of Qwen1.5-110B's 210 s floor). Its tridiagonal reduction is half
@@ -147,3 +152,96 @@ def submit(a, b: int, threads: int) -> Future:
     """Stage 1 here (on ``a``'s device), stage 2 in the pool: a future of the ascending eigenvalues."""
     band = band_reduce(a, b).to("cpu", copy=True).numpy()
     return pool(threads).submit(band_eigenvalues, band)
+
+
+def band_storage(band, ld: int):
+    """The band solver's layout (csrc/band_solver.h) of a ``(b + 1, n)`` lower band from :func:`band_reduce`:
+    ``(n, ld)``, row ``q`` holding column ``q`` from the diagonal down, zero beyond the band."""
+    out = band.new_zeros(band.shape[1], ld)
+    out[:, : band.shape[0]] = band.T
+    return out
+
+
+def _native():
+    from . import _C  # type: ignore[attr-defined]
+
+    return _C
+
+
+class DeviceBands:
+    """Stages 2 and 3 on the GPU for many matrices at once: :meth:`submit` reduces a matrix to a band
+    (stage 1, torch, on the current stream) and keeps it; :meth:`launch` queues the band solver for all kept
+    bands of one size on a side stream and returns at once; :meth:`finished` hands back what is done.
+    Each matrix gets its own thread block and the launches use a pool of streams, so chases run side by
+    side on the GPU's multiprocessors while the next matrices are read and reduced. A matrix's eigenvalues
+    depend on it alone, not on what shares its launch. On a CPU torch device (the tests) the same solver
+    runs on host threads (``_C.band_eigenvalues_host``), synchronously."""
+
+    STREAMS = 8
+
+    def __init__(self, device, band: int = 32, threads: int = 64):
+        import torch
+
+        self.device = torch.device(device)
+        self.band = band
+        self.threads = threads
+        self._pending: list[tuple[object, object, object]] = []  # (key, band storage, scale)
+        self._inflight: list[tuple[object, list, object, object, tuple]] = []  # (event, keys, w, scales, keep)
+        self._streams = ([torch.cuda.Stream(self.device) for _ in range(self.STREAMS)]
+                         if self.device.type == "cuda" else [])
+        self._next = 0
+
+    def submit(self, key, a) -> None:
+        """Stage 1 of the symmetric matrix ``a`` (float64, on this device) now; ``key`` comes back with its
+        eigenvalues from :meth:`finished`. A zero matrix is the caller's to handle (it has no scale)."""
+        scale = a.abs().amax()  # the solver wants entries of order one
+        self._pending.append((key, band_storage(band_reduce(a / scale, self.band), 2 * self.band), scale))
+
+    def launch(self) -> None:
+        """Queue the solver for every submitted matrix (one launch per matrix size)."""
+        import torch
+
+        by_n: dict[int, list] = {}
+        for item in self._pending:
+            by_n.setdefault(item[1].shape[0], []).append(item)
+        self._pending = []
+        for n, items in by_n.items():
+            keys = [k for k, _, _ in items]
+            bands = torch.stack([s for _, s, _ in items])  # (batch, n, ld)
+            scales = torch.stack([c for _, _, c in items])
+            batch, ld = bands.shape[0], bands.shape[2]
+            if self.device.type != "cuda":
+                w = torch.from_numpy(_native().band_eigenvalues_host(bands.numpy(), self.band, 2))
+                self._inflight.append((None, keys, w, scales, ()))
+                continue
+            stream = self._streams[self._next % len(self._streams)]
+            self._next += 1
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                work = torch.empty(batch, 2 * n, dtype=torch.float64, device=self.device)
+                w = torch.empty(batch, n, dtype=torch.float64, device=self.device)
+                _native().band_eigenvalues_cuda(self.device.index or 0, bands.data_ptr(), batch, n * ld, n,
+                                                self.band, ld, work.data_ptr(), w.data_ptr(), stream.cuda_stream,
+                                                self.threads)
+                event = torch.cuda.Event()
+                event.record(stream)
+            # every tensor the kernels touch stays referenced until the event has passed
+            self._inflight.append((event, keys, w, scales, (bands, work)))
+
+    def finished(self, wait: bool = False) -> list[tuple[object, np.ndarray]]:
+        """``(key, ascending eigenvalues)`` of every launch that is done (all of them when ``wait``)."""
+        out, still = [], []
+        for item in self._inflight:
+            event, keys, w, scales, _ = item
+            if event is not None and not wait and not event.query():
+                still.append(item)
+                continue
+            if event is not None:
+                event.synchronize()
+            lam = (w * scales[:, None]).cpu().numpy()
+            out.extend(zip(keys, lam))
+        self._inflight = still
+        return out
+
+    def busy(self) -> bool:
+        return bool(self._pending or self._inflight)

@@ -170,10 +170,11 @@ def test_diagnostics_show_the_gpu_settings():
     out = run(SPECTRUM_FAST_TWOSTAGE="0", SPECTRUM_FAST_FP64_MIN_K="8192", SPECTRUM_FAST_BATCHED_MAX_K="0")
     assert "float64 first for matrices with k >= 8192" in out
     assert "batched" not in out and "two-stage" not in out
-    assert "two-stage float64 pass: SPECTRUM_FAST_TWOSTAGE must be 0 or 1" in run(SPECTRUM_FAST_TWOSTAGE="x")
+    assert "two-stage float64 pass: SPECTRUM_FAST_TWOSTAGE must be 0, gpu or cpu" in run(SPECTRUM_FAST_TWOSTAGE="x")
     if importlib.util.find_spec("torch") is not None:
-        out = run(SPECTRUM_FAST_TWOSTAGE="1", SPECTRUM_FAST_TWOSTAGE_THREADS="3")
+        out = run(SPECTRUM_FAST_TWOSTAGE="cpu", SPECTRUM_FAST_TWOSTAGE_THREADS="3")
         assert "two-stage float64 pass, band eigenvalues on 3 threads" in out
+        assert "band eigenvalues on the GPU" in run(SPECTRUM_FAST_TWOSTAGE="1")
 
 
 def test_device_cuda_without_gpu_is_a_clear_error(model_dir, capsys):

@@ -18,6 +18,19 @@ from spectrum_fast import backends
 
 from .conftest import ref_snr, rel_err, save_np
 
+
+def _native_bands() -> bool:
+    try:
+        from spectrum_fast import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    return hasattr(_C, "band_eigenvalues_host")
+
+
+NATIVE_BANDS = _native_bands()  # before any test swaps in the fake engine
+needs_bands = pytest.mark.skipif(not NATIVE_BANDS, reason="the native extension (its host band solver) is not built here")
+MODES = ["cpu", pytest.param("gpu", marks=needs_bands)]
+
 _RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
@@ -82,6 +95,12 @@ FakeEngine.batched_calls = []
 def fake_gpu(monkeypatch):
     fake = types.ModuleType("spectrum_fast._C")
     fake.GramEngine = FakeEngine
+    try:  # the band solver is host code too: the real one where the extension is built
+        from spectrum_fast import _C as real  # type: ignore[attr-defined]
+
+        fake.band_eigenvalues_host = real.band_eigenvalues_host
+    except ImportError:
+        pass
     monkeypatch.setitem(sys.modules, "spectrum_fast._C", fake)
     monkeypatch.setattr(spectrum_fast, "_C", fake, raising=False)
     monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
@@ -311,9 +330,11 @@ def test_warm_reads_scales_and_leaves_missing_files_to_the_engine(tmp_path):
     assert cuda_engine._warm([info], stop) == 0  # stopped: returns at once
 
 
-def test_twostage_float64_pass(fake_gpu, tmp_path, monkeypatch):
-    """SPECTRUM_FAST_TWOSTAGE=1: the float64 pass of F32/F16/BF16 matrices goes through the two-stage solver
-    (run here on the CPU's torch), not the engine; zero and non-finite matrices still reach the CPU engine."""
+@pytest.mark.parametrize("mode", MODES)
+def test_twostage_float64_pass(fake_gpu, tmp_path, monkeypatch, mode):
+    """SPECTRUM_FAST_TWOSTAGE=cpu|gpu: the float64 pass of F32/F16/BF16 matrices goes through the two-stage
+    solver (run here on the CPU's torch; "gpu"'s band solver on host threads), not the engine; zero and
+    non-finite matrices still reach the CPU engine."""
     pytest.importorskip("torch")
     from spectrum_fast import cuda_engine
 
@@ -327,7 +348,7 @@ def test_twostage_float64_pass(fake_gpu, tmp_path, monkeypatch):
     save_np(tmp_path / "model.safetensors", t)
     monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
-    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", mode)
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", spectrum_fast.DegenerateMatrixWarning)
@@ -347,10 +368,13 @@ def test_twostage_settings_are_checked(fake_gpu, tmp_path, monkeypatch):
     from spectrum_fast import cuda_engine
 
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "0")
-    assert cuda_engine.twostage_threads() == 0
-    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    assert (cuda_engine.twostage_mode(), cuda_engine.twostage_threads()) == ("off", 0)
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "3")
-    assert cuda_engine.twostage_threads() == 3
+    for flag, mode in [("1", "gpu"), ("GPU", "gpu"), ("on", "gpu")]:
+        monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", flag)
+        assert (cuda_engine.twostage_mode(), cuda_engine.twostage_threads()) == (mode, 0)  # no CPU threads
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "cpu")
+    assert (cuda_engine.twostage_mode(), cuda_engine.twostage_threads()) == ("cpu", 3)
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert cuda_engine.twostage_threads() == max(1, (__import__("os").cpu_count() or 1) // 2)
@@ -359,30 +383,34 @@ def test_twostage_settings_are_checked(fake_gpu, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else object())
         with pytest.raises(spectrum_fast.SpectrumError, match="needs PyTorch"):
-            cuda_engine.twostage_threads()
+            cuda_engine.twostage_mode()
     save_np(tmp_path / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": np.ones((4, 4), np.float32)})
-    for name, value, match in [("SPECTRUM_FAST_TWOSTAGE", "maybe", "must be 0 or 1"),
+    for name, value, match in [("SPECTRUM_FAST_TWOSTAGE", "maybe", "must be 0, gpu or cpu"),
                                ("SPECTRUM_FAST_TWOSTAGE_THREADS", "x", "must be an integer")]:
-        monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+        monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "cpu")
         monkeypatch.setenv(name, value)
         with pytest.raises(spectrum_fast.SpectrumError, match=match):
             spectrum_fast.scan(tmp_path, device="cuda", progress=False)
         monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "1")
 
 
-def test_twostage_failure_is_a_user_error_naming_the_tensor(fake_gpu, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_twostage_failure_is_a_user_error_naming_the_tensor(fake_gpu, tmp_path, monkeypatch, mode):
     pytest.importorskip("torch")
     from spectrum_fast import cuda_engine, twostage
 
-    def oom(a, b, threads):
+    def oom(*args):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     save_np(tmp_path / "model.safetensors",
             {"model.layers.0.mlp.up_proj.weight": np.random.default_rng(1).standard_normal((200, 100)).astype(np.float32)})
     monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
-    monkeypatch.setattr(twostage, "submit", oom)
+    if mode == "cpu":
+        monkeypatch.setattr(twostage, "submit", oom)
+    else:
+        monkeypatch.setattr(twostage.DeviceBands, "launch", oom)
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
-    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", mode)
     with pytest.raises(spectrum_fast.SpectrumError,
                        match=r"two-stage eigensolver on cpu failed on model\.layers\.0\.mlp\.up_proj\.weight .*out of memory"):
         spectrum_fast.scan(tmp_path, device="cuda", progress=False)
@@ -400,7 +428,7 @@ def test_twostage_band_that_does_not_converge_goes_to_the_cpu(fake_gpu, tmp_path
     monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
     monkeypatch.setattr(twostage, "band_eigenvalues", fails)
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
-    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "cpu")
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "2")
     on_cpu = []
     real = cuda_engine.matrix_stats
@@ -410,8 +438,9 @@ def test_twostage_band_that_does_not_converge_goes_to_the_cpu(fake_gpu, tmp_path
     assert rel_err(r.snr, ref_snr(w)) <= 1e-4
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_twostage_widens_half_precision_on_the_device(fake_gpu, tmp_path, monkeypatch, dtype):
+def test_twostage_widens_half_precision_on_the_device(fake_gpu, tmp_path, monkeypatch, dtype, mode):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
@@ -423,13 +452,14 @@ def test_twostage_widens_half_precision_on_the_device(fake_gpu, tmp_path, monkey
     save_file({"model.layers.0.mlp.up_proj.weight": stored}, str(tmp_path / "model.safetensors"))
     monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
-    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", mode)
     r = spectrum_fast.scan(tmp_path, device="cuda", progress=False).records[0]
     assert r.method == "gram-fp64" and not [c for c in fake_gpu.calls if c[2]]
     assert rel_err(r.snr, ref_snr(stored.double().numpy())) <= 1e-4
 
 
-def test_twostage_on_adversarial_matrices(fake_gpu, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_twostage_on_adversarial_matrices(fake_gpu, tmp_path, monkeypatch, mode):
     """Every adversarial matrix of the GPU parity test (rank-deficient, duplicated rows, 16384x16, 1x300,
     1e-30 scale, spiked) through the two-stage route, run on the CPU's torch."""
     torch = pytest.importorskip("torch")
@@ -444,7 +474,7 @@ def test_twostage_on_adversarial_matrices(fake_gpu, tmp_path, monkeypatch):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "1")
-    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", mode)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", spectrum_fast.DegenerateMatrixWarning)
         res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)

@@ -1,0 +1,133 @@
+"""The native band eigensolver (csrc/band_solver.h: bulge chasing to tridiagonal, then bisection), run by
+teams of host threads through ``_C.band_eigenvalues_host`` with real barriers: the same code and phases a
+GPU thread block runs. Every result is checked against float64 ``numpy.linalg.eigvalsh`` of the dense
+matrix, on random and adversarial band matrices and on Gram matrices reduced by twostage.band_reduce."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+_C = pytest.importorskip("spectrum_fast._C", reason="the native extension is not built here")
+if not hasattr(_C, "band_eigenvalues_host"):
+    pytest.skip("this build of the extension has no band solver", allow_module_level=True)
+
+
+def to_band(a: np.ndarray, b: int, ld: int | None = None) -> np.ndarray:
+    """(1, n, ld) solver layout of the lower band of width b of the symmetric ``a``."""
+    n = a.shape[0]
+    out = np.zeros((1, n, ld or 2 * b))
+    for i in range(min(b, n - 1) + 1):
+        out[0, : n - i, i] = np.diagonal(a, -i)
+    return out
+
+
+def banded(rng, n: int, b: int) -> np.ndarray:
+    m = rng.standard_normal((n, n))
+    return np.tril(np.triu(m + m.T, -b), b)
+
+
+def check(a: np.ndarray, b: int, threads: int, ld: int | None = None, tol: float = 1e-13) -> np.ndarray:
+    got = _C.band_eigenvalues_host(to_band(a, b, ld), b, threads)[0]
+    want = np.linalg.eigvalsh(a)
+    scale = max(np.abs(want).max(), np.finfo(float).tiny)
+    assert np.all(np.diff(got) >= 0), "ascending"
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale * max(1, a.shape[0]) ** 0.5)
+    return got
+
+
+@pytest.mark.parametrize("n,b,threads", [(1, 1, 1), (2, 1, 2), (2, 2, 1), (3, 2, 3), (5, 4, 2), (10, 3, 1),
+                                         (10, 3, 4), (17, 4, 3), (64, 8, 8), (100, 16, 5), (50, 49, 4),
+                                         (200, 32, 4), (33, 1, 2), (130, 128, 3), (300, 7, 2)])
+def test_random_band_matrices(n, b, threads):
+    check(banded(np.random.default_rng(n * 1000 + b), n, b), b, threads)
+
+
+def test_wider_storage_than_needed():
+    a = banded(np.random.default_rng(1), 80, 6)
+    check(a, 6, 3, ld=20)
+
+
+def test_adversarial_band_matrices():
+    rng = np.random.default_rng(2)
+    n, b = 120, 8
+    zero = np.zeros((n, n))
+    assert not _C.band_eigenvalues_host(to_band(zero, b), b, 2).any()
+    check(np.diag(rng.standard_normal(n)), b, 3)  # already diagonal: every reflector is the identity
+    tri = np.diag(rng.standard_normal(n)) + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
+    check(tri, b, 2)  # already tridiagonal
+    x = rng.standard_normal((n, 3))
+    low_rank = np.tril(np.triu(x @ x.T, -b), b)
+    check(low_rank, b, 2)
+    cluster = np.eye(n) + 1e-9 * banded(rng, n, b)  # one tight cluster
+    check(cluster, b, 3)
+    graded = np.diag(np.logspace(0, -14, n)) + np.tril(np.triu(1e-15 * banded(rng, n, b), -b), b)
+    check(graded, b, 2)  # eigenvalues over 14 decades: absolute accuracy against the largest
+    wilkinson = np.diag(np.abs(np.arange(n) - n // 2).astype(float)) + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
+    check(wilkinson, b, 2)  # pairs of nearly equal eigenvalues
+    holes = banded(rng, n, b)
+    holes[:, 40:60] = 0
+    holes[40:60, :] = 0  # a decoupled zero block in the middle: zero columns inside sweeps
+    check(holes, b, 3)
+
+
+@pytest.mark.parametrize("n,b", [(300, 16), (513, 32), (256, 64)])
+def test_gram_matrices_after_stage_1(n, b):
+    """The whole two-stage route as the GPU scan runs it: Gram matrix, twostage.band_reduce, band solver."""
+    torch = pytest.importorskip("torch")
+    from spectrum_fast import twostage
+
+    rng = np.random.default_rng(n + b)
+    for w in (rng.standard_normal((2 * n, n)),  # full rank
+              rng.standard_normal((2 * n, 40)) @ rng.standard_normal((40, n)),  # rank 40: a zero tail
+              np.repeat(rng.standard_normal((n // 8, n)), 8, axis=0)):  # duplicated rows
+        g = w.T @ w
+        band = twostage.band_storage(twostage.band_reduce(torch.from_numpy(g / np.abs(g).max()), b), 2 * b)
+        got = _C.band_eigenvalues_host(band.numpy()[None], b, 2)[0] * np.abs(g).max()
+        want = np.linalg.eigvalsh(g)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * want.max())
+
+
+def test_batch_results_do_not_depend_on_the_batch_and_repeat_bit_for_bit():
+    rng = np.random.default_rng(3)
+    mats = [banded(rng, 90, 5) for _ in range(3)]
+    batch = np.concatenate([to_band(a, 5) for a in mats])
+    together = _C.band_eigenvalues_host(batch, 5, 3)
+    assert np.array_equal(together, _C.band_eigenvalues_host(batch, 5, 3))
+    for i, a in enumerate(mats):
+        assert np.array_equal(together[i], _C.band_eigenvalues_host(to_band(a, 5), 5, 3)[0])
+        np.testing.assert_allclose(together[i], np.linalg.eigvalsh(a), rtol=0, atol=1e-12 * np.abs(together[i]).max())
+
+
+def test_input_array_is_not_modified():
+    band = to_band(banded(np.random.default_rng(4), 40, 4), 4)
+    before = band.copy()
+    _C.band_eigenvalues_host(band, 4, 2)
+    assert np.array_equal(band, before)
+
+
+def test_bad_arguments_are_value_errors():
+    good = to_band(np.eye(8), 2)
+    for args, match in [((good[0], 2, 1), "batch, n, ld"), ((good, 0, 1), "bandwidth"), ((good, 200, 1), "bandwidth"),
+                        ((good, 3, 1), "ld must be at least 2"), ((good, 2, 0), "threads"),
+                        ((np.zeros((0, 8, 4)), 2, 1), "batch")]:
+        with pytest.raises(ValueError, match=match):
+            _C.band_eigenvalues_host(*args)
+
+
+def test_cuda_entry_point_checks_arguments_before_any_cuda_call():
+    """Bad shapes are ValueErrors before the GPU is touched; good ones on a machine without a GPU fail with
+    the CUDA call named (never a crash: the pointers are not dereferenced on the host)."""
+    with pytest.raises(ValueError, match="ld must be at least 2"):
+        _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 4, 0, 0, 0, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 8, 0, 0, 0, 48)
+    with pytest.raises(ValueError, match="stride"):
+        _C.band_eigenvalues_cuda(0, 0, 2, 10, 8, 4, 8, 0, 0, 0, 64)
+    try:
+        gpus = _C.device_count()
+    except RuntimeError:
+        gpus = 0
+    if gpus == 0:
+        with pytest.raises(RuntimeError, match="cudaGetDevice|cudaSetDevice"):
+            _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 8, 0, 0, 0, 64)
