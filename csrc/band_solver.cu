@@ -34,6 +34,15 @@ struct BlockTeam {
     __syncthreads();
     return s;
   }
+  __device__ int group() const { return static_cast<int>(threadIdx.x >> 5); }
+  __device__ int groups() const { return static_cast<int>(blockDim.x >> 5); }
+  __device__ int lane() const { return static_cast<int>(threadIdx.x & 31); }
+  __device__ int lanes() const { return 32; }
+  // lane 0's total, broadcast: every lane gets the same bits
+  __device__ double group_sum(double x) const {
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
+    return __shfl_sync(0xffffffffu, x, 0);
+  }
   __device__ double* v() { return v_; }
   __device__ double* w() { return w_; }
   __device__ double* y() { return y_; }
@@ -48,6 +57,13 @@ __global__ void chase_kernel(double* bands, int64_t stride, int64_t n, int64_t b
   device::chase(t, bands + m * stride, n, b, ld, d, d + n);
 }
 
+__global__ void panel_kernel(double* panels, int64_t stride, int64_t m, int64_t nb, int64_t lda, double* tau) {
+  __shared__ double partial[32];
+  BlockTeam t{partial, nullptr, nullptr, nullptr};
+  const int64_t i = blockIdx.x;
+  device::panel_qr(t, panels + i * stride, m, nb, lda, tau + i * nb);
+}
+
 __global__ void bisect_kernel(const double* work, int64_t n, double* w) {
   const int64_t m = blockIdx.y;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -60,6 +76,20 @@ __global__ void bisect_kernel(const double* work, int64_t n, double* w) {
 }
 
 }  // namespace
+
+void panel_qr_cuda(int device, double* panels, int64_t batch, int64_t stride, int64_t m, int64_t nb, int64_t lda,
+                   double* tau, uintptr_t stream, int64_t threads) {
+  check_panel_args(batch, m, nb, lda, stride, threads);
+  if (threads % 32 != 0) throw std::invalid_argument("panel QR: threads must be a multiple of 32 on a GPU");
+  int previous = 0;
+  check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  panel_kernel<<<static_cast<unsigned>(batch), static_cast<unsigned>(threads), 0,
+                 reinterpret_cast<cudaStream_t>(stream)>>>(panels, stride, m, nb, lda, tau);
+  const cudaError_t status = cudaGetLastError();
+  cudaSetDevice(previous);
+  check_cuda(status, "panel QR kernel launch");
+}
 
 void band_eigenvalues_cuda(int device, double* bands, int64_t batch, int64_t stride, int64_t n, int64_t b,
                            int64_t ld, double* work, double* w, uintptr_t stream, int64_t threads) {

@@ -8,7 +8,8 @@
 // A team is a fixed set of threads that run the same code: rank() / size(), sync() (a barrier), sum(x)
 // (every thread's x added in a fixed order, the total returned to all; a barrier), and shared scratch
 // vectors v(), w(), y() of kMaxBand doubles. Work inside one phase is split by rank and touches disjoint
-// memory; phases are separated by sync().
+// memory; phases are separated by sync(). A team is also split into groups (a warp on the GPU, one thread
+// on the host): group() / groups(), lane() / lanes(), and group_sum(x), the group's total in every lane.
 //
 // Storage: the lower triangle of a symmetric n x n matrix in band form, column-major by column:
 //   A(p, q), p >= q, at a[q * ld + (p - q)],   ld >= 2 * b (the bulges reach 2b - 1 below the diagonal).
@@ -121,6 +122,49 @@ SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d
     d[q] = a[q * ld];
     if (q + 1 < n) e[q] = a[q * ld + 1];
   }
+  t.sync();
+}
+
+// Stage 1's panel factorization: Householder QR of the m x nb column-major panel p (leading dimension lda),
+// left as LAPACK's dgeqrf leaves it: R on and above the diagonal, the reflectors' v below it (v[0] = 1 not
+// stored) and tau[j] (0 where a column is already zero below the diagonal: H = I). One group per trailing
+// column, so the dot product and the update of a column need no barrier.
+template <class Team>
+SF_FN void panel_qr(Team& t, double* p, int64_t m, int64_t nb, int64_t lda, double* tau) {
+  const int rank = t.rank(), size = t.size();
+  const int group = t.group(), groups = t.groups(), lane = t.lane(), lanes = t.lanes();
+  const int64_t steps = min64(m, nb);
+  for (int64_t j = 0; j < steps; ++j) {
+    double* x = p + j * lda + j;
+    const int64_t len = m - j;
+    const double alpha = x[0];  // read before the barrier in sum(); x[0] is written after the last one
+    double part = 0.0;
+    for (int64_t r = 1 + rank; r < len; r += size) part += x[r] * x[r];
+    const double ss = t.sum(part);
+    double tj = 0.0, beta = alpha, scale = 0.0;
+    if (ss > 0.0) {
+      beta = -copysign(sqrt(alpha * alpha + ss), alpha);
+      tj = (beta - alpha) / beta;
+      scale = 1.0 / (alpha - beta);
+    }
+    for (int64_t r = 1 + rank; r < len; r += size) x[r] *= scale;  // v below the diagonal
+    t.sync();
+    if (tj != 0.0) {
+      for (int64_t c = j + 1 + group; c < nb; c += groups) {  // y -= tau v (v^T y), v[0] = 1
+        double* y = p + c * lda + j;
+        double s = 0.0;
+        for (int64_t r = lane; r < len; r += lanes) s += (r == 0 ? 1.0 : x[r]) * y[r];
+        s = tj * t.group_sum(s);
+        for (int64_t r = lane; r < len; r += lanes) y[r] -= s * (r == 0 ? 1.0 : x[r]);
+      }
+    }
+    t.sync();
+    if (rank == 0) {
+      x[0] = beta;
+      tau[j] = tj;
+    }
+  }
+  for (int64_t j = steps + rank; j < nb; j += size) tau[j] = 0.0;  // m < nb: no reflector there
   t.sync();
 }
 

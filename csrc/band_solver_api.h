@@ -21,4 +21,13 @@ void band_eigenvalues_host(double* bands, int64_t batch, int64_t stride, int64_t
 void band_eigenvalues_cuda(int device, double* bands, int64_t batch, int64_t stride, int64_t n, int64_t b,
                            int64_t ld, double* work, double* w, uintptr_t stream, int64_t threads);
 
+// Stage 1's panel factorization (band_solver.h panel_qr) for a batch of m x nb column-major panels,
+// `stride` doubles apart, leading dimension lda; tau: batch x nb. Checks as check_band_args does.
+void check_panel_args(int64_t batch, int64_t m, int64_t nb, int64_t lda, int64_t stride, int64_t threads);
+void panel_qr_host(double* panels, int64_t batch, int64_t stride, int64_t m, int64_t nb, int64_t lda, double* tau,
+                   int64_t threads);
+// One thread block of `threads` (a multiple of 32) per panel, queued on `stream`.
+void panel_qr_cuda(int device, double* panels, int64_t batch, int64_t stride, int64_t m, int64_t nb, int64_t lda,
+                   double* tau, uintptr_t stream, int64_t threads);
+
 }  // namespace spectrum_fast

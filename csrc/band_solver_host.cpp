@@ -59,6 +59,11 @@ struct HostTeam {
     sync();  // nobody writes partial[] again before everyone has read it
     return s;
   }
+  int group() const { return rank_; }
+  int groups() const { return size_; }
+  int lane() const { return 0; }
+  int lanes() const { return 1; }
+  double group_sum(double x) const { return x; }
   double* v() { return sh->v.data(); }
   double* w() { return sh->w.data(); }
   double* y() { return sh->y.data(); }
@@ -78,6 +83,39 @@ void check_band_args(int64_t batch, int64_t n, int64_t b, int64_t ld, int64_t st
   if (threads < 1 || threads > 1024) fail("threads must be in 1..1024, got " + std::to_string(threads));
 }
 
+namespace {
+
+template <typename Body>
+void run_team(int size, Shared& sh, Body&& body) {
+  std::vector<std::thread> team;
+  for (int r = 1; r < size; ++r) team.emplace_back([&, r] { HostTeam t{&sh, r, size}; body(t); });
+  HostTeam t0{&sh, 0, size};
+  body(t0);
+  for (auto& th : team) th.join();
+}
+
+}  // namespace
+
+void check_panel_args(int64_t batch, int64_t m, int64_t nb, int64_t lda, int64_t stride, int64_t threads) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("panel QR: " + what); };
+  if (batch < 1) fail("batch must be at least 1, got " + std::to_string(batch));
+  if (m < 1 || nb < 1) fail("the panel must not be empty, got " + std::to_string(m) + " x " + std::to_string(nb));
+  if (lda < m) fail("lda must be at least m = " + std::to_string(m) + ", got " + std::to_string(lda));
+  if (stride < nb * lda) fail("stride must be at least nb * lda = " + std::to_string(nb * lda) + ", got " + std::to_string(stride));
+  if (threads < 1 || threads > 1024) fail("threads must be in 1..1024, got " + std::to_string(threads));
+}
+
+void panel_qr_host(double* panels, int64_t batch, int64_t stride, int64_t m, int64_t nb, int64_t lda, double* tau,
+                   int64_t threads) {
+  check_panel_args(batch, m, nb, lda, stride, threads);
+  for (int64_t i = 0; i < batch; ++i) {
+    Shared sh(static_cast<int>(threads));
+    double* p = panels + i * stride;
+    double* ti = tau + i * nb;
+    run_team(static_cast<int>(threads), sh, [&](HostTeam& t) { host::panel_qr(t, p, m, nb, lda, ti); });
+  }
+}
+
 void band_eigenvalues_host(double* bands, int64_t batch, int64_t stride, int64_t n, int64_t b, int64_t ld,
                            double* w, int64_t threads) {
   check_band_args(batch, n, b, ld, stride, threads);
@@ -85,19 +123,13 @@ void band_eigenvalues_host(double* bands, int64_t batch, int64_t stride, int64_t
   for (int64_t m = 0; m < batch; ++m) {
     double* a = bands + m * stride;
     double* out = w + m * n;
-    const int size = static_cast<int>(threads);
-    Shared sh(size);
-    auto body = [&](int rank) {
-      HostTeam t{&sh, rank, size};
+    Shared sh(static_cast<int>(threads));
+    run_team(static_cast<int>(threads), sh, [&](HostTeam& t) {
       host::chase(t, a, n, b, ld, d.data(), e.data());
       double lo, hi, pivmin;
       host::bounds(d.data(), e.data(), n, &lo, &hi, &pivmin);
-      for (int64_t j = rank; j < n; j += size) out[j] = host::eigenvalue(d.data(), e.data(), n, j, lo, hi, pivmin);
-    };
-    std::vector<std::thread> team;
-    for (int r = 1; r < size; ++r) team.emplace_back(body, r);
-    body(0);
-    for (auto& th : team) th.join();
+      for (int64_t j = t.rank(); j < n; j += t.size()) out[j] = host::eigenvalue(d.data(), e.data(), n, j, lo, hi, pivmin);
+    });
   }
 }
 

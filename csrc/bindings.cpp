@@ -140,6 +140,25 @@ py::array_t<double> band_eigenvalues_host(const py::array_t<double, py::array::c
   return w;
 }
 
+// panels: (batch, nb, lda) float64, C order: panel i's column c at [i, c, :m] (column-major, as LAPACK); returns
+// (the factored panels, tau (batch, nb)) as geqrf leaves them. The input is not modified.
+py::tuple panel_qr_host(const py::array_t<double, py::array::c_style | py::array::forcecast>& panels, int64_t m,
+                        int64_t threads) {
+  if (panels.ndim() != 3) throw py::value_error("panels must be (batch, nb, lda), got " + std::to_string(panels.ndim()) + " dimensions");
+  const int64_t batch = panels.shape(0), nb = panels.shape(1), lda = panels.shape(2);
+  spectrum_fast::check_panel_args(batch, m, nb, lda, nb * lda, threads);
+  py::array_t<double> out({panels.shape(0), panels.shape(1), panels.shape(2)});
+  std::copy(panels.data(), panels.data() + batch * nb * lda, out.mutable_data());
+  py::array_t<double> tau({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(nb)});
+  double* p = out.mutable_data();
+  double* t = tau.mutable_data();
+  {
+    py::gil_scoped_release release;
+    spectrum_fast::panel_qr_host(p, batch, nb * lda, m, nb, lda, t, threads);
+  }
+  return py::make_tuple(out, tau);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -174,5 +193,18 @@ PYBIND11_MODULE(_C, m) {
         "Queue the band eigensolver on a GPU: device pointers (as integers) to `batch` band matrices `stride` "
         "doubles apart (layout of band_eigenvalues_host; overwritten), a work area of batch * 2n doubles and "
         "the output (batch, n); `stream` a cudaStream_t as an integer. Arguments are checked before any CUDA call.");
+  m.def("panel_qr_host", &panel_qr_host, py::arg("panels"), py::arg("m"), py::arg("threads") = 4,
+        "Householder QR (as LAPACK dgeqrf) of m x nb column-major panels given as (batch, nb, lda) float64: "
+        "(factored panels, tau), by the GPU's panel kernel run on `threads` host threads (for tests).");
+  m.def("panel_qr_cuda",
+        [](int device, uintptr_t panels, int64_t batch, int64_t stride, int64_t m, int64_t nb, int64_t lda,
+           uintptr_t tau, uintptr_t stream, int64_t threads) {
+          spectrum_fast::panel_qr_cuda(device, reinterpret_cast<double*>(panels), batch, stride, m, nb, lda,
+                                       reinterpret_cast<double*>(tau), stream, threads);
+        },
+        py::arg("device"), py::arg("panels"), py::arg("batch"), py::arg("stride"), py::arg("m"), py::arg("nb"),
+        py::arg("lda"), py::arg("tau"), py::arg("stream"), py::arg("threads") = 1024,
+        "Queue the panel QR on a GPU: device pointers (as integers) to `batch` column-major m x nb panels `stride` "
+        "doubles apart (factored in place) and to tau (batch x nb); arguments checked before any CUDA call.");
   m.def("validate_tasks", [](const py::sequence& items) { return to_tasks(items).size(); }, "Check task tuples as run() would, without a GPU; returns their number.");
 }

@@ -32,7 +32,7 @@ from .cpu_engine import (
     stats_from_gram,
 )
 from .errors import SpectrumError
-from .scheduling import batch_units, group_units, plan
+from .scheduling import band_units, batch_units, group_units, plan
 
 _EPS32 = float(np.finfo(np.float32).eps)
 _EPS64 = float(np.finfo(np.float64).eps)
@@ -157,6 +157,28 @@ def twostage_threads() -> int:
 
 
 _TWOSTAGE_BAND = 64  # the CPU stage 2's bandwidth (run 3)
+#: Float64 bytes the GPU two-stage solver reduces at once: Gram matrices of one unit and stage 1's copy.
+BAND_BATCH_BYTES = 4 << 30
+
+
+def band_batch(k: int) -> int:
+    """Matrices of size ``k`` per stage-1 batch of the GPU two-stage solver (16 at k = 4096, 4 at 8192,
+    1 from 11586 on): enough to amortize stage 1's per-panel launches, bounded in memory."""
+    return max(1, min(32, BAND_BATCH_BYTES // (16 * k * k)))
+
+
+def scan_units(infos: Sequence[TensorInfo]) -> dict[str, int]:
+    """The GPU's batched calls for a whole scan, from the checkpoint and the settings alone (every rank deals
+    by them): the batched solver's (:func:`batch_units`) and, with ``SPECTRUM_FAST_TWOSTAGE=gpu``, the two-stage
+    solver's stage-1 batches of the matrices that go straight to float64 (:func:`band_units`)."""
+    infos = [i for i in infos if engine_takes(i)]
+    units = batch_units(infos, batched_max_k(), BATCH)
+    big = fp64_min_k()
+    if big and twostage_mode() == "gpu":
+        straight = [i for i in infos if i.name not in units and min(i.shape) >= big and _twostage_takes(i)]
+        units.update(band_units(straight, band_batch, first=max(units.values(), default=-1) + 1))
+    return units
+
 _DEVICE_BAND = 32  # the GPU band solver's: its steps cost ~b^2 each, n^2 / 2b of them in a row
 _TWOSTAGE_DTYPES = ("F32", "F16", "BF16")
 _TORCH_DEVICE: str | None = None  # tests run the two-stage path on the CPU; None: the engine's GPU
@@ -218,27 +240,30 @@ def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
                 f.cancel()  # no-op for the finished ones; on errors and Ctrl-C, the queued ones do not run
 
 
-def _bands_submit(solver, infos: list[TensorInfo]) -> list:
-    """Reduce these matrices' float64 Gram matrices to bands for ``solver`` (a :class:`~spectrum_fast.twostage.DeviceBands`)
-    and launch it; returns ``(info, None, amax)`` for those the solver does not take (zero, not finite, or out
-    of the Gram matrix's safe range: :func:`_judge` hands them to the CPU engine)."""
+def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> list:
+    """Reduce these matrices' float64 Gram matrices to bands on the GPU and queue the band solver, a unit
+    (:func:`scan_units`) per batch; returns ``(info, eigenvalues, amax)`` for those it does not take (zero,
+    not finite, or out of the Gram matrix's safe range: :func:`_judge` hands them to the CPU engine)."""
     import torch
 
     rest = []
     try:
-        for info in infos:
-            if _STOP.is_set():
-                raise KeyboardInterrupt
-            w = _device_matrix(info, solver.device)
-            amax = float(w.abs().max())
-            if _for_cpu(amax):
-                rest.append((info, np.zeros(min(info.shape)), amax))
-                continue
-            g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
-            del w
-            solver.submit((info, amax), g)
-            del g
-        solver.launch()
+        for group in group_units(infos, units):
+            keys, grams = [], []
+            for info in group:
+                if _STOP.is_set():
+                    raise KeyboardInterrupt
+                w = _device_matrix(info, solver.device)
+                amax = float(w.abs().max())
+                if _for_cpu(amax):
+                    rest.append((info, np.zeros(min(info.shape)), amax))
+                    continue
+                grams.append(w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T)
+                keys.append((info, amax))
+                del w
+            if grams:
+                solver.run(keys, torch.stack(grams))
+            del grams
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
         names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
         raise SpectrumError(f"two-stage eigensolver on {solver.device} failed on {names} ({infos[0].file}): {e}") from None
@@ -388,7 +413,7 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
     wanted = {i.name for i in failed}
     unfit: list = []  # (info, eigenvalues, amax) the GPU band solver did not take: the CPU's
     if solver is not None and two:  # queued on the GPU; :func:`_run_device` delivers them as they finish
-        unfit, two = _bands_submit(solver, two), []
+        unfit, two = _bands_submit(solver, two, units), []
     passes = [([i for i, _, _ in unfit], lambda: [(lam, amax, 0) for _, lam, amax in unfit]),
               (two, lambda: _twostage_run(engine.device, two, threads)),
               (straight, lambda: _engine_run(engine, straight, True, units)),
@@ -419,10 +444,10 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
     unfit = [i.name for i in infos if not engine_takes(i)]
     if unfit:
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")
-    # settings errors up front
-    big, batched_k, mode, band_threads = fp64_min_k(), batched_max_k(), twostage_mode(), twostage_threads()
+    # settings errors up front (scan_units reads the batching ones)
+    big, mode, band_threads = fp64_min_k(), twostage_mode(), twostage_threads()
     if units is None:
-        units = batch_units(infos, batched_k, BATCH)
+        units = scan_units(infos)
     work = plan(infos, len(devices), units)
     if len(devices) == 1:
         _run_device(_C.GramEngine(devices[0]), work[0], report, big, units, band_threads, mode)

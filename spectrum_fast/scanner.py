@@ -26,7 +26,7 @@ from .errors import SpectrumError
 from .journal import Journal
 from .naming import is_embedding, is_head, module_name, module_type, wants
 from .result import MatrixRecord, ScanResult
-from .scheduling import batch_units, group_units, plan, plan_files
+from .scheduling import group_units, plan, plan_files
 
 _PREFETCH = 2
 DEVICES = ("auto", "cpu", "cuda")
@@ -179,10 +179,10 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     settings = {"types": types, "include_embeddings": include_embeddings, "exact": exact, "routers": routers}
     # The GPU's batched solver calls, fixed here for the whole scan. From the checkpoint alone, whatever the
     # backend: every rank deals by them, and a rank without a GPU must deal as the others do.
-    from .cuda_engine import BATCH, batched_max_k, engine_takes
+    from .cuda_engine import batched_max_k, engine_takes, scan_units
 
     max_k = batched_max_k()
-    units = batch_units([i for i in chosen if engine_takes(i)], max_k, BATCH)
+    units = scan_units(chosen)
     on_gpu = backend == "cuda" and not exact
     gpu_units = units if on_gpu else {}
     ctx = distributed.context()

@@ -13,7 +13,7 @@ gives bit for bit what an uninterrupted one does, those calls are fixed before a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from .checkpoint import TensorInfo, scale_layout
@@ -54,22 +54,34 @@ def _deal(items: Sequence[T], costs: Sequence[float], n_workers: int) -> list[li
     return out
 
 
-def batch_units(infos: Sequence[TensorInfo], max_k: int, size: int) -> dict[str, int]:
+def batch_units(infos: Sequence[TensorInfo], max_k: int, size: int, first: int = 0) -> dict[str, int]:
     """The batched solver's calls, fixed for the whole scan: matrix name -> unit number.
 
     Matrices with ``k <= max_k`` that share a file, shape, dtype and scale layout form units of ``size``,
     in the order given (a scan's: by file and offset). A matrix left alone (no partner, or the last of a
-    group) is in no unit and goes through the solver on its own."""
-    groups: dict[tuple, list[str]] = {}
+    group) is in no unit and goes through the solver on its own. Unit numbers start at ``first``."""
+    return _units([i for i in infos if max_k and min(i.shape) <= max_k], lambda k: size, first)
+
+
+def band_units(infos: Sequence[TensorInfo], size_of: Callable[[int], int], first: int = 0) -> dict[str, int]:
+    """As :func:`batch_units`, for the GPU two-stage solver's batched band reduction: all of ``infos``, in
+    units of ``size_of(k)`` matrices."""
+    return _units(infos, size_of, first)
+
+
+def _units(infos: Sequence[TensorInfo], size_of: Callable[[int], int], first: int) -> dict[str, int]:
+    groups: dict[tuple, list[TensorInfo]] = {}
     for info in infos:
-        if max_k and min(info.shape) <= max_k:
-            sc = info.scale
-            key = (str(info.file), info.shape, info.dtype, scale_layout(info) if sc else None,
-                   sc.dtype if sc else None, sc.nbytes if sc else None)
-            groups.setdefault(key, []).append(info.name)
+        sc = info.scale
+        key = (str(info.file), info.shape, info.dtype, scale_layout(info) if sc else None,
+               sc.dtype if sc else None, sc.nbytes if sc else None)
+        groups.setdefault(key, []).append(info)
     units: dict[str, int] = {}
-    parts = [names[s:s + size] for names in groups.values() for s in range(0, len(names), size)]
-    for unit, part in enumerate(p for p in parts if len(p) > 1):
+    parts = [[i.name for i in members[s:s + size]]
+             for members in groups.values()
+             for size in (max(1, size_of(min(members[0].shape))),)
+             for s in range(0, len(members), size)]
+    for unit, part in enumerate((p for p in parts if len(p) > 1), start=first):
         units.update(dict.fromkeys(part, unit))
     return units
 

@@ -30,45 +30,72 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 
-def band_reduce(a, b: int):
+def band_reduce(a, b: int, qr=None):
     """Lower band storage ``(b + 1, n)`` (row ``i`` holds the ``i``-th subdiagonal, as LAPACK's ``?sbevd``
     and ``scipy.linalg.eig_banded(lower=True)`` take it) of a band matrix orthogonally similar to the
-    symmetric torch tensor ``a`` (only ``a``'s values are used, both triangles; ``a`` is not modified)."""
+    symmetric torch tensor ``a`` (only ``a``'s values are used, both triangles; ``a`` is not modified).
+
+    ``a`` may be a batch ``(batch, n, n)``; the bands are then ``(batch, b + 1, n)``. ``qr`` factors the
+    batch's panels ``(batch, m, b)`` as ``torch.geqrf`` does (the default); the GPU path passes
+    :func:`native_geqrf`, one thread block per panel. Everything else is per matrix (``torch.matmul``
+    over a batch runs the same kernel for each matrix), so a matrix's band does not depend on its batch
+    as long as ``qr``'s result does not."""
     import torch
 
-    if a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise ValueError(f"expected a square matrix, got shape {tuple(a.shape)}")
+    if a.ndim not in (2, 3) or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"expected a square matrix or a batch of them, got shape {tuple(a.shape)}")
     if b < 1:
         raise ValueError(f"bandwidth must be at least 1, got {b}")
-    n = a.shape[0]
-    a = a.clone()
+    single = a.ndim == 2
+    a = (a[None] if single else a).clone()
+    geqrf = qr or torch.geqrf
+    batch, n = a.shape[0], a.shape[-1]
     for j in range(0, n, b):
         m = n - j - b  # rows below the band in this panel's columns
         if m < 2:
             break  # a single row below the band is already inside it after this panel
-        qr, tau = torch.geqrf(a[j + b:, j:j + b])
+        qr_, tau = geqrf(a[:, j + b:, j:j + b])
         kk = min(m, b)
-        tau = tau[:kk]
-        v = torch.tril(qr[:, :kk], -1)
-        v.diagonal().fill_(1)
+        tau = tau[:, :kk]
+        v = torch.tril(qr_[:, :, :kk], -1)
+        v.diagonal(dim1=-2, dim2=-1).fill_(1)
         # geqrf's "nothing to do" reflector (tau = 0, H = I): a zero column of V with T's diagonal 1 is the
         # same; done without a branch, which would wait for the GPU once per panel
         zero = tau == 0
-        v = v * ~zero
+        v = v * ~zero[:, None, :]
         tau = torch.where(zero, torch.ones_like(tau), tau)
-        a[j + b:, j:j + b] = 0
-        a[j + b:j + b + kk, j:j + b] = torch.triu(qr[:kk, :])
-        a[j:j + b, j + b:] = a[j + b:, j:j + b].T
-        t_inv = torch.triu(v.T @ v, 1) + torch.diag(1 / tau)
-        t = torch.linalg.solve_triangular(t_inv, torch.eye(kk, dtype=a.dtype, device=a.device), upper=True)
-        a22 = a[j + b:, j + b:]
+        a[:, j + b:, j:j + b] = 0
+        a[:, j + b:j + b + kk, j:j + b] = torch.triu(qr_[:, :kk, :])
+        a[:, j:j + b, j + b:] = a[:, j + b:, j:j + b].transpose(1, 2)
+        vt = v.transpose(1, 2)
+        t_inv = torch.triu(vt @ v, 1) + torch.diag_embed(1 / tau)
+        eye = torch.eye(kk, dtype=a.dtype, device=a.device).expand(batch, kk, kk)
+        t = torch.linalg.solve_triangular(t_inv, eye, upper=True)
+        a22 = a[:, j + b:, j + b:]
         x = a22 @ (v @ t)
-        z = x - 0.5 * (v @ (t.T @ (v.T @ x)))
-        a22 -= v @ z.T + z @ v.T
-    band = torch.zeros(b + 1, n, dtype=a.dtype, device=a.device)
+        z = x - 0.5 * (v @ (t.transpose(1, 2) @ (vt @ x)))
+        a22 -= v @ z.transpose(1, 2) + z @ vt
+    band = torch.zeros(batch, b + 1, n, dtype=a.dtype, device=a.device)
     for i in range(min(b, n - 1) + 1):
-        band[i, : n - i] = torch.diagonal(a, offset=-i)
-    return band
+        band[:, i, : n - i] = torch.diagonal(a, offset=-i, dim1=-2, dim2=-1)
+    return band[0] if single else band
+
+
+def native_geqrf(panels):
+    """``torch.geqrf`` of a batch of float64 panels ``(batch, m, nb)`` by the native panel kernel
+    (csrc/band_solver.h ``panel_qr``): one thread block per panel on a GPU, host threads on a CPU."""
+    import torch
+
+    batch, m, nb = panels.shape
+    cols = panels.transpose(1, 2).contiguous()  # (batch, nb, m): column-major panels, lda = m
+    if cols.device.type == "cuda":
+        tau = torch.empty(batch, nb, dtype=cols.dtype, device=cols.device)
+        _native().panel_qr_cuda(cols.device.index or 0, cols.data_ptr(), batch, nb * m, m, nb, m, tau.data_ptr(),
+                                torch.cuda.current_stream(cols.device).cuda_stream, 1024 if m > 512 else 256)
+    else:
+        out, tau_np = _native().panel_qr_host(cols.numpy(), m, 2)
+        cols, tau = torch.from_numpy(out), torch.from_numpy(tau_np)
+    return cols.transpose(1, 2), tau
 
 
 _LAPACKE_NAMES = ("scipy_LAPACKE_dsbevd", "LAPACKE_dsbevd")
@@ -154,11 +181,11 @@ def submit(a, b: int, threads: int) -> Future:
     return pool(threads).submit(band_eigenvalues, band)
 
 
-def band_storage(band, ld: int):
-    """The band solver's layout (csrc/band_solver.h) of a ``(b + 1, n)`` lower band from :func:`band_reduce`:
-    ``(n, ld)``, row ``q`` holding column ``q`` from the diagonal down, zero beyond the band."""
-    out = band.new_zeros(band.shape[1], ld)
-    out[:, : band.shape[0]] = band.T
+def band_storage(bands, ld: int):
+    """The band solver's layout (csrc/band_solver.h) of lower bands ``(..., b + 1, n)`` from
+    :func:`band_reduce`: ``(..., n, ld)``, row ``q`` holding column ``q`` from the diagonal down, zero beyond."""
+    out = bands.new_zeros(*bands.shape[:-2], bands.shape[-1], ld)
+    out[..., : bands.shape[-2]] = bands.transpose(-1, -2)
     return out
 
 
@@ -169,13 +196,12 @@ def _native():
 
 
 class DeviceBands:
-    """Stages 2 and 3 on the GPU for many matrices at once: :meth:`submit` reduces a matrix to a band
-    (stage 1, torch, on the current stream) and keeps it; :meth:`launch` queues the band solver for all kept
-    bands of one size on a side stream and returns at once; :meth:`finished` hands back what is done.
-    Each matrix gets its own thread block and the launches use a pool of streams, so chases run side by
-    side on the GPU's multiprocessors while the next matrices are read and reduced. A matrix's eigenvalues
-    depend on it alone, not on what shares its launch. On a CPU torch device (the tests) the same solver
-    runs on host threads (``_C.band_eigenvalues_host``), synchronously."""
+    """Stages 1 to 3 on the GPU for batches of same-size matrices: :meth:`run` reduces a batch to bands
+    (stage 1: torch matrix products and the native panel QR) and queues the band solver (stages 2 and 3)
+    on a side stream, returning at once; :meth:`finished` hands back what is done. Each matrix's bulge
+    chasing gets its own thread block and launches rotate over a pool of streams, so chases run side by
+    side on the multiprocessors while the next matrices are read and reduced. On a CPU torch device (the
+    tests) the same native code runs on host threads, synchronously."""
 
     STREAMS = 8
 
@@ -185,51 +211,42 @@ class DeviceBands:
         self.device = torch.device(device)
         self.band = band
         self.threads = threads
-        self._pending: list[tuple[object, object, object]] = []  # (key, band storage, scale)
         self._inflight: list[tuple[object, list, object, object, tuple]] = []  # (event, keys, w, scales, keep)
         self._streams = ([torch.cuda.Stream(self.device) for _ in range(self.STREAMS)]
                          if self.device.type == "cuda" else [])
         self._next = 0
 
-    def submit(self, key, a) -> None:
-        """Stage 1 of the symmetric matrix ``a`` (float64, on this device) now; ``key`` comes back with its
-        eigenvalues from :meth:`finished`. A zero matrix is the caller's to handle (it has no scale)."""
-        scale = a.abs().amax()  # the solver wants entries of order one
-        self._pending.append((key, band_storage(band_reduce(a / scale, self.band), 2 * self.band), scale))
-
-    def launch(self) -> None:
-        """Queue the solver for every submitted matrix (one launch per matrix size)."""
+    def run(self, keys: list, a) -> None:
+        """Stage 1 of the symmetric float64 matrices ``a`` ``(batch, n, n)`` on this device now (``a`` is
+        consumed); ``keys[i]`` comes back with ``a[i]``'s eigenvalues from :meth:`finished`. No matrix may be
+        zero (it has no scale: the caller handles those)."""
         import torch
 
-        by_n: dict[int, list] = {}
-        for item in self._pending:
-            by_n.setdefault(item[1].shape[0], []).append(item)
-        self._pending = []
-        for n, items in by_n.items():
-            keys = [k for k, _, _ in items]
-            bands = torch.stack([s for _, s, _ in items])  # (batch, n, ld)
-            scales = torch.stack([c for _, _, c in items])
-            batch, ld = bands.shape[0], bands.shape[2]
-            if self.device.type != "cuda":
-                w = torch.from_numpy(_native().band_eigenvalues_host(bands.numpy(), self.band, 2))
-                self._inflight.append((None, keys, w, scales, ()))
-                continue
-            stream = self._streams[self._next % len(self._streams)]
-            self._next += 1
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                work = torch.empty(batch, 2 * n, dtype=torch.float64, device=self.device)
-                w = torch.empty(batch, n, dtype=torch.float64, device=self.device)
-                _native().band_eigenvalues_cuda(self.device.index or 0, bands.data_ptr(), batch, n * ld, n,
-                                                self.band, ld, work.data_ptr(), w.data_ptr(), stream.cuda_stream,
-                                                self.threads)
-                event = torch.cuda.Event()
-                event.record(stream)
-            # every tensor the kernels touch stays referenced until the event has passed
-            self._inflight.append((event, keys, w, scales, (bands, work)))
+        scales = a.abs().amax(dim=(1, 2))  # the solver wants entries of order one
+        a /= scales[:, None, None]
+        ld = 2 * self.band
+        storage = band_storage(band_reduce(a, self.band, qr=native_geqrf), ld)  # (batch, n, ld)
+        del a
+        batch, n = storage.shape[0], storage.shape[1]
+        if self.device.type != "cuda":
+            w = torch.from_numpy(_native().band_eigenvalues_host(storage.numpy(), self.band, 2))
+            self._inflight.append((None, keys, w, scales, ()))
+            return
+        stream = self._streams[self._next % len(self._streams)]
+        self._next += 1
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            work = torch.empty(batch, 2 * n, dtype=torch.float64, device=self.device)
+            w = torch.empty(batch, n, dtype=torch.float64, device=self.device)
+            _native().band_eigenvalues_cuda(self.device.index or 0, storage.data_ptr(), batch, n * ld, n, self.band,
+                                            ld, work.data_ptr(), w.data_ptr(), stream.cuda_stream, self.threads)
+            event = torch.cuda.Event()
+            event.record(stream)
+        # every tensor the kernels touch stays referenced until the event has passed
+        self._inflight.append((event, keys, w, scales, (storage, work)))
 
     def finished(self, wait: bool = False) -> list[tuple[object, np.ndarray]]:
-        """``(key, ascending eigenvalues)`` of every launch that is done (all of them when ``wait``)."""
+        """``(key, ascending eigenvalues)`` of every batch that is done (all of them when ``wait``)."""
         out, still = [], []
         for item in self._inflight:
             event, keys, w, scales, _ = item
@@ -242,6 +259,3 @@ class DeviceBands:
             out.extend(zip(keys, lam))
         self._inflight = still
         return out
-
-    def busy(self) -> bool:
-        return bool(self._pending or self._inflight)

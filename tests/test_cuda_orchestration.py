@@ -95,10 +95,10 @@ FakeEngine.batched_calls = []
 def fake_gpu(monkeypatch):
     fake = types.ModuleType("spectrum_fast._C")
     fake.GramEngine = FakeEngine
-    try:  # the band solver is host code too: the real one where the extension is built
+    try:  # the two-stage solver's kernels run on host threads too: the real ones where the extension is built
         from spectrum_fast import _C as real  # type: ignore[attr-defined]
 
-        fake.band_eigenvalues_host = real.band_eigenvalues_host
+        fake.band_eigenvalues_host, fake.panel_qr_host = real.band_eigenvalues_host, real.panel_qr_host
     except ImportError:
         pass
     monkeypatch.setitem(sys.modules, "spectrum_fast._C", fake)
@@ -408,7 +408,7 @@ def test_twostage_failure_is_a_user_error_naming_the_tensor(fake_gpu, tmp_path, 
     if mode == "cpu":
         monkeypatch.setattr(twostage, "submit", oom)
     else:
-        monkeypatch.setattr(twostage.DeviceBands, "launch", oom)
+        monkeypatch.setattr(twostage.DeviceBands, "run", oom)
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", mode)
     with pytest.raises(spectrum_fast.SpectrumError,
@@ -646,3 +646,78 @@ def test_journal_from_another_engine_or_gpu_setting_starts_over(fake_gpu, tmp_pa
     monkeypatch.setenv("SPECTRUM_FAST_BATCHED_MAX_K", "0")
     spectrum_fast.scan(tmp_path, device="cuda", progress=True, journal=journal)
     assert "starting over" in capsys.readouterr().err and len(fake_gpu.calls) == 4
+
+
+@needs_bands
+def test_gpu_twostage_batches_are_units_so_resumed_and_multi_gpu_scans_are_bit_identical(fake_gpu, tmp_path,
+                                                                                         monkeypatch):
+    """SPECTRUM_FAST_TWOSTAGE=gpu reduces same-shape matrices that go straight to float64 in stage-1 batches
+    (:func:`cuda_engine.band_batch` per unit). Here the solver's results depend on the batch (a tilt that is
+    a function of the whole batch, as a batched GEMM's last bits may be): a scan resumed from half a batch
+    and a two-GPU scan must still give the uninterrupted scan's numbers bit for bit."""
+    pytest.importorskip("torch")
+    from spectrum_fast import cuda_engine, twostage
+
+    batches: list[int] = []
+    real_run = twostage.DeviceBands.run
+
+    def tilted(self, keys, a):
+        batches.append(len(keys))
+        tilt = 1 + 1e-9 * (1 + int(a.sum().item() * 1e6) % 997)
+        real_run(self, keys, a * tilt)
+
+    monkeypatch.setattr(twostage.DeviceBands, "run", tilted)
+    monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
+    monkeypatch.setattr(cuda_engine, "BAND_BATCH_BYTES", 16 * 70 * 70 * 4)  # 4 per batch at k = 70
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
+    monkeypatch.setenv("SPECTRUM_FAST_BATCHED_MAX_K", "0")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "gpu")
+    rng = np.random.default_rng(9)
+    t = {f"model.layers.{i}.mlp.up_proj.weight": (rng.standard_normal((150, 70)) * 0.02 + 0.05 *
+                                                   np.outer(rng.standard_normal(150), rng.standard_normal(70))
+                                                   ).astype(np.float32) for i in range(6)}
+    t["model.layers.0.mlp.down_proj.weight"] = rng.standard_normal((70, 90)).astype(np.float32)  # alone
+    save_np(tmp_path / "model.safetensors", t)
+    from spectrum_fast.checkpoint import open_checkpoint
+
+    infos = sorted(open_checkpoint(tmp_path).tensors.values(), key=lambda i: i.offset)
+    units = cuda_engine.scan_units(infos)
+    ups = sorted(n for n in units if "up_proj" in n)
+    assert len(ups) == 6 and len({units[n] for n in ups}) == 2  # 4 + 2, in file order; down_proj alone
+    journal = tmp_path / "scan.journal"
+    whole = spectrum_fast.scan(tmp_path, device="cuda", progress=False, journal=journal)
+    assert sorted(batches) == [1, 2, 4]
+    assert all(r.method == "gram-fp64" for r in whole.records)
+    lines = journal.read_bytes().split(b"\n")
+    ups_done = [ln for ln in lines[1:] if b"up_proj" in ln]
+    journal.write_bytes(b"\n".join([lines[0], *ups_done[:1]]) + b"\n")  # killed after 1 of a batch
+    batches.clear()
+    resumed = spectrum_fast.scan(tmp_path, device="cuda", progress=False, journal=journal)
+    assert resumed.snr == whole.snr
+    assert sorted(batches) in ([1, 2, 4], [2, 4], [1, 4], [4])  # its batch again, whole
+    assert spectrum_fast.scan(tmp_path, device="cuda", devices=[0, 1], progress=False).snr == whole.snr
+    for r in whole.records:
+        assert rel_err(r.snr, ref_snr(t[r.module + ".weight"])) <= 1e-4
+
+
+def test_band_units_follow_the_settings(fake_gpu, monkeypatch):
+    from spectrum_fast import cuda_engine
+    from spectrum_fast.checkpoint import TensorInfo
+
+    def info(name, shape, dtype="BF16"):
+        return TensorInfo(name, Path("a"), 0, 2 * shape[0] * shape[1], dtype, shape)
+
+    infos = [info(f"q{i}", (4096, 4096)) for i in range(20)] + [info("kv", (1024, 4096)), info("x", (8192, 8192)),
+                                                                 info("y", (8192, 8192)), info("f8", (4096, 4096), "F8_E4M3")]
+    monkeypatch.delenv("SPECTRUM_FAST_FP64_MIN_K", raising=False)
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "0")
+    assert cuda_engine.scan_units(infos) == {}  # nothing batched: k > 2048, two-stage off
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "gpu")
+    units = cuda_engine.scan_units(infos)
+    assert cuda_engine.band_batch(4096) == 16 and cuda_engine.band_batch(8192) == 4
+    assert cuda_engine.band_batch(16384) == 1 and cuda_engine.band_batch(100) == 32
+    q = [units[f"q{i}"] for i in range(20)]
+    assert q[:16] == [q[0]] * 16 and q[16:] == [q[16]] * 4 and q[0] != q[16]
+    assert units["x"] == units["y"] and "kv" not in units and "f8" not in units  # k < 4096; FP8 not two-stage
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "0")
+    assert cuda_engine.scan_units(infos) == {}  # nothing goes straight to float64
