@@ -249,20 +249,25 @@ def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> lis
     rest = []
     try:
         for group in group_units(infos, units):
-            keys, grams = [], []
+            k = min(group[0].shape)  # a unit's members share a shape
+            grams = torch.empty(len(group), k, k, dtype=torch.float64, device=solver.device)
+            keys = []
             for info in group:
                 if _STOP.is_set():
                     raise KeyboardInterrupt
                 w = _device_matrix(info, solver.device)
                 amax = float(w.abs().max())
                 if _for_cpu(amax):
-                    rest.append((info, np.zeros(min(info.shape)), amax))
+                    rest.append((info, np.zeros(k), amax))
                     continue
-                grams.append(w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T)
+                if w.shape[0] >= w.shape[1]:
+                    torch.matmul(w.T, w, out=grams[len(keys)])
+                else:
+                    torch.matmul(w, w.T, out=grams[len(keys)])
                 keys.append((info, amax))
                 del w
-            if grams:
-                solver.run(keys, torch.stack(grams))
+            if keys:
+                solver.run(keys, grams[: len(keys)])
             del grams
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
         names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")

@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 
-def band_reduce(a, b: int, qr=None):
+def band_reduce(a, b: int, qr=None, overwrite: bool = False):
     """Lower band storage ``(b + 1, n)`` (row ``i`` holds the ``i``-th subdiagonal, as LAPACK's ``?sbevd``
     and ``scipy.linalg.eig_banded(lower=True)`` take it) of a band matrix orthogonally similar to the
     symmetric torch tensor ``a`` (only ``a``'s values are used, both triangles; ``a`` is not modified).
@@ -39,7 +39,8 @@ def band_reduce(a, b: int, qr=None):
     batch's panels ``(batch, m, b)`` as ``torch.geqrf`` does (the default); the GPU path passes
     :func:`native_geqrf`, one thread block per panel. Everything else is per matrix (``torch.matmul``
     over a batch runs the same kernel for each matrix), so a matrix's band does not depend on its batch
-    as long as ``qr``'s result does not."""
+    as long as ``qr``'s result does not. ``overwrite``: work in ``a`` itself (it is destroyed) instead of a
+    copy, which halves the memory a batch needs."""
     import torch
 
     if a.ndim not in (2, 3) or a.shape[-1] != a.shape[-2]:
@@ -47,7 +48,9 @@ def band_reduce(a, b: int, qr=None):
     if b < 1:
         raise ValueError(f"bandwidth must be at least 1, got {b}")
     single = a.ndim == 2
-    a = (a[None] if single else a).clone()
+    a = a[None] if single else a
+    if not overwrite:
+        a = a.clone()
     geqrf = qr or torch.geqrf
     batch, n = a.shape[0], a.shape[-1]
     for j in range(0, n, b):
@@ -74,7 +77,7 @@ def band_reduce(a, b: int, qr=None):
         a22 = a[:, j + b:, j + b:]
         x = a22 @ (v @ t)
         z = x - 0.5 * (v @ (t.transpose(1, 2) @ (vt @ x)))
-        a22 -= v @ z.transpose(1, 2) + z @ vt
+        a22.baddbmm_(v, z.transpose(1, 2), alpha=-1).baddbmm_(z, vt, alpha=-1)  # no m x m temporaries
     band = torch.zeros(batch, b + 1, n, dtype=a.dtype, device=a.device)
     for i in range(min(b, n - 1) + 1):
         band[:, i, : n - i] = torch.diagonal(a, offset=-i, dim1=-2, dim2=-1)
@@ -225,7 +228,7 @@ class DeviceBands:
         scales = a.abs().amax(dim=(1, 2))  # the solver wants entries of order one
         a /= scales[:, None, None]
         ld = 2 * self.band
-        storage = band_storage(band_reduce(a, self.band, qr=native_geqrf), ld)  # (batch, n, ld)
+        storage = band_storage(band_reduce(a, self.band, qr=native_geqrf, overwrite=True), ld)  # (batch, n, ld)
         del a
         batch, n = storage.shape[0], storage.shape[1]
         if self.device.type != "cuda":

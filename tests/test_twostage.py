@@ -88,3 +88,65 @@ def test_pool_runs_stage2_in_threads():
     for f in futures:
         np.testing.assert_allclose(f.result(), want, rtol=0, atol=1e-12 * np.abs(want).max())
     assert twostage.pool(2) is twostage.pool(2)
+
+
+def test_batched_reduction_matches_one_at_a_time():
+    """A batch (batch, n, n) gives each matrix's band as reducing it alone does, to rounding; overwrite=True
+    consumes the input and gives the same bands."""
+    rng = np.random.default_rng(9)
+    a = torch.from_numpy(np.stack([_sym(rng, 90) for _ in range(3)]))
+    bands = twostage.band_reduce(a, 8)
+    assert bands.shape == (3, 9, 90)
+    for i in range(3):
+        alone = twostage.band_reduce(a[i], 8)
+        torch.testing.assert_close(bands[i], alone, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(twostage.band_eigenvalues(bands[i].numpy()), np.linalg.eigvalsh(a[i].numpy()),
+                                   rtol=0, atol=1e-12 * 20)
+    b = a.clone()
+    torch.testing.assert_close(twostage.band_reduce(b, 8, overwrite=True), bands, rtol=0, atol=0)
+    assert not torch.equal(a, b)  # b was worked in
+
+
+def test_native_panel_qr_is_geqrf():
+    """The GPU's panel kernel (run on host threads here) leaves what LAPACK's geqrf does: Q R = P with Q from
+    its reflectors orthogonal, on full, rank-deficient, zero-column and wide panels; and on full-rank ones the
+    same R, v and tau as geqrf up to rounding (elsewhere the reflectors of roundoff are arbitrary)."""
+    _C = pytest.importorskip("spectrum_fast._C", reason="the native extension is not built here")
+    if not hasattr(_C, "panel_qr_host"):
+        pytest.skip("this build of the extension has no panel QR")
+    rng = np.random.default_rng(10)
+    full = rng.standard_normal((3, 200, 16))
+    rank2 = rng.standard_normal((2, 150, 2)) @ rng.standard_normal((2, 2, 12))
+    holes = rng.standard_normal((2, 60, 8))
+    holes[:, :, 3] = 0
+    holes[1, 5:, 0] = 0  # already reduced below the diagonal: tau = 0
+    wide = rng.standard_normal((2, 5, 9))
+    for p, same in ((full, True), (wide, True), (rank2, False), (holes, False), (np.zeros((1, 40, 4)), True),
+                    (rng.standard_normal((1, 1, 1)), True)):
+        t = torch.from_numpy(p)
+        got_qr, got_tau = twostage.native_geqrf(t)
+        m, nb = p.shape[1], p.shape[2]
+        k = min(m, nb)
+        assert not got_tau[:, k:].any()
+        scale = max(1.0, float(np.abs(p).max())) * m
+        q = torch.linalg.householder_product(got_qr[:, :, :k], got_tau[:, :k])  # (batch, m, k)
+        torch.testing.assert_close(q @ torch.triu(got_qr[:, :k, :]), t, rtol=0, atol=1e-13 * scale)
+        torch.testing.assert_close(q.transpose(1, 2) @ q, torch.eye(k, dtype=t.dtype).expand(len(p), k, k),
+                                   rtol=0, atol=1e-13 * m)
+        if same:
+            want_qr, want_tau = torch.geqrf(t)
+            torch.testing.assert_close(got_qr, want_qr, rtol=0, atol=1e-13 * scale)
+            torch.testing.assert_close(got_tau[:, :k], want_tau, rtol=0, atol=1e-13)
+
+
+def test_batched_reduction_with_the_native_panel_qr():
+    _C = pytest.importorskip("spectrum_fast._C", reason="the native extension is not built here")
+    if not hasattr(_C, "panel_qr_host"):
+        pytest.skip("this build of the extension has no panel QR")
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((2, 300, 30)) @ rng.standard_normal((2, 30, 120))  # rank 30: zero panels late on
+    g = torch.from_numpy(w.transpose(0, 2, 1) @ w)
+    bands = twostage.band_reduce(g, 16, qr=twostage.native_geqrf)
+    for i in range(2):
+        want = np.linalg.eigvalsh(g[i].numpy())
+        np.testing.assert_allclose(twostage.band_eigenvalues(bands[i].numpy()), want, rtol=0, atol=1e-12 * want.max())
