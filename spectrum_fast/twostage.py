@@ -198,6 +198,20 @@ def _native():
     return _C
 
 
+def launch_bands(storage, b: int, stream, threads: int = 64):
+    """Queue the native band solver on ``stream`` for band matrices in its layout ``(batch, n, ld)`` on a
+    GPU (overwritten); returns ``(eigenvalues (batch, n), work area)``, both to be kept until it is done."""
+    import torch
+
+    batch, n, ld = storage.shape
+    with torch.cuda.stream(stream):
+        work = torch.empty(batch, 2 * n, dtype=torch.float64, device=storage.device)
+        w = torch.empty(batch, n, dtype=torch.float64, device=storage.device)
+        _native().band_eigenvalues_cuda(storage.device.index or 0, storage.data_ptr(), batch, n * ld, n, b, ld,
+                                        work.data_ptr(), w.data_ptr(), stream.cuda_stream, threads)
+    return w, work
+
+
 class DeviceBands:
     """Stages 1 to 3 on the GPU for batches of same-size matrices: :meth:`run` reduces a batch to bands
     (stage 1: torch matrix products and the native panel QR) and queues the band solver (stages 2 and 3)
@@ -230,7 +244,6 @@ class DeviceBands:
         ld = 2 * self.band
         storage = band_storage(band_reduce(a, self.band, qr=native_geqrf, overwrite=True), ld)  # (batch, n, ld)
         del a
-        batch, n = storage.shape[0], storage.shape[1]
         if self.device.type != "cuda":
             w = torch.from_numpy(_native().band_eigenvalues_host(storage.numpy(), self.band, 2))
             self._inflight.append((None, keys, w, scales, ()))
@@ -238,13 +251,9 @@ class DeviceBands:
         stream = self._streams[self._next % len(self._streams)]
         self._next += 1
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            work = torch.empty(batch, 2 * n, dtype=torch.float64, device=self.device)
-            w = torch.empty(batch, n, dtype=torch.float64, device=self.device)
-            _native().band_eigenvalues_cuda(self.device.index or 0, storage.data_ptr(), batch, n * ld, n, self.band,
-                                            ld, work.data_ptr(), w.data_ptr(), stream.cuda_stream, self.threads)
-            event = torch.cuda.Event()
-            event.record(stream)
+        w, work = launch_bands(storage, self.band, stream, self.threads)
+        event = torch.cuda.Event()
+        event.record(stream)
         # every tensor the kernels touch stays referenced until the event has passed
         self._inflight.append((event, keys, w, scales, (storage, work)))
 

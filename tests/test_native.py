@@ -107,9 +107,11 @@ def test_gpu_parity_with_float64_reference(tmp_path, monkeypatch, dtype, fp64_mi
 
 @needs_gpu
 @pytest.mark.gpu
-def test_gpu_twostage_parity_with_float64_reference(tmp_path, monkeypatch):
-    """SPECTRUM_FAST_TWOSTAGE=1 with every matrix in the float64 pass: band reduction on the GPU (torch geqrf,
-    solve_triangular, GEMMs), band eigenvalues on CPU threads; the same contract as every other route."""
+@pytest.mark.parametrize("mode", ["cpu", "gpu"])
+def test_gpu_twostage_parity_with_float64_reference(tmp_path, monkeypatch, mode):
+    """SPECTRUM_FAST_TWOSTAGE=cpu|gpu with every matrix in the float64 pass: band reduction on the GPU (torch
+    GEMMs; geqrf or the native panel kernel), band eigenvalues on CPU threads or the native band solver;
+    the same contract as every other route."""
     import torch
     from safetensors.torch import save_file
 
@@ -118,14 +120,20 @@ def test_gpu_twostage_parity_with_float64_reference(tmp_path, monkeypatch):
     rng = np.random.default_rng(12)
     a = rng.standard_normal((700, 700))
     a = torch.from_numpy(a + a.T).cuda()
-    band = twostage.band_reduce(a, 64).cpu().numpy()
     want = np.linalg.eigvalsh(a.cpu().numpy())
-    np.testing.assert_allclose(twostage.band_eigenvalues(band), want, rtol=0, atol=1e-12 * np.abs(want).max())
+    if mode == "cpu":
+        band = twostage.band_reduce(a, 64).cpu().numpy()
+        np.testing.assert_allclose(twostage.band_eigenvalues(band), want, rtol=0, atol=1e-12 * np.abs(want).max())
+    else:
+        solver = twostage.DeviceBands("cuda:0", 32)
+        solver.run(["a"], a[None].clone())
+        (_, got), = solver.finished(wait=True)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
     tensors = {f"model.layers.{i}.mlp.{name}.weight": torch.from_numpy(w).to(torch.bfloat16)
                for i, (name, w) in enumerate(_adversarial())}
     save_file(tensors, str(tmp_path / "model.safetensors"))
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "1")
-    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "1")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", mode)
     import warnings
 
     with warnings.catch_warnings():
@@ -133,6 +141,62 @@ def test_gpu_twostage_parity_with_float64_reference(tmp_path, monkeypatch):
         gpu = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
     for r in gpu.records:
         assert_snr_matches(r.snr, tensors[r.module + ".weight"].double().numpy(), what=(r.module, r.method))
+
+
+def _band(rng, n, b, ld):
+    m = rng.standard_normal((n, n))
+    a = np.tril(np.triu(m + m.T, -b), b)
+    out = np.zeros((n, ld))
+    for i in range(min(b, n - 1) + 1):
+        out[: n - i, i] = np.diagonal(a, -i)
+    return a, out
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_band_solver_matches_float64_and_depends_on_the_matrix_alone():
+    """The native band solver on the GPU (a thread block per matrix) against float64 eigvalsh and against
+    its host-thread run; a matrix gives the same bits alone, in a batch, and twice."""
+    import torch
+
+    from spectrum_fast import twostage
+
+    rng = np.random.default_rng(13)
+    for n, b in [(1, 1), (3, 2), (100, 8), (513, 32), (1000, 64), (300, 128)]:
+        mats = [_band(rng, n, b, 2 * b) for _ in range(3)]
+        bands = torch.from_numpy(np.stack([m[1] for m in mats])).cuda()
+
+        def solve(x, b=b):
+            w, _ = twostage.launch_bands(x.clone(), b, torch.cuda.current_stream())
+            torch.cuda.synchronize()
+            return w.cpu().numpy()
+
+        together = solve(bands)
+        assert np.array_equal(together, solve(bands))
+        assert np.array_equal(together[1], solve(bands[1:2])[0])
+        host = _C.band_eigenvalues_host(np.stack([m[1] for m in mats]), b, 2)
+        for i, (a, _) in enumerate(mats):
+            want = np.linalg.eigvalsh(a)
+            np.testing.assert_allclose(together[i], want, rtol=0, atol=1e-12 * max(1, np.abs(want).max()) * n ** 0.5)
+            np.testing.assert_allclose(together[i], host[i], rtol=0, atol=1e-12 * max(1, np.abs(want).max()) * n ** 0.5)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_panel_qr_is_geqrf():
+    import torch
+
+    from spectrum_fast import twostage
+
+    rng = np.random.default_rng(14)
+    for shape in [(4, 4000, 32), (2, 700, 64), (3, 40, 32), (1, 1, 1), (2, 20, 33)]:
+        p = torch.from_numpy(rng.standard_normal(shape)).cuda()
+        got_qr, got_tau = twostage.native_geqrf(p)
+        want_qr, want_tau = torch.geqrf(p)
+        k = min(shape[1], shape[2])
+        torch.testing.assert_close(got_qr, want_qr, rtol=0, atol=1e-12 * shape[1] ** 0.5 * 4)
+        torch.testing.assert_close(got_tau[:, :k], want_tau, rtol=0, atol=1e-13)
+        assert torch.equal(twostage.native_geqrf(p)[0], got_qr)  # deterministic
 
 
 @needs_gpu
@@ -238,18 +302,30 @@ def test_gpu_batched_result_is_fixed_by_its_batch(tmp_path):
 
 @needs_gpu
 @pytest.mark.gpu
-def test_gpu_resumed_and_two_engine_scans_are_bit_identical(tmp_path):
+@pytest.mark.parametrize("twostage", ["0", "gpu"])
+def test_gpu_resumed_and_two_engine_scans_are_bit_identical(tmp_path, monkeypatch, twostage):
     """A scan resumed from a journal holding part of a batched unit, and one on two engines, give the
-    uninterrupted scan's numbers bit for bit."""
+    uninterrupted scan's numbers bit for bit; with the GPU two-stage solver too (its stage-1 batches are
+    units: here 16 of the 20 k = 512 matrices that go straight to float64)."""
+    from spectrum_fast import cuda_engine
+
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", twostage)
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "512")
+    monkeypatch.setattr(cuda_engine, "BAND_BATCH_BYTES", 16 * 512 * 512 * 16)
     rng = np.random.default_rng(9)
     t = {f"model.layers.{i}.mlp.experts.{e}.w1.weight": (rng.standard_normal((384, 128)) * (1 + e)).astype(np.float32)
          for i in range(4) for e in range(20)}
     t["model.layers.0.mlp.big.weight"] = rng.standard_normal((1024, 512)).astype(np.float32)
+    t.update({f"model.layers.{i}.mlp.down.weight": rng.standard_normal((1024, 512)).astype(np.float32)
+              for i in range(20)})
     save_np(tmp_path / "model.safetensors", t)
     journal = tmp_path / "scan.journal"
     whole = spectrum_fast.scan(tmp_path, device="cuda", progress=False, journal=journal)
     lines = journal.read_bytes().split(b"\n")
-    journal.write_bytes(b"\n".join(lines[:31]) + b"\n")  # 30 records: the first unit (64) half done
+    downs = [ln for ln in lines[1:] if b"down" in ln]
+    experts = [ln for ln in lines[1:] if b"experts" in ln]
+    # 30 expert records (the first unit of 64 half done) and 5 of the first 16-matrix band batch
+    journal.write_bytes(b"\n".join([lines[0], *experts[:30], *downs[:5]]) + b"\n")
     assert spectrum_fast.scan(tmp_path, device="cuda", progress=False, journal=journal).snr == whole.snr
     assert spectrum_fast.scan(tmp_path, device="cuda", devices=[0, 0], progress=False).snr == whole.snr
 
