@@ -213,37 +213,56 @@ def launch_bands(storage, b: int, stream, threads: int = 64):
 
 
 class DeviceBands:
-    """Stages 1 to 3 on the GPU for batches of same-size matrices: :meth:`run` reduces a batch to bands
-    (stage 1: torch matrix products and the native panel QR) and queues the band solver (stages 2 and 3)
-    on a side stream, returning at once; :meth:`finished` hands back what is done. Each matrix's bulge
-    chasing gets its own thread block and launches rotate over a pool of streams, so chases run side by
-    side on the multiprocessors while the next matrices are read and reduced. On a CPU torch device (the
-    tests) the same native code runs on host threads, synchronously."""
+    """Stages 1 to 3 on the GPU: :meth:`run` reduces a batch of same-size matrices to bands now (stage 1:
+    torch matrix products and the native panel QR) and keeps the bands; once ``launch_at`` bands of one
+    size are kept (by default one per multiprocessor), the band solver (stages 2 and 3) is queued for all
+    of them on a side stream and :meth:`run` returns at once; :meth:`finished` hands back what is done
+    (``wait=True`` launches the rest too and waits). Each band's bulge chasing is a long chain of small
+    steps in one thread block, so the solver needs many bands in one launch to fill the GPU, and runs
+    beside the next matrices' reading and stage 1. A matrix's eigenvalues depend on it and its stage-1
+    batch alone, never on what shares a solver launch. On a CPU torch device (the tests) the same native
+    code runs on host threads, at once."""
 
-    STREAMS = 8
+    STREAMS = 4
 
-    def __init__(self, device, band: int = 32, threads: int = 64):
+    def __init__(self, device, band: int = 32, threads: int = 64, launch_at: int | None = None):
         import torch
 
         self.device = torch.device(device)
         self.band = band
         self.threads = threads
+        on_gpu = self.device.type == "cuda"
+        if launch_at is None:
+            launch_at = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 1
+        self.launch_at = max(1, launch_at)
+        self._kept: dict[int, list[tuple[list, object, object]]] = {}  # n -> [(keys, storage, scales)]
         self._inflight: list[tuple[object, list, object, object, tuple]] = []  # (event, keys, w, scales, keep)
-        self._streams = ([torch.cuda.Stream(self.device) for _ in range(self.STREAMS)]
-                         if self.device.type == "cuda" else [])
+        self._streams = [torch.cuda.Stream(self.device) for _ in range(self.STREAMS)] if on_gpu else []
         self._next = 0
 
     def run(self, keys: list, a) -> None:
         """Stage 1 of the symmetric float64 matrices ``a`` ``(batch, n, n)`` on this device now (``a`` is
         consumed); ``keys[i]`` comes back with ``a[i]``'s eigenvalues from :meth:`finished`. No matrix may be
         zero (it has no scale: the caller handles those)."""
-        import torch
-
         scales = a.abs().amax(dim=(1, 2))  # the solver wants entries of order one
         a /= scales[:, None, None]
-        ld = 2 * self.band
-        storage = band_storage(band_reduce(a, self.band, qr=native_geqrf, overwrite=True), ld)  # (batch, n, ld)
+        storage = band_storage(band_reduce(a, self.band, qr=native_geqrf, overwrite=True), 2 * self.band)
         del a
+        n = storage.shape[1]
+        kept = self._kept.setdefault(n, [])
+        kept.append((keys, storage, scales))
+        if sum(len(k) for k, _, _ in kept) >= self.launch_at:
+            self._launch(n)
+
+    def _launch(self, n: int) -> None:
+        import torch
+
+        kept = self._kept.pop(n, [])
+        if not kept:
+            return
+        keys = [k for ks, _, _ in kept for k in ks]
+        storage = torch.cat([s for _, s, _ in kept]) if len(kept) > 1 else kept[0][1]
+        scales = torch.cat([c for _, _, c in kept])
         if self.device.type != "cuda":
             w = torch.from_numpy(_native().band_eigenvalues_host(storage.numpy(), self.band, 2))
             self._inflight.append((None, keys, w, scales, ()))
@@ -258,7 +277,11 @@ class DeviceBands:
         self._inflight.append((event, keys, w, scales, (storage, work)))
 
     def finished(self, wait: bool = False) -> list[tuple[object, np.ndarray]]:
-        """``(key, ascending eigenvalues)`` of every batch that is done (all of them when ``wait``)."""
+        """``(key, ascending eigenvalues)`` of every launch that is done; with ``wait``, the kept bands are
+        launched too and everything is waited for."""
+        if wait:
+            for n in list(self._kept):
+                self._launch(n)
         out, still = [], []
         for item in self._inflight:
             event, keys, w, scales, _ = item

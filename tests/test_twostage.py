@@ -150,3 +150,26 @@ def test_batched_reduction_with_the_native_panel_qr():
     for i in range(2):
         want = np.linalg.eigvalsh(g[i].numpy())
         np.testing.assert_allclose(twostage.band_eigenvalues(bands[i].numpy()), want, rtol=0, atol=1e-12 * want.max())
+
+
+def test_device_bands_keep_bands_until_enough_for_a_launch():
+    """DeviceBands holds reduced bands until ``launch_at`` of one size are there (one launch must fill the
+    GPU's multiprocessors), launches the rest when asked to wait, and hands every key back once, with its
+    own matrix's eigenvalues (run here on the CPU: the native code on host threads)."""
+    _C = pytest.importorskip("spectrum_fast._C", reason="the native extension is not built here")
+    if not hasattr(_C, "band_eigenvalues_host"):
+        pytest.skip("this build of the extension has no band solver")
+    rng = np.random.default_rng(12)
+    mats = {f"m{i}": _sym(rng, 40 if i < 6 else 30) for i in range(7)}
+    solver = twostage.DeviceBands("cpu", 8, launch_at=5)
+    solver.run(["m0", "m1"], torch.from_numpy(np.stack([mats["m0"], mats["m1"]])))
+    solver.run(["m6"], torch.from_numpy(mats["m6"][None].copy()))  # another size: kept apart
+    solver.run(["m2", "m3"], torch.from_numpy(np.stack([mats["m2"], mats["m3"]])))
+    assert solver.finished() == []  # 4 of size 40 kept: not yet
+    solver.run(["m4", "m5"], torch.from_numpy(np.stack([mats["m4"], mats["m5"]])))
+    got = dict(solver.finished())
+    assert sorted(got) == ["m0", "m1", "m2", "m3", "m4", "m5"]  # 6 >= 5: launched
+    got.update(solver.finished(wait=True))
+    assert sorted(got) == sorted(mats) and solver.finished(wait=True) == []
+    for name, a in mats.items():
+        np.testing.assert_allclose(got[name], np.linalg.eigvalsh(a), rtol=0, atol=1e-12 * np.abs(a).max() * 10)
