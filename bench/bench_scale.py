@@ -18,6 +18,12 @@ For each model (a config in bench/configs/):
 
 ``--e2e`` also scans the whole generated checkpoint end to end and reports measured / predicted, a check
 of the per-shape model. Goals (one H100): Qwen1.5-110B under 3 minutes, Llama-3.1-405B under 15.
+
+With ``SPECTRUM_FAST_TWOSTAGE=gpu`` the float64 pass runs through the GPU two-stage solver, whose band
+solver launches many matrices at once (one per multiprocessor): a few sampled matrices measure its
+latency, not its throughput. ``--twostage JSON`` (bench/bench_twostage.py's output from the same run)
+corrects those shapes: ``(measured - one launch's time) / samples + stages 2-3 per matrix at a full
+launch``, and uses the two-stage time per matrix as the eigensolver floor.
 """
 
 from __future__ import annotations
@@ -165,7 +171,7 @@ def time_shapes(ckpt_dir: Path, device: str, samples: int) -> dict[tuple[int, in
         else:
             _cpu_stats(pick, None, False, done)
         dt = time.perf_counter() - t0
-        out[key] = {"m": key[0], "n": key[1], "dtype": key[2], "sampled": len(pick),
+        out[key] = {"m": key[0], "n": key[1], "dtype": key[2], "sampled": len(pick), "seconds": dt,
                     "s_per_matrix": dt / len(pick), "methods": dict(methods)}
         print(f"  {key[0]:>6} x {key[1]:<6} {key[2]:<8} {dt / len(pick):8.3f} s/matrix  {dict(methods)}",
               file=sys.stderr)
@@ -179,6 +185,13 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict) -> dict:
     ckpt = ensure_checkpoint(model, config, layers, args.workdir)
     print(f"{model}: timing {layers} generated layers on {args.device}", file=sys.stderr)
     per_shape = time_shapes(ckpt, args.device, args.samples)
+    bands = twostage_rates(args.twostage)
+    for key, entry in per_shape.items():
+        k = min(key[:2])
+        if k in bands and entry["methods"].get("gram-fp64") == entry["sampled"]:
+            entry["s_per_matrix_measured"] = entry["s_per_matrix"]
+            entry["s_per_matrix"] = (max(0.0, entry["seconds"] - bands[k]["stage23_launch_s"]) / entry["sampled"]
+                                     + bands[k]["stage23_s_per_matrix"])
     counts = Counter(shape_key(s) for s in full)
     missing = [k for k in counts if k not in per_shape]
     if missing:
@@ -188,7 +201,8 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict) -> dict:
     nbytes = sum(s.nbytes for s in full)
     gram_flops = sum(max(s.shape) * min(s.shape) ** 2 for s in full)
     eig_cache: dict[int, float] = {}
-    eig_s = sum(c * eig_seconds(min(k[:2]), args.device, eig_cache, args.cpu_eig_max_k) for k, c in counts.items())
+    eig_s = sum(c * (bands[min(k[:2])]["s_per_matrix"] if min(k[:2]) in bands
+                     else eig_seconds(min(k[:2]), args.device, eig_cache, args.cpu_eig_max_k)) for k, c in counts.items())
     floors = {"disk_s": nbytes / rates["disk_Bps"], "gram_s": gram_flops / rates["gemm_flops"], "eig_s": eig_s}
     if rates.get("pcie_Bps"):
         floors["pcie_s"] = nbytes / rates["pcie_Bps"]
@@ -219,6 +233,17 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict) -> dict:
     return row
 
 
+def twostage_rates(path: Path | None) -> dict[int, dict]:
+    """k -> the GPU two-stage solver's measured rates at the scan's bandwidth (bench_twostage.py's JSON),
+    when SPECTRUM_FAST_TWOSTAGE=gpu; else empty."""
+    if path is None or os.environ.get("SPECTRUM_FAST_TWOSTAGE", "0").strip().lower() not in ("1", "gpu", "on"):
+        return {}
+    from spectrum_fast.cuda_engine import _DEVICE_BAND
+
+    doc = json.loads(path.read_text())
+    return {row["k"]: e for row in doc["rows"] for e in row["gpu"] if e["b"] == _DEVICE_BAND}
+
+
 def _default_layers(config: dict) -> int:
     # enough layers to hold every distinct shape (DeepSeek-V3: its MoE layers start after the dense ones)
     return config.get("first_k_dense_replace", 0) + 1
@@ -235,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-eig-max-k", type=int, default=8192,
                     help="on the CPU, eigensolver floors above this k are scaled from it by k^3")
     ap.add_argument("--e2e", action="store_true", help="also scan the generated layers end to end")
+    ap.add_argument("--twostage", type=Path, help="bench_twostage.py's JSON from this device (see above)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
