@@ -20,7 +20,7 @@ For each model (a config in bench/configs/):
 of the per-shape model. Goals (one H100): Qwen1.5-110B under 3 minutes, Llama-3.1-405B under 15.
 
 With ``SPECTRUM_FAST_TWOSTAGE=gpu`` the float64 pass runs through the GPU two-stage solver, whose band
-solver launches many matrices at once (one per multiprocessor): a few sampled matrices measure its
+solver launches many matrices at once (four per multiprocessor): a few sampled matrices measure its
 latency, not its throughput. ``--twostage JSON`` (bench/bench_twostage.py's output from the same run)
 corrects those shapes: ``(measured - one launch's time) / samples + stages 2-3 per matrix at a full
 launch``, and uses the two-stage time per matrix as the eigensolver floor.

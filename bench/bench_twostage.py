@@ -9,7 +9,7 @@ Per k (Gram matrices of k x 3.5k Gaussian weights, float64):
 - ``syevd``: ``torch.linalg.eigvalsh`` in fp64 (what the engine's ``Dsyevd`` float64 pass does), per matrix.
 - ``gpu`` mode (``SPECTRUM_FAST_TWOSTAGE=gpu``): stage 1 for one stage-1 batch of
   ``cuda_engine.band_batch(k)`` matrices (torch GEMMs and the native panel QR), per matrix; stages 2 and 3
-  (the native band solver) for one launch of ``--launch`` bands (default: one per multiprocessor, as
+  (the native band solver) for one launch of ``--launch`` bands (default: four per multiprocessor, as
   :class:`~spectrum_fast.twostage.DeviceBands` launches), per matrix; their sum is the throughput
   estimate (no overlap between the two assumed), and ``speedup_vs_syevd``.
 - ``--cpu-stage2``: the old ``cpu`` mode's stage 2 (LAPACK ``dsbevd`` on CPU threads), per matrix in a pool.
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
-    launch = args.launch or (torch.cuda.get_device_properties(0).multi_processor_count if args.device == "cuda" else 2)
+    launch = args.launch or (twostage.DeviceBands.BLOCKS_PER_SM * torch.cuda.get_device_properties(0).multi_processor_count
+                             if args.device == "cuda" else 2)
     rows = []
     for k in args.sizes:
         a = gram_batch(k, 1, args.device)[0]

@@ -105,8 +105,9 @@ SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d
           double* dc = a + (j0 + c) * ld;
           for (int64_t r = c; r < len; ++r) dc[r - c] -= v[r] * zc + (w[r] - gamma * v[r]) * vc;
         }
-        for (int64_t idx = rank; idx < rows * len; idx += size) {
-          const int64_t r = idx % rows, c = idx / rows;
+        const int nr = static_cast<int>(rows), nl = static_cast<int>(len);  // <= kMaxBand: 32-bit division
+        for (int idx = rank; idx < nr * nl; idx += size) {
+          const int r = idx % nr, c = idx / nr;
           a[(j0 + c) * ld + (r0 + r - j0 - c)] -= tau * y[r] * v[c];
         }
         t.sync();

@@ -198,7 +198,13 @@ def _native():
     return _C
 
 
-def launch_bands(storage, b: int, stream, threads: int = 64):
+def band_threads(b: int) -> int:
+    """Threads per bulge-chasing block: one per row of a reflector, whole warps (32 for b <= 32: a single
+    warp, whose barriers cost next to nothing)."""
+    return 32 * max(1, -(-b // 32))
+
+
+def launch_bands(storage, b: int, stream, threads: int | None = None):
     """Queue the native band solver on ``stream`` for band matrices in its layout ``(batch, n, ld)`` on a
     GPU (overwritten); returns ``(eigenvalues (batch, n), work area)``, both to be kept until it is done."""
     import torch
@@ -208,14 +214,14 @@ def launch_bands(storage, b: int, stream, threads: int = 64):
         work = torch.empty(batch, 2 * n, dtype=torch.float64, device=storage.device)
         w = torch.empty(batch, n, dtype=torch.float64, device=storage.device)
         _native().band_eigenvalues_cuda(storage.device.index or 0, storage.data_ptr(), batch, n * ld, n, b, ld,
-                                        work.data_ptr(), w.data_ptr(), stream.cuda_stream, threads)
+                                        work.data_ptr(), w.data_ptr(), stream.cuda_stream, threads or band_threads(b))
     return w, work
 
 
 class DeviceBands:
     """Stages 1 to 3 on the GPU: :meth:`run` reduces a batch of same-size matrices to bands now (stage 1:
     torch matrix products and the native panel QR) and keeps the bands; once ``launch_at`` bands of one
-    size are kept (by default one per multiprocessor), the band solver (stages 2 and 3) is queued for all
+    size are kept (by default four per multiprocessor), the band solver (stages 2 and 3) is queued for all
     of them on a side stream and :meth:`run` returns at once; :meth:`finished` hands back what is done
     (``wait=True`` launches the rest too and waits). Each band's bulge chasing is a long chain of small
     steps in one thread block, so the solver needs many bands in one launch to fill the GPU, and runs
@@ -224,16 +230,18 @@ class DeviceBands:
     code runs on host threads, at once."""
 
     STREAMS = 4
+    BLOCKS_PER_SM = 4  # a chase is latency-bound: several share a multiprocessor
 
-    def __init__(self, device, band: int = 32, threads: int = 64, launch_at: int | None = None):
+    def __init__(self, device, band: int = 32, threads: int | None = None, launch_at: int | None = None):
         import torch
 
         self.device = torch.device(device)
         self.band = band
-        self.threads = threads
+        self.threads = threads or band_threads(band)
         on_gpu = self.device.type == "cuda"
         if launch_at is None:
-            launch_at = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 1
+            launch_at = (self.BLOCKS_PER_SM * torch.cuda.get_device_properties(self.device).multi_processor_count
+                         if on_gpu else 1)
         self.launch_at = max(1, launch_at)
         self._kept: dict[int, list[tuple[list, object, object]]] = {}  # n -> [(keys, storage, scales)]
         self._inflight: list[tuple[object, list, object, object, tuple]] = []  # (event, keys, w, scales, keep)
