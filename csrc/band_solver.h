@@ -46,6 +46,28 @@ SF_FN inline double sym(const double* a, int64_t ld, int64_t p, int64_t q) {
   return p >= q ? a[q * ld + (p - q)] : a[p * ld + (q - p)];
 }
 
+// A reflector as LAPACK's dlarfg makes it: (I - tau v v^T) x = beta e_1, v = (1, x[1:] * scale).
+struct Reflector {
+  double tau, beta, scale;
+};
+
+// The reflector of x[0 .. len) (read only). x[0] is read before the barrier in t.sum(), so a caller may
+// overwrite x as soon as this returns.
+template <class Team>
+SF_FN Reflector householder(Team& t, const double* x, int64_t len) {
+  const double alpha = x[0];
+  double part = 0.0;
+  for (int64_t r = 1 + t.rank(); r < len; r += t.size()) part += x[r] * x[r];
+  const double ss = t.sum(part);
+  Reflector h{0.0, alpha, 0.0};  // nothing below x[0]: H = I
+  if (ss > 0.0) {
+    h.beta = -copysign(sqrt(alpha * alpha + ss), alpha);
+    h.tau = (h.beta - alpha) / h.beta;
+    h.scale = 1.0 / (alpha - h.beta);
+  }
+  return h;
+}
+
 // Band (ld, n as described above) to tridiagonal: d[0..n-1] the diagonal, e[0..n-2] the subdiagonal.
 template <class Team>
 SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d, double* e) {
@@ -59,20 +81,11 @@ SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d
     while (j1 > j0) {
       const int64_t len = j1 - j0 + 1;
       double* x = a + col * ld + (j0 - col);  // A(J, col), contiguous
-      // Householder (LAPACK dlarfg): (I - tau v v^T) x = beta e_1, v[0] = 1
-      const double alpha = x[0];  // read before the barrier in sum(): x[0] is overwritten right after it
-      double part = 0.0;
-      for (int64_t r = 1 + rank; r < len; r += size) part += x[r] * x[r];
-      const double ss = t.sum(part);
-      double tau = 0.0, beta = alpha, scale = 0.0;
-      if (ss > 0.0) {
-        beta = -copysign(sqrt(alpha * alpha + ss), alpha);
-        tau = (beta - alpha) / beta;
-        scale = 1.0 / (alpha - beta);
-      }
+      const Reflector h = householder(t, x, len);
+      const double tau = h.tau;
       for (int64_t r = rank; r < len; r += size) {
-        v[r] = r == 0 ? 1.0 : x[r] * scale;
-        x[r] = r == 0 ? beta : 0.0;  // each thread reads its x[r] before writing it
+        v[r] = r == 0 ? 1.0 : x[r] * h.scale;
+        x[r] = r == 0 ? h.beta : 0.0;  // each thread reads its x[r] before writing it
       }
       t.sync();
       if (tau != 0.0) {  // the same decision in every thread (tau is shared)
@@ -96,7 +109,7 @@ SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d
           y[r] = s;
         }
         t.sync();
-        part = 0.0;
+        double part = 0.0;
         for (int64_t r = rank; r < len; r += size) part += v[r] * w[r];
         const double gamma = 0.5 * tau * t.sum(part);
         // phase C: D -= v z^T + z v^T (lower triangle), z = w - gamma v; A(R, J) -= tau y v^T
@@ -138,17 +151,9 @@ SF_FN void panel_qr(Team& t, double* p, int64_t m, int64_t nb, int64_t lda, doub
   for (int64_t j = 0; j < steps; ++j) {
     double* x = p + j * lda + j;
     const int64_t len = m - j;
-    const double alpha = x[0];  // read before the barrier in sum(); x[0] is written after the last one
-    double part = 0.0;
-    for (int64_t r = 1 + rank; r < len; r += size) part += x[r] * x[r];
-    const double ss = t.sum(part);
-    double tj = 0.0, beta = alpha, scale = 0.0;
-    if (ss > 0.0) {
-      beta = -copysign(sqrt(alpha * alpha + ss), alpha);
-      tj = (beta - alpha) / beta;
-      scale = 1.0 / (alpha - beta);
-    }
-    for (int64_t r = 1 + rank; r < len; r += size) x[r] *= scale;  // v below the diagonal
+    const Reflector h = householder(t, x, len);
+    const double tj = h.tau;
+    for (int64_t r = 1 + rank; r < len; r += size) x[r] *= h.scale;  // v below the diagonal
     t.sync();
     if (tj != 0.0) {
       for (int64_t c = j + 1 + group; c < nb; c += groups) {  // y -= tau v (v^T y), v[0] = 1
@@ -161,7 +166,7 @@ SF_FN void panel_qr(Team& t, double* p, int64_t m, int64_t nb, int64_t lda, doub
     }
     t.sync();
     if (rank == 0) {
-      x[0] = beta;
+      x[0] = h.beta;
       tau[j] = tj;
     }
   }
