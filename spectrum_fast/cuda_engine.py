@@ -188,11 +188,12 @@ def _twostage_takes(info: TensorInfo) -> bool:
     return info.dtype in _TWOSTAGE_DTYPES and info.scale is None
 
 
-def _device_matrix(info: TensorInfo, dev):
-    """The stored F32/F16/BF16 values on the device, widened to float64 there (not on the CPU)."""
+def _device_matrix(info: TensorInfo, dev, raw: np.ndarray | None = None):
+    """The stored F32/F16/BF16 values (``raw``, read here if not given) on the device, widened to float64
+    there (not on the CPU)."""
     import torch
 
-    raw = read_stored(info)
+    raw = read_stored(info) if raw is None else raw
     if info.dtype == "BF16":
         t = torch.from_numpy(raw.view(np.int16)).to(dev).view(torch.bfloat16)  # the bits, then reinterpreted
     else:
@@ -240,6 +241,25 @@ def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
                 f.cancel()  # no-op for the finished ones; on errors and Ctrl-C, the queued ones do not run
 
 
+def _read_ahead(infos: Sequence[TensorInfo], depth: int = 2):
+    """``(info, stored values)`` in order, the next ``depth`` read by a background thread (numpy's file read
+    releases the GIL) while the caller works on the GPU."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="spectrum_fast-read") as pool:
+        ahead = deque(pool.submit(read_stored, i) for i in infos[:depth])
+        try:
+            for index, info in enumerate(infos):
+                raw = ahead.popleft().result()
+                if index + depth < len(infos):
+                    ahead.append(pool.submit(read_stored, infos[index + depth]))
+                yield info, raw
+        finally:
+            for f in ahead:
+                f.cancel()
+
+
 def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> list:
     """Reduce these matrices' float64 Gram matrices to bands on the GPU and queue the band solver, a unit
     (:func:`scan_units`) per batch; returns ``(info, eigenvalues, amax)`` for those it does not take (zero,
@@ -247,15 +267,18 @@ def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> lis
     import torch
 
     rest = []
+    groups = group_units(infos, units)
+    reads = _read_ahead([i for g in groups for i in g])
     try:
-        for group in group_units(infos, units):
+        for group in groups:
             k = min(group[0].shape)  # a unit's members share a shape
             grams = torch.empty(len(group), k, k, dtype=torch.float64, device=solver.device)
             keys = []
-            for info in group:
+            for info, raw in (next(reads) for _ in group):
                 if _STOP.is_set():
                     raise KeyboardInterrupt
-                w = _device_matrix(info, solver.device)
+                w = _device_matrix(info, solver.device, raw)
+                del raw
                 amax = float(w.abs().max())
                 if _for_cpu(amax):
                     rest.append((info, np.zeros(k), amax))
@@ -272,6 +295,8 @@ def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> lis
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
         names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
         raise SpectrumError(f"two-stage eigensolver on {solver.device} failed on {names} ({infos[0].file}): {e}") from None
+    finally:
+        reads.close()  # stops the read-ahead on errors and Ctrl-C
     return rest
 
 

@@ -252,7 +252,9 @@ class DeviceBands:
         """Stage 1 of the symmetric float64 matrices ``a`` ``(batch, n, n)`` on this device now (``a`` is
         consumed); ``keys[i]`` comes back with ``a[i]``'s eigenvalues from :meth:`finished`. No matrix may be
         zero (it has no scale: the caller handles those)."""
-        scales = a.abs().amax(dim=(1, 2))  # the solver wants entries of order one
+        import torch
+
+        scales = torch.maximum(a.amax(dim=(1, 2)), -a.amin(dim=(1, 2)))  # entries of order one; no |a| copy
         a /= scales[:, None, None]
         storage = band_storage(band_reduce(a, self.band, qr=native_geqrf, overwrite=True), 2 * self.band)
         del a

@@ -721,3 +721,24 @@ def test_band_units_follow_the_settings(fake_gpu, monkeypatch):
     assert units["x"] == units["y"] and "kv" not in units and "f8" not in units  # k < 4096; FP8 not two-stage
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "0")
     assert cuda_engine.scan_units(infos) == {}  # nothing goes straight to float64
+
+
+def test_read_ahead_keeps_order_names_a_bad_file_and_stops_when_closed(tmp_path):
+    from spectrum_fast import cuda_engine
+    from spectrum_fast.checkpoint import TensorInfo
+    from spectrum_fast.errors import SpectrumError
+
+    data = np.arange(40, dtype=np.float32)
+    f = tmp_path / "a.bin"
+    f.write_bytes(data.tobytes())
+    infos = [TensorInfo(f"t{i}", f, 16 * i, 16, "F32", (2, 2)) for i in range(10)]
+    got = [(i.name, raw.tolist()) for i, raw in cuda_engine._read_ahead(infos, depth=3)]
+    assert got == [(f"t{i}", data[4 * i:4 * i + 4].tolist()) for i in range(10)]
+    short = [*infos[:2], TensorInfo("gone", tmp_path / "missing.bin", 0, 16, "F32", (2, 2)), *infos[2:]]
+    reads = cuda_engine._read_ahead(short, depth=2)
+    assert [next(reads)[0].name for _ in range(2)] == ["t0", "t1"]
+    with pytest.raises(SpectrumError, match="missing.bin"):
+        next(reads)
+    reads = cuda_engine._read_ahead(infos, depth=2)
+    next(reads)
+    reads.close()  # what an error or Ctrl-C in the consumer does: returns without reading the rest
