@@ -157,6 +157,7 @@ def twostage_threads() -> int:
 
 
 _TWOSTAGE_BAND = 64  # the CPU stage 2's bandwidth (run 3)
+_DEVICE_BAND = 32  # the GPU band solver's: its steps cost ~b^2 each, n^2 / 2b of them in a row
 #: Float64 bytes the GPU two-stage solver reduces at once: Gram matrices of one unit and stage 1's copy.
 BAND_BATCH_BYTES = 4 << 30
 
@@ -179,7 +180,7 @@ def scan_units(infos: Sequence[TensorInfo]) -> dict[str, int]:
         units.update(band_units(straight, band_batch, first=max(units.values(), default=-1) + 1))
     return units
 
-_DEVICE_BAND = 32  # the GPU band solver's: its steps cost ~b^2 each, n^2 / 2b of them in a row
+
 _TWOSTAGE_DTYPES = ("F32", "F16", "BF16")
 _TORCH_DEVICE: str | None = None  # tests run the two-stage path on the CPU; None: the engine's GPU
 
