@@ -48,7 +48,7 @@ struct BlockTeam {
   __device__ double* y() { return y_; }
 };
 
-__global__ void chase_kernel(double* bands, int64_t stride, int64_t n, int64_t b, int64_t ld, double* work) {
+__global__ void __launch_bounds__(1024, 1) chase_kernel(double* bands, int64_t stride, int64_t n, int64_t b, int64_t ld, double* work) {
   __shared__ double partial[32];
   __shared__ double v[device::kMaxBand], w[device::kMaxBand], y[device::kMaxBand];
   BlockTeam t{partial, v, w, y};
@@ -57,7 +57,7 @@ __global__ void chase_kernel(double* bands, int64_t stride, int64_t n, int64_t b
   device::chase(t, bands + m * stride, n, b, ld, d, d + n);
 }
 
-__global__ void panel_kernel(double* panels, int64_t stride, int64_t m, int64_t nb, int64_t lda, double* tau) {
+__global__ void __launch_bounds__(1024, 1) panel_kernel(double* panels, int64_t stride, int64_t m, int64_t nb, int64_t lda, double* tau) {
   __shared__ double partial[32];
   BlockTeam t{partial, nullptr, nullptr, nullptr};
   const int64_t i = blockIdx.x;

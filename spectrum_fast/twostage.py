@@ -89,6 +89,8 @@ def native_geqrf(panels):
     (csrc/band_solver.h ``panel_qr``): one thread block per panel on a GPU, host threads on a CPU."""
     import torch
 
+    if panels.dtype != torch.float64 or panels.ndim != 3:
+        raise ValueError(f"panels must be a float64 (batch, m, nb) tensor, got {panels.dtype} {tuple(panels.shape)}")
     batch, m, nb = panels.shape
     cols = panels.transpose(1, 2).contiguous()  # (batch, nb, m): column-major panels, lda = m
     if cols.device.type == "cuda":
@@ -205,11 +207,17 @@ def band_threads(b: int) -> int:
 
 
 def launch_bands(storage, b: int, stream, threads: int | None = None):
-    """Queue the native band solver on ``stream`` for band matrices in its layout ``(batch, n, ld)`` on a
-    GPU (overwritten); returns ``(eigenvalues (batch, n), work area)``, both to be kept until it is done."""
+    """Queue the native band solver on ``stream`` (after what the current stream has queued) for band matrices
+    in its layout ``(batch, n, ld)`` on a GPU (overwritten); returns ``(eigenvalues (batch, n), work area)``,
+    allocated on ``stream``: read the eigenvalues once it is done."""
     import torch
 
+    if storage.dtype != torch.float64 or not storage.is_contiguous() or storage.ndim != 3:
+        raise ValueError(f"bands must be a contiguous float64 (batch, n, ld) tensor, got {storage.dtype} "
+                         f"{tuple(storage.shape)}")
     batch, n, ld = storage.shape
+    stream.wait_stream(torch.cuda.current_stream(storage.device))  # storage is written on the current stream
+    storage.record_stream(stream)  # not reused before the kernels are done, even if dropped sooner
     with torch.cuda.stream(stream):
         work = torch.empty(batch, 2 * n, dtype=torch.float64, device=storage.device)
         w = torch.empty(batch, n, dtype=torch.float64, device=storage.device)
@@ -279,7 +287,6 @@ class DeviceBands:
             return
         stream = self._streams[self._next % len(self._streams)]
         self._next += 1
-        stream.wait_stream(torch.cuda.current_stream(self.device))
         w, work = launch_bands(storage, self.band, stream, self.threads)
         event = torch.cuda.Event()
         event.record(stream)

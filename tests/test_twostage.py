@@ -173,3 +173,11 @@ def test_device_bands_keep_bands_until_enough_for_a_launch():
     assert sorted(got) == sorted(mats) and solver.finished(wait=True) == []
     for name, a in mats.items():
         np.testing.assert_allclose(got[name], np.linalg.eigvalsh(a), rtol=0, atol=1e-12 * np.abs(a).max() * 10)
+
+
+def test_native_kernels_take_float64_only():
+    """The native kernels read raw doubles: anything else is refused before they see it."""
+    with pytest.raises(ValueError, match="float64"):
+        twostage.native_geqrf(torch.zeros(1, 4, 2, dtype=torch.float32))
+    with pytest.raises(ValueError, match="float64"):
+        twostage.launch_bands(torch.zeros(1, 4, 2, dtype=torch.float32), 1, None)
