@@ -240,6 +240,9 @@ def twostage_rates(path: Path | None) -> dict[int, dict]:
         return {}
     from spectrum_fast.cuda_engine import _DEVICE_BAND
 
+    if not path.is_file():
+        print(f"no {path}: sampled two-stage shapes are not corrected", file=sys.stderr)
+        return {}
     doc = json.loads(path.read_text())
     return {row["k"]: e for row in doc["rows"] for e in row["gpu"] if e["b"] == _DEVICE_BAND}
 
