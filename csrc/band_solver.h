@@ -72,6 +72,7 @@ SF_FN Reflector householder(Team& t, const double* x, int64_t len) {
 template <class Team>
 SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d, double* e) {
   const int rank = t.rank(), size = t.size();
+  const int group = t.group(), groups = t.groups(), lane = t.lane(), lanes = t.lanes();
   double* v = t.v();
   double* w = t.w();
   double* y = t.y();
@@ -91,12 +92,14 @@ SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d
       if (tau != 0.0) {  // the same decision in every thread (tau is shared)
         const int64_t r0 = j1 + 1, r1 = min64(j1 + b, n - 1), rows = r1 - j1;  // the block below: rows R
         // phase A, three disjoint regions read/written with v only
-        for (int64_t q = pc0 + 1 + rank; q <= pc1; q += size) {  // left: A(J, q) -= tau v (v^T A(J, q))
+        // left: A(J, q) -= tau v (v^T A(J, q)), a group per column (on a GPU, a warp reads a column's
+        // consecutive entries together, and the dot product needs no barrier)
+        for (int64_t q = pc0 + 1 + group; q <= pc1; q += groups) {
           double* c = a + q * ld + (j0 - q);
           double s = 0.0;
-          for (int64_t r = 0; r < len; ++r) s += v[r] * c[r];
-          s *= tau;
-          for (int64_t r = 0; r < len; ++r) c[r] -= s * v[r];
+          for (int64_t r = lane; r < len; r += lanes) s += v[r] * c[r];
+          s = tau * t.group_sum(s);
+          for (int64_t r = lane; r < len; r += lanes) c[r] -= s * v[r];
         }
         for (int64_t r = rank; r < len; r += size) {  // w = tau D v, D = A(J, J)
           double s = 0.0;
@@ -113,10 +116,10 @@ SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d
         for (int64_t r = rank; r < len; r += size) part += v[r] * w[r];
         const double gamma = 0.5 * tau * t.sum(part);
         // phase C: D -= v z^T + z v^T (lower triangle), z = w - gamma v; A(R, J) -= tau y v^T
-        for (int64_t c = rank; c < len; c += size) {
+        for (int64_t c = group; c < len; c += groups) {  // a group per column, as above
           const double zc = w[c] - gamma * v[c], vc = v[c];
           double* dc = a + (j0 + c) * ld;
-          for (int64_t r = c; r < len; ++r) dc[r - c] -= v[r] * zc + (w[r] - gamma * v[r]) * vc;
+          for (int64_t r = c + lane; r < len; r += lanes) dc[r - c] -= v[r] * zc + (w[r] - gamma * v[r]) * vc;
         }
         const int nr = static_cast<int>(rows), nl = static_cast<int>(len);  // <= kMaxBand: 32-bit division
         for (int idx = rank; idx < nr * nl; idx += size) {
