@@ -242,13 +242,14 @@ def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
                 f.cancel()  # no-op for the finished ones; on errors and Ctrl-C, the queued ones do not run
 
 
-def _read_ahead(infos: Sequence[TensorInfo], depth: int = 2):
-    """``(info, stored values)`` in order, the next ``depth`` read by a background thread (numpy's file read
-    releases the GIL) while the caller works on the GPU."""
+def _read_ahead(infos: Sequence[TensorInfo], depth: int = 3, threads: int = 2):
+    """``(info, stored values)`` in order, the next ``depth`` read by ``threads`` background threads (numpy's
+    file read releases the GIL; one thread copies a page-cached file at only a few GB/s) while the caller
+    works on the GPU."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1, thread_name_prefix="spectrum_fast-read") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="spectrum_fast-read") as pool:
         ahead = deque(pool.submit(read_stored, i) for i in infos[:depth])
         try:
             for index, info in enumerate(infos):
