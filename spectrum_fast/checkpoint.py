@@ -298,15 +298,28 @@ def current_sources(model: str, *, revision: str | None = None) -> list[SourceFi
     return open_checkpoint(model, revision=revision).sources
 
 
-def read_stored(info: TensorInfo) -> np.ndarray:
-    """One tensor's stored values, flat and not widened: BF16 as its uint16 bit patterns, FP8 as bytes."""
+def read_stored(info: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
+    """One tensor's stored values, flat and not widened: BF16 as its uint16 bit patterns, FP8 as bytes.
+    ``out``: a buffer of ``info.nbytes`` bytes to read them into (pinned memory, for one), returned as the
+    raw words."""
     if info.dtype not in _DTYPES:
         raise CheckpointError(f"{info.file}: tensor '{info.name}' has unsupported dtype {info.dtype}")
     itemsize, raw_dtype = _DTYPES[info.dtype]
     count = info.nbytes // itemsize
     try:
-        with open(info.file, "rb") as f:
-            raw = np.fromfile(f, dtype=raw_dtype, count=count, offset=info.offset)
+        with open(info.file, "rb", buffering=0 if out is not None else -1) as f:
+            if out is None:
+                raw = np.fromfile(f, dtype=raw_dtype, count=count, offset=info.offset)
+            else:
+                raw = out.reshape(-1).view(np.uint8)[: count * itemsize].view(raw_dtype)
+                f.seek(info.offset)
+                view, got = memoryview(raw.view(np.uint8)), 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                raw = raw[: got // itemsize]
     except OSError as e:
         raise CheckpointError(f"{info.file}: cannot read tensor '{info.name}': {e.strerror or e}") from None
     if raw.size != count:

@@ -189,11 +189,29 @@ def _twostage_takes(info: TensorInfo) -> bool:
     return info.dtype in _TWOSTAGE_DTYPES and info.scale is None
 
 
-def _device_matrix(info: TensorInfo, dev, raw: np.ndarray | None = None):
-    """The stored F32/F16/BF16 values (``raw``, read here if not given) on the device, widened to float64
-    there (not on the CPU)."""
+def _read_host(info: TensorInfo, pin: bool):
+    """The stored values in host memory: a numpy array, or with ``pin`` a pinned uint8 tensor (its copy to
+    the GPU then needs no wait: a pageable one waits for everything queued before it)."""
+    if not pin:
+        return read_stored(info)
     import torch
 
+    buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=True)
+    read_stored(info, out=buf.numpy())
+    return buf
+
+
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _device_matrix(info: TensorInfo, dev, raw=None):
+    """The stored F32/F16/BF16 values (``raw`` from :func:`_read_host`, read here if not given) on the
+    device, widened to float64 there (not on the CPU)."""
+    import torch
+
+    if isinstance(raw, torch.Tensor):  # pinned bytes: an asynchronous copy
+        t = raw.view(getattr(torch, _TORCH_DTYPES[info.dtype])).to(dev, non_blocking=True)
+        return t.to(torch.float64).reshape(info.shape)
     raw = read_stored(info) if raw is None else raw
     if info.dtype == "BF16":
         t = torch.from_numpy(raw.view(np.int16)).to(dev).view(torch.bfloat16)  # the bits, then reinterpreted
@@ -242,64 +260,59 @@ def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
                 f.cancel()  # no-op for the finished ones; on errors and Ctrl-C, the queued ones do not run
 
 
-def _read_ahead(infos: Sequence[TensorInfo], depth: int = 3, threads: int = 2):
-    """``(info, stored values)`` in order, the next ``depth`` read by ``threads`` background threads (numpy's
-    file read releases the GIL; one thread copies a page-cached file at only a few GB/s) while the caller
-    works on the GPU."""
+def _read_ahead(infos: Sequence[TensorInfo], depth: int = 3, threads: int = 2, pin: bool = False):
+    """``(info, stored values)`` in order (:func:`_read_host`), the next ``depth`` read by ``threads``
+    background threads (file reads release the GIL; one thread copies a page-cached file at only a few
+    GB/s) while the caller works on the GPU."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads, thread_name_prefix="spectrum_fast-read") as pool:
-        ahead = deque(pool.submit(read_stored, i) for i in infos[:depth])
+        ahead = deque(pool.submit(_read_host, i, pin) for i in infos[:depth])
         try:
             for index, info in enumerate(infos):
                 raw = ahead.popleft().result()
                 if index + depth < len(infos):
-                    ahead.append(pool.submit(read_stored, infos[index + depth]))
+                    ahead.append(pool.submit(_read_host, infos[index + depth], pin))
                 yield info, raw
         finally:
             for f in ahead:
                 f.cancel()
 
 
-def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> list:
+def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> None:
     """Reduce these matrices' float64 Gram matrices to bands on the GPU and queue the band solver, a unit
-    (:func:`scan_units`) per batch; returns ``(info, eigenvalues, amax)`` for those it does not take (zero,
-    not finite, or out of the Gram matrix's safe range: :func:`_judge` hands them to the CPU engine)."""
+    (:func:`scan_units`) per batch; :func:`_bands_done` delivers them."""
     import torch
 
-    rest = []
     groups = group_units(infos, units)
-    reads = _read_ahead([i for g in groups for i in g])
+    # nothing here waits for the GPU: pinned reads copy asynchronously, and each matrix's largest entry
+    # stays on the device until its eigenvalues are delivered (a zero, non-finite or out-of-range matrix
+    # gives NaN or garbage there, and :func:`_judge` sends it to the CPU engine by that largest entry)
+    reads = _read_ahead([i for g in groups for i in g], pin=solver.device.type == "cuda")
     try:
         for group in groups:
             k = min(group[0].shape)  # a unit's members share a shape
             grams = torch.empty(len(group), k, k, dtype=torch.float64, device=solver.device)
             keys = []
-            for info, raw in (next(reads) for _ in group):
+            for index, (info, raw) in enumerate(next(reads) for _ in group):
                 if _STOP.is_set():
                     raise KeyboardInterrupt
                 w = _device_matrix(info, solver.device, raw)
                 del raw
-                amax = float(w.abs().max())
-                if _for_cpu(amax):
-                    rest.append((info, np.zeros(k), amax))
-                    continue
                 if w.shape[0] >= w.shape[1]:
-                    torch.matmul(w.T, w, out=grams[len(keys)])
+                    torch.matmul(w.T, w, out=grams[index])
                 else:
-                    torch.matmul(w, w.T, out=grams[len(keys)])
-                keys.append((info, amax))
+                    torch.matmul(w, w.T, out=grams[index])
+                keys.append((info, w.abs().amax()))
                 del w
-            if keys:
-                solver.run(keys, grams[: len(keys)])
+            solver.run(keys, grams)
             del grams
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
         names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
         raise SpectrumError(f"two-stage eigensolver on {solver.device} failed on {names} ({infos[0].file}): {e}") from None
     finally:
         reads.close()  # stops the read-ahead on errors and Ctrl-C
-    return rest
 
 
 def _bands_done(solver, done: Callable[[TensorInfo, MatrixStats], None], wait: bool) -> None:
@@ -309,7 +322,7 @@ def _bands_done(solver, done: Callable[[TensorInfo, MatrixStats], None], wait: b
     except RuntimeError as e:
         raise SpectrumError(f"two-stage eigensolver on {solver.device} failed: {e}") from None
     for (info, amax), lam in finished:
-        out = _judge(info, lam, amax, 0, _EPS64)
+        out = _judge(info, lam, float(amax), 0, _EPS64)
         done(info, out if out is not None else matrix_stats(read_matrix(info)))
 
 
@@ -443,11 +456,10 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
     again = [i for u in whole for i in members[u]]
     single = [i for i in failed if units.get(i.name) not in whole]
     wanted = {i.name for i in failed}
-    unfit: list = []  # (info, eigenvalues, amax) the GPU band solver did not take: the CPU's
     if solver is not None and two:  # queued on the GPU; :func:`_run_device` delivers them as they finish
-        unfit, two = _bands_submit(solver, two, units), []
-    passes = [([i for i, _, _ in unfit], lambda: [(lam, amax, 0) for _, lam, amax in unfit]),
-              (two, lambda: _twostage_run(engine.device, two, threads)),
+        _bands_submit(solver, two, units)
+        two = []
+    passes = [(two, lambda: _twostage_run(engine.device, two, threads)),
               (straight, lambda: _engine_run(engine, straight, True, units)),
               (again, lambda: _engine_run(engine, again, True, units)),
               (single, lambda: _engine_run(engine, single, True, {}))]

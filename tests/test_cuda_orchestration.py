@@ -742,3 +742,23 @@ def test_read_ahead_keeps_order_names_a_bad_file_and_stops_when_closed(tmp_path)
     reads = cuda_engine._read_ahead(infos, depth=2)
     next(reads)
     reads.close()  # what an error or Ctrl-C in the consumer does: returns without reading the rest
+
+
+def test_read_stored_into_a_buffer_is_the_plain_read(tmp_path):
+    """The pinned-memory read path (a buffer the caller owns) gives the plain read's words, and a
+    truncated file is the same one-line error naming the tensor."""
+    from spectrum_fast.checkpoint import CheckpointError, TensorInfo, read_stored
+
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal(300).astype(np.float32)
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"\0" * 12 + data.tobytes())
+    for dtype, count in (("F32", 300), ("BF16", 600), ("F16", 600)):
+        info = TensorInfo("t", f, 12, 1200, dtype, (count // 10, 10))
+        buf = np.empty(1200, np.uint8)
+        got = read_stored(info, out=buf)
+        assert got.tobytes() == read_stored(info).tobytes() and got.dtype == read_stored(info).dtype
+        assert np.shares_memory(got, buf)
+    short = TensorInfo("t", f, 12, 1600, "F32", (40, 10))
+    with pytest.raises(CheckpointError, match="'t' is truncated"):
+        read_stored(short, out=np.empty(1600, np.uint8))
