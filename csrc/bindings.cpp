@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -123,12 +124,18 @@ py::list run_batched(GramEngine& engine, const py::sequence& items, bool fp64, i
   });
 }
 
+using Array3 = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+// The shape of a (batch, rows, cols) array, or a ValueError saying what it must be.
+std::array<int64_t, 3> shape3(const Array3& a, const char* what) {
+  if (a.ndim() != 3) throw py::value_error(std::string(what) + ", got " + std::to_string(a.ndim()) + " dimensions");
+  return {a.shape(0), a.shape(1), a.shape(2)};
+}
+
 // bands: (batch, n, ld) float64, C order: matrix m's column q at [m, q, :], A(q + i, q) at [m, q, i], the
 // rest zero (see band_solver.h). Not modified (the solver works on a copy).
-py::array_t<double> band_eigenvalues_host(const py::array_t<double, py::array::c_style | py::array::forcecast>& bands,
-                                          int64_t b, int64_t threads) {
-  if (bands.ndim() != 3) throw py::value_error("bands must be (batch, n, ld), got " + std::to_string(bands.ndim()) + " dimensions");
-  const int64_t batch = bands.shape(0), n = bands.shape(1), ld = bands.shape(2);
+py::array_t<double> band_eigenvalues_host(const Array3& bands, int64_t b, int64_t threads) {
+  const auto [batch, n, ld] = shape3(bands, "bands must be (batch, n, ld)");
   spectrum_fast::check_band_args(batch, n, b, ld, n * ld, threads);
   std::vector<double> work(bands.data(), bands.data() + batch * n * ld);
   py::array_t<double> w({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(n)});
@@ -142,10 +149,8 @@ py::array_t<double> band_eigenvalues_host(const py::array_t<double, py::array::c
 
 // panels: (batch, nb, lda) float64, C order: panel i's column c at [i, c, :m] (column-major, as LAPACK); returns
 // (the factored panels, tau (batch, nb)) as geqrf leaves them. The input is not modified.
-py::tuple panel_qr_host(const py::array_t<double, py::array::c_style | py::array::forcecast>& panels, int64_t m,
-                        int64_t threads) {
-  if (panels.ndim() != 3) throw py::value_error("panels must be (batch, nb, lda), got " + std::to_string(panels.ndim()) + " dimensions");
-  const int64_t batch = panels.shape(0), nb = panels.shape(1), lda = panels.shape(2);
+py::tuple panel_qr_host(const Array3& panels, int64_t m, int64_t threads) {
+  const auto [batch, nb, lda] = shape3(panels, "panels must be (batch, nb, lda)");
   spectrum_fast::check_panel_args(batch, m, nb, lda, nb * lda, threads);
   py::array_t<double> out({panels.shape(0), panels.shape(1), panels.shape(2)});
   std::copy(panels.data(), panels.data() + batch * nb * lda, out.mutable_data());

@@ -209,15 +209,32 @@ def _device_matrix(info: TensorInfo, dev, raw=None):
     device, widened to float64 there (not on the CPU)."""
     import torch
 
-    if isinstance(raw, torch.Tensor):  # pinned bytes: an asynchronous copy
-        t = raw.view(getattr(torch, _TORCH_DTYPES[info.dtype])).to(dev, non_blocking=True)
-        return t.to(torch.float64).reshape(info.shape)
     raw = read_stored(info) if raw is None else raw
-    if info.dtype == "BF16":
-        t = torch.from_numpy(raw.view(np.int16)).to(dev).view(torch.bfloat16)  # the bits, then reinterpreted
-    else:
-        t = torch.from_numpy(raw).to(dev)
+    if not isinstance(raw, torch.Tensor):
+        raw = torch.from_numpy(raw.view(np.uint8))
+    # the bytes, reinterpreted as the stored dtype; from pinned memory the copy does not wait
+    t = raw.view(getattr(torch, _TORCH_DTYPES[info.dtype])).to(dev, non_blocking=True)
     return t.to(torch.float64).reshape(info.shape)
+
+
+def _gram(w, out=None):
+    """The Gram matrix on ``w``'s smaller side (into ``out`` when given)."""
+    import torch
+
+    return torch.matmul(w.T, w, out=out) if w.shape[0] >= w.shape[1] else torch.matmul(w, w.T, out=out)
+
+
+def _amax(w):
+    """Largest ``|w|`` as a device scalar, without a copy of ``|w|`` (NaN and Inf come through)."""
+    import torch
+
+    return torch.maximum(w.amax(), -w.amin())
+
+
+def _which(infos: Sequence[TensorInfo]) -> str:
+    """The first few of these tensors and their file, for error messages."""
+    names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
+    return f"{names} ({infos[0].file})"
 
 
 def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
@@ -235,12 +252,12 @@ def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
             if _STOP.is_set():
                 raise KeyboardInterrupt
             w = _device_matrix(info, dev)
-            amax = float(w.abs().max())
+            amax = float(_amax(w))
             k = min(info.shape)
             if _for_cpu(amax):
                 pending.append((None, k, amax))  # _judge hands it to the CPU engine
                 continue
-            g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+            g = _gram(w)
             del w
             pending.append((twostage.submit(g, _TWOSTAGE_BAND, threads), k, amax))
         out = []
@@ -252,8 +269,7 @@ def _twostage_run(device: int, infos: list[TensorInfo], threads: int) -> list:
                 out.append((np.zeros(k), amax, 1))
         return out
     except RuntimeError as e:  # CUDA errors
-        names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
-        raise SpectrumError(f"two-stage eigensolver on {dev} failed on {names} ({infos[0].file}): {e}") from None
+        raise SpectrumError(f"two-stage eigensolver on {dev} failed on {_which(infos)}: {e}") from None
     finally:
         for f, _, _ in pending:
             if f is not None:
@@ -300,17 +316,13 @@ def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> Non
                     raise KeyboardInterrupt
                 w = _device_matrix(info, solver.device, raw)
                 del raw
-                if w.shape[0] >= w.shape[1]:
-                    torch.matmul(w.T, w, out=grams[index])
-                else:
-                    torch.matmul(w, w.T, out=grams[index])
-                keys.append((info, w.abs().amax()))
+                _gram(w, out=grams[index])
+                keys.append((info, _amax(w)))
                 del w
             solver.run(keys, grams)
             del grams
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-        names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
-        raise SpectrumError(f"two-stage eigensolver on {solver.device} failed on {names} ({infos[0].file}): {e}") from None
+        raise SpectrumError(f"two-stage eigensolver on {solver.device} failed on {_which(infos)}: {e}") from None
     finally:
         reads.close()  # stops the read-ahead on errors and Ctrl-C
 
@@ -356,8 +368,7 @@ def _engine_run(engine, infos: list[TensorInfo], fp64: bool, units: dict[str, in
                                                               should_stop=_STOP.is_set)))
         return [out[i.name] for i in infos]
     except RuntimeError as e:
-        names = ", ".join(i.name for i in infos[:3]) + (" ..." if len(infos) > 3 else "")
-        raise SpectrumError(f"CUDA engine on GPU {engine.device} failed on {names} ({infos[0].file}): {e}") from None
+        raise SpectrumError(f"CUDA engine on GPU {engine.device} failed on {_which(infos)}: {e}") from None
 
 
 def _warm(infos: list[TensorInfo], stop: threading.Event) -> int:

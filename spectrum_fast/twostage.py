@@ -209,7 +209,8 @@ def band_threads(b: int) -> int:
 def launch_bands(storage, b: int, stream, threads: int | None = None):
     """Queue the native band solver on ``stream`` (after what the current stream has queued) for band matrices
     in its layout ``(batch, n, ld)`` on a GPU (overwritten); returns ``(eigenvalues (batch, n), work area)``,
-    allocated on ``stream``: read the eigenvalues once it is done."""
+    allocated on ``stream``: read the eigenvalues once it is done. Dropping ``storage`` or the work area
+    early is safe (``record_stream``, and stream-ordered reuse on ``stream``)."""
     import torch
 
     if storage.dtype != torch.float64 or not storage.is_contiguous() or storage.ndim != 3:
@@ -252,14 +253,14 @@ class DeviceBands:
                          if on_gpu else 1)
         self.launch_at = max(1, launch_at)
         self._kept: dict[int, list[tuple[list, object, object]]] = {}  # n -> [(keys, storage, scales)]
-        self._inflight: list[tuple[object, list, object, object, tuple]] = []  # (event, keys, w, scales, keep)
+        self._inflight: list[tuple[object, list, object, object]] = []  # (event, keys, w, scales)
         self._streams = [torch.cuda.Stream(self.device) for _ in range(self.STREAMS)] if on_gpu else []
         self._next = 0
 
     def run(self, keys: list, a) -> None:
         """Stage 1 of the symmetric float64 matrices ``a`` ``(batch, n, n)`` on this device now (``a`` is
-        consumed); ``keys[i]`` comes back with ``a[i]``'s eigenvalues from :meth:`finished`. No matrix may be
-        zero (it has no scale: the caller handles those)."""
+        consumed); ``keys[i]`` comes back with ``a[i]``'s eigenvalues from :meth:`finished`. A zero or
+        non-finite matrix comes back as NaN (the caller judges those by their own largest entry)."""
         import torch
 
         scales = torch.maximum(a.amax(dim=(1, 2)), -a.amin(dim=(1, 2)))  # entries of order one; no |a| copy
@@ -283,15 +284,14 @@ class DeviceBands:
         scales = torch.cat([c for _, _, c in kept])
         if self.device.type != "cuda":
             w = torch.from_numpy(_native().band_eigenvalues_host(storage.numpy(), self.band, 2))
-            self._inflight.append((None, keys, w, scales, ()))
+            self._inflight.append((None, keys, w, scales))
             return
         stream = self._streams[self._next % len(self._streams)]
         self._next += 1
-        w, work = launch_bands(storage, self.band, stream, self.threads)
+        w, _ = launch_bands(storage, self.band, stream, self.threads)  # the bands and work area are safe to drop
         event = torch.cuda.Event()
         event.record(stream)
-        # every tensor the kernels touch stays referenced until the event has passed
-        self._inflight.append((event, keys, w, scales, (storage, work)))
+        self._inflight.append((event, keys, w, scales))
 
     def finished(self, wait: bool = False) -> list[tuple[object, np.ndarray]]:
         """``(key, ascending eigenvalues)`` of every launch that is done; with ``wait``, the kept bands are
@@ -301,7 +301,7 @@ class DeviceBands:
                 self._launch(n)
         out, still = [], []
         for item in self._inflight:
-            event, keys, w, scales, _ = item
+            event, keys, w, scales = item
             if event is not None and not wait and not event.query():
                 still.append(item)
                 continue
