@@ -131,3 +131,18 @@ def test_cuda_entry_point_checks_arguments_before_any_cuda_call():
     if gpus == 0:
         with pytest.raises(RuntimeError, match="cudaGetDevice|cudaSetDevice"):
             _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 8, 0, 0, 0, 64)
+
+
+def test_panel_qr_bad_arguments_are_value_errors_before_any_cuda_call():
+    good = np.zeros((1, 4, 8))  # (batch, nb, lda): 4 columns of up to 8 rows
+    for args, match in [((good[0], 8, 1), "batch, nb, lda"), ((good, 0, 1), "must not be empty"),
+                        ((good, 9, 1), "lda must be at least m"), ((good, 8, 0), "threads"),
+                        ((np.zeros((0, 4, 8)), 8, 1), "batch")]:
+        with pytest.raises(ValueError, match=match):
+            _C.panel_qr_host(*args)
+    out, tau = _C.panel_qr_host(good, 8, 1)  # a zero panel: nothing to reflect
+    assert not out.any() and not tau.any()
+    with pytest.raises(ValueError, match="stride must be at least"):
+        _C.panel_qr_cuda(0, 0, 2, 10, 8, 4, 8, 0, 0, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _C.panel_qr_cuda(0, 0, 1, 32, 8, 4, 8, 0, 0, 48)
