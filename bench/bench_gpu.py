@@ -226,7 +226,9 @@ def twostage_scan(ckpt: Path, ours, ours_s: float, baselines: dict[str, float]) 
         del os.environ["SPECTRUM_FAST_TWOSTAGE"]
     diffs = [abs(a.snr - b.snr) / abs(b.snr) for a, b in zip(res.records, ours.records)
              if math.isfinite(a.snr) and math.isfinite(b.snr) and b.snr]
-    return {"mode": "gpu", "s": elapsed, "speedup_vs_syevd_route": ours_s / elapsed,
+    from spectrum_fast.cuda_engine import chase_variant
+
+    return {"mode": "gpu", "chase": chase_variant(), "s": elapsed, "speedup_vs_syevd_route": ours_s / elapsed,
             **{f"speedup_vs_{name}": base / elapsed for name, base in baselines.items()},
             "max_snr_rel_diff_vs_syevd_route": max(diffs),
             "methods": dict(Counter(r.method for r in res.records)),

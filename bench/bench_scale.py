@@ -234,8 +234,8 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict) -> dict:
 
 
 def twostage_rates(path: Path | None) -> dict[int, dict]:
-    """k -> the GPU two-stage solver's measured rates at the scan's bandwidth (bench_twostage.py's JSON),
-    when SPECTRUM_FAST_TWOSTAGE=gpu; else empty."""
+    """k -> the GPU two-stage solver's measured rates at the scan's bandwidth and chase variant
+    (bench_twostage.py's JSON), when SPECTRUM_FAST_TWOSTAGE=gpu; else empty."""
     if path is None or os.environ.get("SPECTRUM_FAST_TWOSTAGE", "0").strip().lower() not in ("1", "gpu", "on"):
         return {}
     from spectrum_fast.cuda_engine import _DEVICE_BAND
@@ -243,8 +243,16 @@ def twostage_rates(path: Path | None) -> dict[int, dict]:
     if not path.is_file():
         print(f"no {path}: sampled two-stage shapes are not corrected", file=sys.stderr)
         return {}
+    from spectrum_fast.cuda_engine import chase_variant
+
     doc = json.loads(path.read_text())
-    return {row["k"]: e for row in doc["rows"] for e in row["gpu"] if e["b"] == _DEVICE_BAND}
+    out: dict[int, dict] = {}
+    for row in doc["rows"]:  # the scan's band and chase variant; another variant only if that one is missing
+        ours = [e for e in row["gpu"] if e["b"] == _DEVICE_BAND]
+        same = [e for e in ours if e.get("variant", chase_variant()) == chase_variant()]
+        if same or ours:
+            out[row["k"]] = (same or ours)[0]
+    return out
 
 
 def _default_layers(config: dict) -> int:
@@ -308,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent, check=False).stdout.strip()
     doc = {"bench": "scale", "device": args.device, "twostage": os.environ.get("SPECTRUM_FAST_TWOSTAGE", "0"),
+           "chase": os.environ.get("SPECTRUM_FAST_CHASE", ""),
            "machine": machine_info(), "git_commit": commit,
            "command": "python bench/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "rates": rates, "models": rows}

@@ -11,7 +11,10 @@ Per k (Gram matrices of k x 3.5k Gaussian weights, float64):
   ``cuda_engine.band_batch(k)`` matrices (torch GEMMs and the native panel QR), per matrix; stages 2 and 3
   (the native band solver) for one launch of ``--launch`` bands (default: four per multiprocessor, as
   :class:`~spectrum_fast.twostage.DeviceBands` launches), per matrix; their sum is the throughput
-  estimate (no overlap between the two assumed), and ``speedup_vs_syevd``. ``stage3_launch_s`` (per k): the
+  estimate (no overlap between the two assumed), and ``speedup_vs_syevd``. Per bandwidth and chase
+  variant (``--variants``, csrc/band_solver.h) at the first size; at the larger ones the engine's
+  bandwidth with the best variant there (``best_variant``), and the best pair overall. The JSON is
+  rewritten after every size. ``stage3_launch_s`` (per k): the
   same launch of already tridiagonal matrices (nothing to chase), i.e. the bisection alone.
 - ``--cpu-stage2``: the old ``cpu`` mode's stage 2 (LAPACK ``dsbevd`` on CPU threads), per matrix in a pool.
 
@@ -75,20 +78,21 @@ def random_bands(n: int, b: int, count: int, device: str):
     return s
 
 
-def solve_bands(storage, b: int, device: str):
+def solve_bands(storage, b: int, device: str, variant: int = twostage.CHASE_VARIANT):
     """Stages 2 and 3 for the bands ``storage`` (consumed), waited for."""
     import torch
 
     if device == "cuda":
-        w, _ = twostage.launch_bands(storage, b, torch.cuda.current_stream())
+        w, _ = twostage.launch_bands(storage, b, torch.cuda.current_stream(), variant=variant)
         torch.cuda.synchronize()
         return w
     from spectrum_fast import _C
 
-    return torch.from_numpy(_C.band_eigenvalues_host(storage.numpy(), b, 1))
+    return torch.from_numpy(_C.band_eigenvalues_host(storage.numpy(), b, 1, 1, variant))
 
 
-def gpu_mode(k: int, b: int, launch: int, device: str, repeats: int) -> dict:
+def gpu_mode(k: int, b: int, variants: list[int], launch: int, device: str, repeats: int) -> list[dict]:
+    """One entry per chase variant: stage 1 (shared), stages 2-3 at a full launch, accuracy on Gram matrices."""
     from spectrum_fast.cuda_engine import band_batch
 
     batch = band_batch(k)
@@ -101,22 +105,27 @@ def gpu_mode(k: int, b: int, launch: int, device: str, repeats: int) -> dict:
 
     bands = stage1()  # warm-up, and the bands the accuracy check solves
     stage1_s = timed(stage1, device, repeats) / batch
-    lam = solve_bands(twostage.band_storage(bands, 2 * b), b, device) * scales[:, None]
     if k <= 2048:
         ref = np.linalg.eigvalsh((grams * scales[:, None, None]).cpu().numpy())
     else:
         import torch
 
         ref = torch.linalg.eigvalsh(grams * scales[:, None, None]).cpu().numpy()
-    err = float(np.max(np.abs(lam.cpu().numpy() - ref) / np.abs(ref).max(axis=1, keepdims=True)))
-    del grams, bands, stage1
-    many = random_bands(k, b, launch, device)
-    t = time.perf_counter()
-    solve_bands(many, b, device)
-    stage23_s = (time.perf_counter() - t) / launch
-    return {"b": b, "stage1_batch": batch, "stage1_s_per_matrix": stage1_s, "launch": launch,
-            "stage23_s_per_matrix": stage23_s, "stage23_launch_s": stage23_s * launch,
-            "s_per_matrix": stage1_s + stage23_s, "max_err": err}
+    del grams, stage1
+    out = []
+    for variant in variants:
+        lam = solve_bands(twostage.band_storage(bands, 2 * b), b, device, variant) * scales[:, None]
+        err = float(np.max(np.abs(lam.cpu().numpy() - ref) / np.abs(ref).max(axis=1, keepdims=True)))
+        many = random_bands(k, b, launch, device)
+        t = time.perf_counter()
+        solve_bands(many, b, device, variant)
+        stage23_s = (time.perf_counter() - t) / launch
+        del many
+        out.append({"b": b, "variant": variant, "stage1_batch": batch, "stage1_s_per_matrix": stage1_s,
+                    "launch": launch, "stage23_s_per_matrix": stage23_s, "stage23_launch_s": stage23_s * launch,
+                    "s_per_matrix": stage1_s + stage23_s, "max_err": err})
+        print(json.dumps({"k": k, **out[-1]}), flush=True)
+    return out
 
 
 def stage3_launch(k: int, launch: int, device: str) -> float:
@@ -145,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--bands", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--variants", type=int, nargs="+", default=list(twostage.CHASE_VARIANTS),
+                    help="chase variants (csrc/band_solver.h) timed at the first size")
     ap.add_argument("--launch", type=int, default=0, help="bands per solver launch (default: multiprocessors)")
     ap.add_argument("--cpu-stage2", action="store_true", help="also time the cpu mode's LAPACK stage 2")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -154,33 +165,41 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     launch = args.launch or (twostage.DeviceBands.BLOCKS_PER_SM * torch.cuda.get_device_properties(0).multi_processor_count
                              if args.device == "cuda" else 2)
-    rows = []
+    doc = {"bench": "twostage", "device": args.device, "machine": machine_info(),
+           "command": "python bench/bench_twostage.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "rows": []}
+    if args.device == "cuda":
+        doc["gpu"] = torch.cuda.get_device_name(0)
+    from spectrum_fast.cuda_engine import _DEVICE_BAND
+
+    # every (band, variant) at the first size; beyond it the best variant at the engine's band, and the best
+    # pair overall if that is another (a k = 16384 launch takes many seconds)
+    pairs = [(b, v) for b in args.bands for v in args.variants]
     for k in args.sizes:
         a = gram_batch(k, 1, args.device)[0]
         torch.linalg.eigvalsh(a)  # warm-up
         row = {"k": k, "syevd_fp64_s": timed(lambda a=a: torch.linalg.eigvalsh(a), args.device, args.repeats),
                "gpu": []}
         del a
-        for b in args.bands:
-            entry = gpu_mode(k, b, launch, args.device, args.repeats)
+        for b in dict.fromkeys(b for b, _ in pairs):
+            row["gpu"] += gpu_mode(k, b, [v for bb, v in pairs if bb == b], launch, args.device, args.repeats)
+        for entry in row["gpu"]:
             entry["speedup_vs_syevd"] = row["syevd_fp64_s"] / entry["s_per_matrix"]
-            row["gpu"].append(entry)
-            print(json.dumps({"k": k, **entry}), flush=True)
         row["stage3_launch_s"] = stage3_launch(k, launch, args.device)
         if args.cpu_stage2:
             row["cpu_stage2"] = cpu_stage2(k, 64, args.device, args.threads)
-        rows.append(row)
+        doc["rows"].append(row)
         best = max(row["gpu"], key=lambda e: e["speedup_vs_syevd"])
-        print(f"k={k}: syevd fp64 {row['syevd_fp64_s']:.4f} s; two-stage on the GPU (b={best['b']}) "
-              f"{best['s_per_matrix']:.4f} s per matrix (stage 1 {best['stage1_s_per_matrix']:.4f}, "
-              f"stages 2+3 {best['stage23_s_per_matrix']:.4f}), {best['speedup_vs_syevd']:.2f}x, "
-              f"error {best['max_err']:.1e}", flush=True)
-    doc = {"bench": "twostage", "device": args.device, "machine": machine_info(),
-           "command": "python bench/bench_twostage.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "rows": rows}
-    if args.device == "cuda":
-        doc["gpu"] = torch.cuda.get_device_name(0)
-    write_result(args.json, doc)
+        ours = [e for e in row["gpu"] if e["b"] == _DEVICE_BAND]
+        if ours:
+            doc["best_variant"] = doc.get("best_variant", max(ours, key=lambda e: e["speedup_vs_syevd"])["variant"])
+        pairs = list(dict.fromkeys([(_DEVICE_BAND, doc.get("best_variant", twostage.CHASE_VARIANT)),
+                                    (best["b"], best["variant"])]))
+        write_result(args.json, doc)  # after every size: a run cut short keeps what it measured
+        print(f"k={k}: syevd fp64 {row['syevd_fp64_s']:.4f} s; two-stage on the GPU (b={best['b']}, chase "
+              f"variant {best['variant']}) {best['s_per_matrix']:.4f} s per matrix (stage 1 "
+              f"{best['stage1_s_per_matrix']:.4f}, stages 2+3 {best['stage23_s_per_matrix']:.4f}), "
+              f"{best['speedup_vs_syevd']:.2f}x, error {best['max_err']:.1e}", flush=True)
     return 0
 
 

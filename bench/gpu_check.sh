@@ -8,7 +8,8 @@
 # scale bench's models, GUARD=1 adds bench_guard.py):
 #   core:  GPU tests (tests/test_native.py, test_cuda_orchestration.py, test_band_solver.py, test_twostage.py);
 #          bench/bench_twostage.py (the GPU two-stage solver: batched band reduction, native panel QR and
-#          band solver, against Dsyevd at k = 4096, 8192, 16384); bench/bench_gpu.py --parts e2e (the
+#          band solver, against Dsyevd at k = 4096, 8192, 16384; every chase variant at 4096, the fastest
+#          then used by the scans below through SPECTRUM_FAST_CHASE); bench/bench_gpu.py --parts e2e (the
 #          Mistral-7B-shaped scan end to end: the syevd route, torch loops, reference, then the two-stage
 #          route last, so that a failure there cannot cost the other numbers; GPU_PARTS=matrix,batched,e2e,engines
 #          for everything run 3 measured)
@@ -39,6 +40,16 @@ step() {
   echo "== rc $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$log"
 }
 
+# the chase variant bench_twostage.py found fastest at the engine's bandwidth, for the scans after it
+use_best_chase() {
+  local best
+  best=$($PY -c "import json; print(json.load(open('/tmp/sf_twostage.json')).get('best_variant', ''))" 2>/dev/null)
+  if [[ -n $best && -z ${SPECTRUM_FAST_CHASE:-} ]]; then
+    export SPECTRUM_FAST_CHASE=$best
+    echo "chase variant $best (fastest in bench_twostage.py)" | tee -a "$OUT/env.txt"
+  fi
+}
+
 sources=$(cat csrc/* spectrum_fast/*.py bench/*.py setup.py CMakeLists.txt | sha1sum | cut -c1-12)
 {
   echo "stage $STAGE commit $commit sources $sources"
@@ -66,12 +77,14 @@ if [[ $STAGE == all || $STAGE == core ]]; then
   step 150 bench.log $PY bench/bench_twostage.py --device cuda --sizes 4096 8192 16384 --bands 32 64 \
     --json "$OUT/twostage_gpu.json"
   cp "$OUT/twostage_gpu.json" /tmp/sf_twostage.json 2>/dev/null  # for a later `scale` call on this machine
+  use_best_chase
   step 260 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-e2e}" --json "$OUT/gpu_check.json"
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
   if [[ ! -f /tmp/sf_twostage.json ]]; then
     step 100 scale.log $PY bench/bench_twostage.py --device cuda --sizes 8192 16384 --bands 32 --json /tmp/sf_twostage.json
   fi
+  use_best_chase
   step 220 scale.log env SPECTRUM_FAST_TWOSTAGE=gpu $PY bench/bench_scale.py --device cuda \
     --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 --workdir /tmp/sf_scale --e2e \
     --twostage /tmp/sf_twostage.json --json "$OUT/scale_gpu.json"

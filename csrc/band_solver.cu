@@ -21,6 +21,7 @@ struct BlockTeam {
   double* v_;
   double* w_;
   double* y_;
+  double* u_;
   __device__ int rank() const { return static_cast<int>(threadIdx.x); }
   __device__ int size() const { return static_cast<int>(blockDim.x); }
   __device__ void sync() { __syncthreads(); }
@@ -46,20 +47,24 @@ struct BlockTeam {
   __device__ double* v() { return v_; }
   __device__ double* w() { return w_; }
   __device__ double* y() { return y_; }
+  __device__ double* u() { return u_; }
 };
 
-__global__ void __launch_bounds__(1024, 1) chase_kernel(double* bands, int64_t stride, int64_t n, int64_t b, int64_t ld, double* work) {
+constexpr int kChaseMaxThreads = 256;  // one thread per reflector row is enough (b <= 128: 4 warps)
+
+template <int Variant>
+__global__ void __launch_bounds__(kChaseMaxThreads) chase_kernel(double* bands, int64_t stride, int64_t n, int64_t b, int64_t ld, double* work) {
   __shared__ double partial[32];
-  __shared__ double v[device::kMaxBand], w[device::kMaxBand], y[device::kMaxBand];
-  BlockTeam t{partial, v, w, y};
+  __shared__ double v[device::kMaxBand], w[device::kMaxBand], y[device::kMaxBand], u[device::kMaxBand];
+  BlockTeam t{partial, v, w, y, u};
   const int64_t m = blockIdx.x;
   double* d = work + m * 2 * n;
-  device::chase(t, bands + m * stride, n, b, ld, d, d + n);
+  device::chase<Variant>(t, bands + m * stride, n, b, ld, d, d + n);
 }
 
 __global__ void __launch_bounds__(1024, 1) panel_kernel(double* panels, int64_t stride, int64_t m, int64_t nb, int64_t lda, double* tau) {
   __shared__ double partial[32];
-  BlockTeam t{partial, nullptr, nullptr, nullptr};
+  BlockTeam t{partial, nullptr, nullptr, nullptr, nullptr};
   const int64_t i = blockIdx.x;
   device::panel_qr(t, panels + i * stride, m, nb, lda, tau + i * nb);
 }
@@ -92,20 +97,30 @@ void panel_qr_cuda(int device, double* panels, int64_t batch, int64_t stride, in
 }
 
 void band_eigenvalues_cuda(int device, double* bands, int64_t batch, int64_t stride, int64_t n, int64_t b,
-                           int64_t ld, double* work, double* w, uintptr_t stream, int64_t threads) {
+                           int64_t ld, double* work, double* w, uintptr_t stream, int64_t threads, int64_t variant) {
   check_band_args(batch, n, b, ld, stride, threads);
-  if (threads % 32 != 0) throw std::invalid_argument("band eigensolver: threads must be a multiple of 32 on a GPU");
+  check_chase_variant(variant);
+  if (threads % 32 != 0 || threads > kChaseMaxThreads) {
+    throw std::invalid_argument("band eigensolver: threads must be a multiple of 32 up to " +
+                                std::to_string(kChaseMaxThreads) + " on a GPU, got " + std::to_string(threads));
+  }
   if (batch > 65535) throw std::invalid_argument("band eigensolver: at most 65535 matrices per call on a GPU");
   int previous = 0;
   check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  chase_kernel<<<static_cast<unsigned>(batch), static_cast<unsigned>(threads), 0, s>>>(bands, stride, n, b, ld, work);
+  const dim3 grid(static_cast<unsigned>(batch)), block(static_cast<unsigned>(threads));
+  switch (variant) {
+    case 0: chase_kernel<0><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
+    case 1: chase_kernel<1><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
+    case 2: chase_kernel<2><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
+    default: chase_kernel<3><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
+  }
   cudaError_t status = cudaGetLastError();
   if (status == cudaSuccess) {
     const unsigned per_block = 128;
-    dim3 grid(static_cast<unsigned>((n + per_block - 1) / per_block), static_cast<unsigned>(batch));
-    bisect_kernel<<<grid, per_block, 0, s>>>(work, n, w);
+    const dim3 cover(static_cast<unsigned>((n + per_block - 1) / per_block), static_cast<unsigned>(batch));
+    bisect_kernel<<<cover, per_block, 0, s>>>(work, n, w);
     status = cudaGetLastError();
   }
   cudaSetDevice(previous);

@@ -7,9 +7,10 @@
 //
 // A team is a fixed set of threads that run the same code: rank() / size(), sync() (a barrier), sum(x)
 // (every thread's x added in a fixed order, the total returned to all; a barrier), and shared scratch
-// vectors v(), w(), y() of kMaxBand doubles. Work inside one phase is split by rank and touches disjoint
-// memory; phases are separated by sync(). A team is also split into groups (a warp on the GPU, one thread
-// on the host): group() / groups(), lane() / lanes(), and group_sum(x), the group's total in every lane.
+// vectors v(), w(), y(), u() of kMaxBand doubles. Work inside one phase is split by rank and touches disjoint
+// memory; phases are separated by sync(). A team is also split into groups (a warp on the GPU; on the host
+// `lanes` threads with their own barrier, 32 in the tests that mirror a GPU's blocks): group() / groups(),
+// lane() / lanes(), and group_sum(x), the group's total in every lane (a barrier of the group).
 //
 // Storage: the lower triangle of a symmetric n x n matrix in band form, column-major by column:
 //   A(p, q), p >= q, at a[q * ld + (p - q)],   ld >= 2 * b (the bulges reach 2b - 1 below the diagonal).
@@ -68,14 +69,54 @@ SF_FN Reflector householder(Team& t, const double* x, int64_t len) {
   return h;
 }
 
+// Variants of the chase (bit flags; the GPU bench times them side by side, the default is twostage.py's):
+// - kLaneDot: the left update's dot products one thread per column (on a GPU, no chain of warp reductions,
+//   one per column, but strided loads), its subtraction moved into phase C (no extra barrier);
+// - kBatched: the read-modify-write loops of phase C take four entries at a time, loads before stores, so
+//   that a thread has four loads in flight (the entries are distinct; a compiler cannot know that). The
+//   arithmetic is the same: kBatched changes no bit, kLaneDot the order of one sum.
+constexpr int kLaneDot = 1;
+constexpr int kBatched = 2;
+constexpr int kChaseVariants = 4;
+
+// For i = rank, rank + size, ... < count with at(i, off, delta) true: a[off] -= delta. Batched as above.
+template <bool Batched, class At>
+SF_FN inline void subtract(double* a, int count, int rank, int size, At at) {
+  if (!Batched) {
+    for (int i = rank; i < count; i += size) {
+      int64_t off;
+      double delta;
+      if (at(i, off, delta)) a[off] -= delta;
+    }
+    return;
+  }
+  for (int i0 = rank; i0 < count; i0 += 4 * size) {
+    int64_t off[4];
+    double delta[4], x[4];
+    bool keep[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int i = i0 + k * size;
+      keep[k] = i < count && at(i, off[k], delta[k]);
+      if (keep[k]) x[k] = a[off[k]];
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (keep[k]) a[off[k]] = x[k] - delta[k];
+    }
+  }
+}
+
 // Band (ld, n as described above) to tridiagonal: d[0..n-1] the diagonal, e[0..n-2] the subdiagonal.
-template <class Team>
+template <int Variant, class Team>
 SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d, double* e) {
+  constexpr bool lane_dot = (Variant & kLaneDot) != 0, batched = (Variant & kBatched) != 0;
   const int rank = t.rank(), size = t.size();
   const int group = t.group(), groups = t.groups(), lane = t.lane(), lanes = t.lanes();
   double* v = t.v();
   double* w = t.w();
   double* y = t.y();
+  double* u = t.u();
   for (int64_t i = 0; i + 2 < n && b > 1; ++i) {
     int64_t col = i, j0 = i + 1, j1 = min64(i + b, n - 1);  // reflector rows J = [j0, j1], from column col
     int64_t pc0 = 0, pc1 = -1;                              // the columns it is applied to from the left
@@ -91,15 +132,27 @@ SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d
       t.sync();
       if (tau != 0.0) {  // the same decision in every thread (tau is shared)
         const int64_t r0 = j1 + 1, r1 = min64(j1 + b, n - 1), rows = r1 - j1;  // the block below: rows R
-        // phase A, three disjoint regions read/written with v only
-        // left: A(J, q) -= tau v (v^T A(J, q)), a group per column (on a GPU, a warp reads a column's
-        // consecutive entries together, and the dot product needs no barrier)
-        for (int64_t q = pc0 + 1 + group; q <= pc1; q += groups) {
-          double* c = a + q * ld + (j0 - q);
-          double s = 0.0;
-          for (int64_t r = lane; r < len; r += lanes) s += v[r] * c[r];
-          s = tau * t.group_sum(s);
-          for (int64_t r = lane; r < len; r += lanes) c[r] -= s * v[r];
+        const int64_t q0 = pc0 + 1;                                             // the left columns Q
+        const int nr = static_cast<int>(rows), nl = static_cast<int>(len);      // <= kMaxBand: 32-bit division
+        const int nq = static_cast<int>(pc1 - pc0);
+        // phase A, three disjoint regions read (the left one written too) with v only
+        if (lane_dot) {  // u = tau A(J, Q)^T v, a thread per column; A(J, Q) -= v u^T in phase C
+          for (int q = rank; q < nq; q += size) {
+            const double* c = a + (q0 + q) * ld + (j0 - q0 - q);
+            double s = 0.0;
+            for (int64_t r = 0; r < len; ++r) s += v[r] * c[r];
+            u[q] = tau * s;
+          }
+        } else {
+          // left: A(J, q) -= tau v (v^T A(J, q)), a group per column (on a GPU, a warp reads a column's
+          // consecutive entries together, and the dot product needs no barrier)
+          for (int64_t q = q0 + group; q <= pc1; q += groups) {
+            double* c = a + q * ld + (j0 - q);
+            double s = 0.0;
+            for (int64_t r = lane; r < len; r += lanes) s += v[r] * c[r];
+            s = tau * t.group_sum(s);
+            for (int64_t r = lane; r < len; r += lanes) c[r] -= s * v[r];
+          }
         }
         for (int64_t r = rank; r < len; r += size) {  // w = tau D v, D = A(J, J)
           double s = 0.0;
@@ -111,20 +164,41 @@ SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d
           for (int64_t c = 0; c < len; ++c) s += a[(j0 + c) * ld + (r0 + r - j0 - c)] * v[c];
           y[r] = s;
         }
-        t.sync();
+        // no barrier here: each thread reads back only its own w[r], and sum()'s barrier orders phase A
+        // before phase C (tests/native/race_check.cpp under ThreadSanitizer)
         double part = 0.0;
         for (int64_t r = rank; r < len; r += size) part += v[r] * w[r];
         const double gamma = 0.5 * tau * t.sum(part);
         // phase C: D -= v z^T + z v^T (lower triangle), z = w - gamma v; A(R, J) -= tau y v^T
-        for (int64_t c = group; c < len; c += groups) {  // a group per column, as above
-          const double zc = w[c] - gamma * v[c], vc = v[c];
-          double* dc = a + (j0 + c) * ld;
-          for (int64_t r = c + lane; r < len; r += lanes) dc[r - c] -= v[r] * zc + (w[r] - gamma * v[r]) * vc;
+        if (batched) {
+          subtract<true>(a, nl * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
+            const int r = idx % nl, c = idx / nl;
+            if (r < c) return false;
+            const double zc = w[c] - gamma * v[c], vc = v[c];
+            off = (j0 + c) * ld + (r - c);
+            delta = v[r] * zc + (w[r] - gamma * v[r]) * vc;
+            return true;
+          });
+        } else {
+          for (int64_t c = group; c < len; c += groups) {  // a group per column, as above
+            const double zc = w[c] - gamma * v[c], vc = v[c];
+            double* dc = a + (j0 + c) * ld;
+            for (int64_t r = c + lane; r < len; r += lanes) dc[r - c] -= v[r] * zc + (w[r] - gamma * v[r]) * vc;
+          }
         }
-        const int nr = static_cast<int>(rows), nl = static_cast<int>(len);  // <= kMaxBand: 32-bit division
-        for (int idx = rank; idx < nr * nl; idx += size) {
+        subtract<batched>(a, nr * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
           const int r = idx % nr, c = idx / nr;
-          a[(j0 + c) * ld + (r0 + r - j0 - c)] -= tau * y[r] * v[c];
+          off = (j0 + c) * ld + (r0 + r - j0 - c);
+          delta = tau * y[r] * v[c];
+          return true;
+        });
+        if (lane_dot) {
+          subtract<batched>(a, nq * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
+            const int r = idx % nl, q = idx / nl;
+            off = (q0 + q) * ld + (j0 - q0 - q) + r;
+            delta = u[q] * v[r];
+            return true;
+          });
         }
         t.sync();
       }

@@ -1,6 +1,7 @@
 // The band eigensolver on the host: each matrix by a team of std::threads running band_solver.h with real
 // barriers, so the CPU tests exercise the same phases and synchronisation as the GPU's thread blocks.
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -40,14 +41,20 @@ class Barrier {
 };
 
 struct Shared {
-  explicit Shared(int size) : barrier(size), partial(size), v(host::kMaxBand), w(host::kMaxBand), y(host::kMaxBand) {}
+  Shared(int size, int lanes)
+      : barrier(size), partial(size), lane_partial(size), v(host::kMaxBand), w(host::kMaxBand), y(host::kMaxBand),
+        u(host::kMaxBand) {
+    for (int g = 0; g < size / lanes; ++g) group_barriers.emplace_back(new Barrier(lanes));
+  }
   Barrier barrier;
-  std::vector<double> partial, v, w, y;
+  std::vector<std::unique_ptr<Barrier>> group_barriers;
+  std::vector<double> partial, lane_partial, v, w, y, u;
 };
 
+// A team of `size` threads in groups of `lanes` (a warp's worth in the tests that mirror a GPU block).
 struct HostTeam {
   Shared* sh;
-  int rank_, size_;
+  int rank_, size_, lanes_;
   int rank() const { return rank_; }
   int size() const { return size_; }
   void sync() { sh->barrier.wait(); }
@@ -59,14 +66,24 @@ struct HostTeam {
     sync();  // nobody writes partial[] again before everyone has read it
     return s;
   }
-  int group() const { return rank_; }
-  int groups() const { return size_; }
-  int lane() const { return 0; }
-  int lanes() const { return 1; }
-  double group_sum(double x) const { return x; }
+  int group() const { return rank_ / lanes_; }
+  int groups() const { return size_ / lanes_; }
+  int lane() const { return rank_ % lanes_; }
+  int lanes() const { return lanes_; }
+  double group_sum(double x) {
+    if (lanes_ == 1) return x;
+    Barrier& barrier = *sh->group_barriers[group()];
+    sh->lane_partial[rank_] = x;
+    barrier.wait();
+    double s = 0.0;
+    for (int i = group() * lanes_; i < (group() + 1) * lanes_; ++i) s += sh->lane_partial[i];
+    barrier.wait();
+    return s;
+  }
   double* v() { return sh->v.data(); }
   double* w() { return sh->w.data(); }
   double* y() { return sh->y.data(); }
+  double* u() { return sh->u.data(); }
 };
 
 }  // namespace
@@ -86,12 +103,36 @@ void check_band_args(int64_t batch, int64_t n, int64_t b, int64_t ld, int64_t st
 namespace {
 
 template <typename Body>
-void run_team(int size, Shared& sh, Body&& body) {
+void run_team(int size, int lanes, Shared& sh, Body&& body) {
   std::vector<std::thread> team;
-  for (int r = 1; r < size; ++r) team.emplace_back([&, r] { HostTeam t{&sh, r, size}; body(t); });
-  HostTeam t0{&sh, 0, size};
+  for (int r = 1; r < size; ++r) team.emplace_back([&, r] { HostTeam t{&sh, r, size, lanes}; body(t); });
+  HostTeam t0{&sh, 0, size, lanes};
   body(t0);
   for (auto& th : team) th.join();
+}
+
+void check_lanes(int64_t threads, int64_t lanes, const char* what) {
+  if (lanes < 1 || threads % lanes != 0) {
+    throw std::invalid_argument(std::string(what) + ": lanes must divide threads = " + std::to_string(threads) +
+                                ", got " + std::to_string(lanes));
+  }
+}
+
+template <int Variant>
+void chase_all(double* bands, int64_t batch, int64_t stride, int64_t n, int64_t b, int64_t ld, double* w,
+               int threads, int lanes) {
+  std::vector<double> d(n), e(n);
+  for (int64_t m = 0; m < batch; ++m) {
+    double* a = bands + m * stride;
+    double* out = w + m * n;
+    Shared sh(threads, lanes);
+    run_team(threads, lanes, sh, [&](HostTeam& t) {
+      host::chase<Variant>(t, a, n, b, ld, d.data(), e.data());
+      double lo, hi, pivmin;
+      host::bounds(d.data(), e.data(), n, &lo, &hi, &pivmin);
+      for (int64_t j = t.rank(); j < n; j += t.size()) out[j] = host::eigenvalue(d.data(), e.data(), n, j, lo, hi, pivmin);
+    });
+  }
 }
 
 }  // namespace
@@ -105,31 +146,37 @@ void check_panel_args(int64_t batch, int64_t m, int64_t nb, int64_t lda, int64_t
   if (threads < 1 || threads > 1024) fail("threads must be in 1..1024, got " + std::to_string(threads));
 }
 
+void check_chase_variant(int64_t variant) {
+  if (variant < 0 || variant >= host::kChaseVariants) {
+    throw std::invalid_argument("band eigensolver: variant must be in 0.." + std::to_string(host::kChaseVariants - 1) +
+                                ", got " + std::to_string(variant));
+  }
+}
+
 void panel_qr_host(double* panels, int64_t batch, int64_t stride, int64_t m, int64_t nb, int64_t lda, double* tau,
-                   int64_t threads) {
+                   int64_t threads, int64_t lanes) {
   check_panel_args(batch, m, nb, lda, stride, threads);
+  check_lanes(threads, lanes, "panel QR");
   for (int64_t i = 0; i < batch; ++i) {
-    Shared sh(static_cast<int>(threads));
+    Shared sh(static_cast<int>(threads), static_cast<int>(lanes));
     double* p = panels + i * stride;
     double* ti = tau + i * nb;
-    run_team(static_cast<int>(threads), sh, [&](HostTeam& t) { host::panel_qr(t, p, m, nb, lda, ti); });
+    run_team(static_cast<int>(threads), static_cast<int>(lanes), sh,
+             [&](HostTeam& t) { host::panel_qr(t, p, m, nb, lda, ti); });
   }
 }
 
 void band_eigenvalues_host(double* bands, int64_t batch, int64_t stride, int64_t n, int64_t b, int64_t ld,
-                           double* w, int64_t threads) {
+                           double* w, int64_t threads, int64_t lanes, int64_t variant) {
   check_band_args(batch, n, b, ld, stride, threads);
-  std::vector<double> d(n), e(n);
-  for (int64_t m = 0; m < batch; ++m) {
-    double* a = bands + m * stride;
-    double* out = w + m * n;
-    Shared sh(static_cast<int>(threads));
-    run_team(static_cast<int>(threads), sh, [&](HostTeam& t) {
-      host::chase(t, a, n, b, ld, d.data(), e.data());
-      double lo, hi, pivmin;
-      host::bounds(d.data(), e.data(), n, &lo, &hi, &pivmin);
-      for (int64_t j = t.rank(); j < n; j += t.size()) out[j] = host::eigenvalue(d.data(), e.data(), n, j, lo, hi, pivmin);
-    });
+  check_lanes(threads, lanes, "band eigensolver");
+  check_chase_variant(variant);
+  const int th = static_cast<int>(threads), ln = static_cast<int>(lanes);
+  switch (variant) {
+    case 0: chase_all<0>(bands, batch, stride, n, b, ld, w, th, ln); break;
+    case 1: chase_all<1>(bands, batch, stride, n, b, ld, w, th, ln); break;
+    case 2: chase_all<2>(bands, batch, stride, n, b, ld, w, th, ln); break;
+    default: chase_all<3>(bands, batch, stride, n, b, ld, w, th, ln); break;
   }
 }
 

@@ -134,7 +134,8 @@ std::array<int64_t, 3> shape3(const Array3& a, const char* what) {
 
 // bands: (batch, n, ld) float64, C order: matrix m's column q at [m, q, :], A(q + i, q) at [m, q, i], the
 // rest zero (see band_solver.h). Not modified (the solver works on a copy).
-py::array_t<double> band_eigenvalues_host(const Array3& bands, int64_t b, int64_t threads) {
+py::array_t<double> band_eigenvalues_host(const Array3& bands, int64_t b, int64_t threads, int64_t lanes,
+                                          int64_t variant) {
   const auto [batch, n, ld] = shape3(bands, "bands must be (batch, n, ld)");
   spectrum_fast::check_band_args(batch, n, b, ld, n * ld, threads);
   std::vector<double> work(bands.data(), bands.data() + batch * n * ld);
@@ -142,14 +143,14 @@ py::array_t<double> band_eigenvalues_host(const Array3& bands, int64_t b, int64_
   double* out = w.mutable_data();
   {
     py::gil_scoped_release release;
-    spectrum_fast::band_eigenvalues_host(work.data(), batch, n * ld, n, b, ld, out, threads);
+    spectrum_fast::band_eigenvalues_host(work.data(), batch, n * ld, n, b, ld, out, threads, lanes, variant);
   }
   return w;
 }
 
 // panels: (batch, nb, lda) float64, C order: panel i's column c at [i, c, :m] (column-major, as LAPACK); returns
 // (the factored panels, tau (batch, nb)) as geqrf leaves them. The input is not modified.
-py::tuple panel_qr_host(const Array3& panels, int64_t m, int64_t threads) {
+py::tuple panel_qr_host(const Array3& panels, int64_t m, int64_t threads, int64_t lanes) {
   const auto [batch, nb, lda] = shape3(panels, "panels must be (batch, nb, lda)");
   spectrum_fast::check_panel_args(batch, m, nb, lda, nb * lda, threads);
   py::array_t<double> out({panels.shape(0), panels.shape(1), panels.shape(2)});
@@ -159,7 +160,7 @@ py::tuple panel_qr_host(const Array3& panels, int64_t m, int64_t threads) {
   double* t = tau.mutable_data();
   {
     py::gil_scoped_release release;
-    spectrum_fast::panel_qr_host(p, batch, nb * lda, m, nb, lda, t, threads);
+    spectrum_fast::panel_qr_host(p, batch, nb * lda, m, nb, lda, t, threads, lanes);
   }
   return py::make_tuple(out, tau);
 }
@@ -184,21 +185,25 @@ PYBIND11_MODULE(_C, m) {
            "As run(), for tasks of one shape, dtype and scale layout: `batch` matrices per strided-batched GEMM "
            "and cusolverDnXsyevBatched call.");
   m.def("band_eigenvalues_host", &band_eigenvalues_host, py::arg("bands"), py::arg("b"), py::arg("threads") = 4,
+        py::arg("lanes") = 1, py::arg("variant") = 0,
         "Ascending eigenvalues (batch, n) of symmetric band matrices given as (batch, n, ld) float64, ld >= 2b: "
-        "the GPU's band solver run by a team of `threads` host threads per matrix (for tests).");
+        "the GPU's band solver run by a team of `threads` host threads per matrix in groups of `lanes` (a GPU "
+        "block's warps: threads = lanes = 32 mirrors one warp), chase `variant` 0..3 (for tests).");
   m.def("band_eigenvalues_cuda",
         [](int device, uintptr_t bands, int64_t batch, int64_t stride, int64_t n, int64_t b, int64_t ld,
-           uintptr_t work, uintptr_t w, uintptr_t stream, int64_t threads) {
+           uintptr_t work, uintptr_t w, uintptr_t stream, int64_t threads, int64_t variant) {
           spectrum_fast::band_eigenvalues_cuda(device, reinterpret_cast<double*>(bands), batch, stride, n, b, ld,
                                                reinterpret_cast<double*>(work), reinterpret_cast<double*>(w),
-                                               stream, threads);
+                                               stream, threads, variant);
         },
         py::arg("device"), py::arg("bands"), py::arg("batch"), py::arg("stride"), py::arg("n"), py::arg("b"),
         py::arg("ld"), py::arg("work"), py::arg("w"), py::arg("stream"), py::arg("threads") = 64,
+        py::arg("variant") = 0,
         "Queue the band eigensolver on a GPU: device pointers (as integers) to `batch` band matrices `stride` "
         "doubles apart (layout of band_eigenvalues_host; overwritten), a work area of batch * 2n doubles and "
-        "the output (batch, n); `stream` a cudaStream_t as an integer. Arguments are checked before any CUDA call.");
-  m.def("panel_qr_host", &panel_qr_host, py::arg("panels"), py::arg("m"), py::arg("threads") = 4,
+        "the output (batch, n); `stream` a cudaStream_t as an integer; `variant` the chase's (0..3, band_solver.h). "
+        "Arguments are checked before any CUDA call.");
+  m.def("panel_qr_host", &panel_qr_host, py::arg("panels"), py::arg("m"), py::arg("threads") = 4, py::arg("lanes") = 1,
         "Householder QR (as LAPACK dgeqrf) of m x nb column-major panels given as (batch, nb, lda) float64: "
         "(factored panels, tau), by the GPU's panel kernel run on `threads` host threads (for tests).");
   m.def("panel_qr_cuda",

@@ -31,16 +31,17 @@ def main() -> int:
         print(f"GPU: batched eigensolver for same-shape matrices with k <= {batched_max_k()}")
     if fp64_min_k():
         print(f"GPU: float64 first for matrices with k >= {fp64_min_k()}")
-    from .cuda_engine import twostage_mode, twostage_threads
+    from .cuda_engine import chase_variant, twostage_mode, twostage_threads
     from .errors import SpectrumError
 
     try:
         mode, band_threads = twostage_mode(), twostage_threads()
+        chase = chase_variant()
     except SpectrumError as e:
         print(f"GPU: two-stage float64 pass: {e}")
     else:
         if mode == "gpu":
-            print("GPU: two-stage float64 pass, band eigenvalues on the GPU (the native band solver)")
+            print(f"GPU: two-stage float64 pass, band eigenvalues on the GPU (the native band solver, chase variant {chase})")
         elif band_threads:
             from .twostage import stage2_backend
 

@@ -142,6 +142,20 @@ def twostage_mode() -> str:
     return mode
 
 
+def chase_variant() -> int:
+    """The GPU band solver's bulge-chasing variant (:data:`spectrum_fast.twostage.CHASE_VARIANT`, csrc/band_solver.h);
+    ``SPECTRUM_FAST_CHASE`` (0-3) picks another, for benchmarks. Variants differ in speed and in the last bits of
+    the numbers, so a journal records it."""
+    from .twostage import CHASE_VARIANT, CHASE_VARIANTS
+
+    flag = os.environ.get("SPECTRUM_FAST_CHASE", "").strip()
+    if not flag:
+        return CHASE_VARIANT
+    if flag not in {str(v) for v in CHASE_VARIANTS}:
+        raise SpectrumError(f"SPECTRUM_FAST_CHASE must be one of {', '.join(map(str, CHASE_VARIANTS))}, got {flag!r}")
+    return int(flag)
+
+
 def twostage_threads() -> int:
     """CPU threads for ``SPECTRUM_FAST_TWOSTAGE=cpu``'s band eigenvalues, 0 in the other modes."""
     if twostage_mode() != "cpu":
@@ -398,7 +412,7 @@ def _warm(infos: list[TensorInfo], stop: threading.Event) -> int:
 
 
 def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None],
-                big: int, units: dict[str, int], threads: int = 0, mode: str = "off") -> None:
+                big: int, units: dict[str, int], threads: int = 0, mode: str = "off", chase: int = 0) -> None:
     """One device's share: fp32 first below ``k = big``, then float64, then the CPU's float64 SVD; while the
     engine works on one chunk, the next one is read into the page cache (:func:`_warm`). With the GPU
     two-stage solver (``mode == "gpu"``) the float64 pass of a chunk is queued on the GPU and delivered as
@@ -410,7 +424,7 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
     if mode == "gpu":
         from .twostage import DeviceBands
 
-        solver = DeviceBands(_TORCH_DEVICE or f"cuda:{engine.device}", _DEVICE_BAND)
+        solver = DeviceBands(_TORCH_DEVICE or f"cuda:{engine.device}", _DEVICE_BAND, variant=chase)
     try:
         for index, chunk in enumerate(chunks):
             if warmer is not None:
@@ -501,17 +515,18 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")
     # settings errors up front (scan_units reads the batching ones)
     big, mode, band_threads = fp64_min_k(), twostage_mode(), twostage_threads()
+    chase = chase_variant() if mode == "gpu" else 0
     if units is None:
         units = scan_units(infos)
     work = plan(infos, len(devices), units)
     if len(devices) == 1:
-        _run_device(_C.GramEngine(devices[0]), work[0], report, big, units, band_threads, mode)
+        _run_device(_C.GramEngine(devices[0]), work[0], report, big, units, band_threads, mode, chase)
         return
     errors: list[BaseException] = []
 
     def worker(device: int, items: list[TensorInfo]) -> None:
         try:
-            _run_device(_C.GramEngine(device), items, report, big, units, band_threads, mode)
+            _run_device(_C.GramEngine(device), items, report, big, units, band_threads, mode, chase)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 

@@ -206,11 +206,20 @@ def band_threads(b: int) -> int:
     return 32 * max(1, -(-b // 32))
 
 
-def launch_bands(storage, b: int, stream, threads: int | None = None):
+#: The bulge chasing's variant (csrc/band_solver.h): 1 = kLaneDot (the left update's dot products a thread per
+#: column, no chain of warp reductions), 2 = kBatched (four loads in flight per thread in the updates), 3 =
+#: both, 0 = neither. ``bench/bench_twostage.py`` times all four; ``SPECTRUM_FAST_CHASE`` overrides this
+#: (:func:`spectrum_fast.cuda_engine.chase_variant`).
+CHASE_VARIANT = 3
+CHASE_VARIANTS = (0, 1, 2, 3)
+
+
+def launch_bands(storage, b: int, stream, threads: int | None = None, variant: int = CHASE_VARIANT):
     """Queue the native band solver on ``stream`` (after what the current stream has queued) for band matrices
     in its layout ``(batch, n, ld)`` on a GPU (overwritten); returns ``(eigenvalues (batch, n), work area)``,
     allocated on ``stream``: read the eigenvalues once it is done. Dropping ``storage`` or the work area
-    early is safe (``record_stream``, and stream-ordered reuse on ``stream``)."""
+    early is safe (``record_stream``, and stream-ordered reuse on ``stream``). ``variant``: the chase's
+    (:data:`CHASE_VARIANT`)."""
     import torch
 
     if storage.dtype != torch.float64 or not storage.is_contiguous() or storage.ndim != 3:
@@ -223,7 +232,8 @@ def launch_bands(storage, b: int, stream, threads: int | None = None):
         work = torch.empty(batch, 2 * n, dtype=torch.float64, device=storage.device)
         w = torch.empty(batch, n, dtype=torch.float64, device=storage.device)
         _native().band_eigenvalues_cuda(storage.device.index or 0, storage.data_ptr(), batch, n * ld, n, b, ld,
-                                        work.data_ptr(), w.data_ptr(), stream.cuda_stream, threads or band_threads(b))
+                                        work.data_ptr(), w.data_ptr(), stream.cuda_stream, threads or band_threads(b),
+                                        variant)
     return w, work
 
 
@@ -241,11 +251,13 @@ class DeviceBands:
     STREAMS = 4
     BLOCKS_PER_SM = 4  # a chase is latency-bound: several share a multiprocessor
 
-    def __init__(self, device, band: int = 32, threads: int | None = None, launch_at: int | None = None):
+    def __init__(self, device, band: int = 32, threads: int | None = None, launch_at: int | None = None,
+                 variant: int = CHASE_VARIANT):
         import torch
 
         self.device = torch.device(device)
         self.band = band
+        self.variant = variant
         self.threads = threads or band_threads(band)
         on_gpu = self.device.type == "cuda"
         if launch_at is None:
@@ -283,12 +295,12 @@ class DeviceBands:
         storage = torch.cat([s for _, s, _ in kept]) if len(kept) > 1 else kept[0][1]
         scales = torch.cat([c for _, _, c in kept])
         if self.device.type != "cuda":
-            w = torch.from_numpy(_native().band_eigenvalues_host(storage.numpy(), self.band, 2))
+            w = torch.from_numpy(_native().band_eigenvalues_host(storage.numpy(), self.band, 2, 1, self.variant))
             self._inflight.append((None, keys, w, scales))
             return
         stream = self._streams[self._next % len(self._streams)]
         self._next += 1
-        w, _ = launch_bands(storage, self.band, stream, self.threads)  # the bands and work area are safe to drop
+        w, _ = launch_bands(storage, self.band, stream, self.threads, self.variant)  # safe to drop the bands
         event = torch.cuda.Event()
         event.record(stream)
         self._inflight.append((event, keys, w, scales))

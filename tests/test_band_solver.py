@@ -27,8 +27,9 @@ def banded(rng, n: int, b: int) -> np.ndarray:
     return np.tril(np.triu(m + m.T, -b), b)
 
 
-def check(a: np.ndarray, b: int, threads: int, ld: int | None = None, tol: float = 1e-13) -> np.ndarray:
-    got = _C.band_eigenvalues_host(to_band(a, b, ld), b, threads)[0]
+def check(a: np.ndarray, b: int, threads: int, ld: int | None = None, tol: float = 1e-13, lanes: int = 1,
+          variant: int = 0) -> np.ndarray:
+    got = _C.band_eigenvalues_host(to_band(a, b, ld), b, threads, lanes, variant)[0]
     want = np.linalg.eigvalsh(a)
     scale = max(np.abs(want).max(), np.finfo(float).tiny)
     assert np.all(np.diff(got) >= 0), "ascending"
@@ -39,8 +40,24 @@ def check(a: np.ndarray, b: int, threads: int, ld: int | None = None, tol: float
 @pytest.mark.parametrize("n,b,threads", [(1, 1, 1), (2, 1, 2), (2, 2, 1), (3, 2, 3), (5, 4, 2), (10, 3, 1),
                                          (10, 3, 4), (17, 4, 3), (64, 8, 8), (100, 16, 5), (50, 49, 4),
                                          (200, 32, 4), (33, 1, 2), (130, 128, 3), (300, 7, 2)])
-def test_random_band_matrices(n, b, threads):
-    check(banded(np.random.default_rng(n * 1000 + b), n, b), b, threads)
+@pytest.mark.parametrize("variant", [0, 3])
+def test_random_band_matrices(n, b, threads, variant):
+    check(banded(np.random.default_rng(n * 1000 + b), n, b), b, threads, variant=variant)
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2, 3])
+@pytest.mark.parametrize("n,b,threads,lanes", [(101, 32, 32, 32), (137, 64, 64, 32), (60, 8, 8, 4)])
+def test_gpu_block_partition(n, b, threads, lanes, variant):
+    """A GPU block's partition of the work: twostage.band_threads(b) threads in warps of 32 lanes whose sums are
+    group sums (one warp at b = 32, two at 64), for every chase variant; and groups of 4 lanes."""
+    check(banded(np.random.default_rng(n + b + variant), n, b), b, threads, lanes=lanes, variant=variant)
+
+
+def test_chase_variants_agree_and_batching_changes_no_bit():
+    a = to_band(banded(np.random.default_rng(5), 75, 12), 12)
+    out = [_C.band_eigenvalues_host(a, 12, 4, 2, v)[0] for v in range(4)]
+    assert np.array_equal(out[0], out[2]) and np.array_equal(out[1], out[3])  # kBatched: the same arithmetic
+    np.testing.assert_allclose(out[1], out[0], rtol=0, atol=1e-13 * np.abs(out[0]).max())
 
 
 def test_wider_storage_than_needed():
@@ -48,27 +65,28 @@ def test_wider_storage_than_needed():
     check(a, 6, 3, ld=20)
 
 
-def test_adversarial_band_matrices():
+@pytest.mark.parametrize("variant", [0, 3])
+def test_adversarial_band_matrices(variant):
     rng = np.random.default_rng(2)
     n, b = 120, 8
     zero = np.zeros((n, n))
-    assert not _C.band_eigenvalues_host(to_band(zero, b), b, 2).any()
-    check(np.diag(rng.standard_normal(n)), b, 3)  # already diagonal: every reflector is the identity
+    assert not _C.band_eigenvalues_host(to_band(zero, b), b, 2, 1, variant).any()
+    check(np.diag(rng.standard_normal(n)), b, 3, variant=variant)  # already diagonal: every reflector is I
     tri = np.diag(rng.standard_normal(n)) + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
-    check(tri, b, 2)  # already tridiagonal
+    check(tri, b, 2, variant=variant)  # already tridiagonal
     x = rng.standard_normal((n, 3))
     low_rank = np.tril(np.triu(x @ x.T, -b), b)
-    check(low_rank, b, 2)
+    check(low_rank, b, 2, variant=variant)
     cluster = np.eye(n) + 1e-9 * banded(rng, n, b)  # one tight cluster
-    check(cluster, b, 3)
+    check(cluster, b, 3, variant=variant)
     graded = np.diag(np.logspace(0, -14, n)) + np.tril(np.triu(1e-15 * banded(rng, n, b), -b), b)
-    check(graded, b, 2)  # eigenvalues over 14 decades: absolute accuracy against the largest
+    check(graded, b, 2, variant=variant)  # eigenvalues over 14 decades: absolute accuracy against the largest
     wilkinson = np.diag(np.abs(np.arange(n) - n // 2).astype(float)) + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
-    check(wilkinson, b, 2)  # pairs of nearly equal eigenvalues
+    check(wilkinson, b, 2, variant=variant)  # pairs of nearly equal eigenvalues
     holes = banded(rng, n, b)
     holes[:, 40:60] = 0
     holes[40:60, :] = 0  # a decoupled zero block in the middle: zero columns inside sweeps
-    check(holes, b, 3)
+    check(holes, b, 4, lanes=2, variant=variant)
 
 
 @pytest.mark.parametrize("n,b", [(300, 16), (513, 32), (256, 64)])
@@ -110,7 +128,9 @@ def test_bad_arguments_are_value_errors():
     good = to_band(np.eye(8), 2)
     for args, match in [((good[0], 2, 1), "batch, n, ld"), ((good, 0, 1), "bandwidth"), ((good, 200, 1), "bandwidth"),
                         ((good, 3, 1), "ld must be at least 2"), ((good, 2, 0), "threads"),
-                        ((np.zeros((0, 8, 4)), 2, 1), "batch")]:
+                        ((np.zeros((0, 8, 4)), 2, 1), "batch"), ((good, 2, 6, 4), "lanes must divide"),
+                        ((good, 2, 4, 0), "lanes must divide"), ((good, 2, 1, 1, 4), "variant"),
+                        ((good, 2, 1, 1, -1), "variant")]:
         with pytest.raises(ValueError, match=match):
             _C.band_eigenvalues_host(*args)
 
@@ -122,6 +142,10 @@ def test_cuda_entry_point_checks_arguments_before_any_cuda_call():
         _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 4, 0, 0, 0, 64)
     with pytest.raises(ValueError, match="multiple of 32"):
         _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 8, 0, 0, 0, 48)
+    with pytest.raises(ValueError, match="up to 256"):
+        _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 8, 0, 0, 0, 512)
+    with pytest.raises(ValueError, match="variant"):
+        _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 8, 0, 0, 0, 64, 4)
     with pytest.raises(ValueError, match="stride"):
         _C.band_eigenvalues_cuda(0, 0, 2, 10, 8, 4, 8, 0, 0, 0, 64)
     try:
@@ -137,7 +161,7 @@ def test_panel_qr_bad_arguments_are_value_errors_before_any_cuda_call():
     good = np.zeros((1, 4, 8))  # (batch, nb, lda): 4 columns of up to 8 rows
     for args, match in [((good[0], 8, 1), "batch, nb, lda"), ((good, 0, 1), "must not be empty"),
                         ((good, 9, 1), "lda must be at least m"), ((good, 8, 0), "threads"),
-                        ((np.zeros((0, 4, 8)), 8, 1), "batch")]:
+                        ((np.zeros((0, 4, 8)), 8, 1), "batch"), ((good, 8, 4, 3), "lanes must divide")]:
         with pytest.raises(ValueError, match=match):
             _C.panel_qr_host(*args)
     out, tau = _C.panel_qr_host(good, 8, 1)  # a zero panel: nothing to reflect
@@ -146,3 +170,15 @@ def test_panel_qr_bad_arguments_are_value_errors_before_any_cuda_call():
         _C.panel_qr_cuda(0, 0, 2, 10, 8, 4, 8, 0, 0, 64)
     with pytest.raises(ValueError, match="multiple of 32"):
         _C.panel_qr_cuda(0, 0, 1, 32, 8, 4, 8, 0, 0, 48)
+
+
+def test_panel_qr_with_a_gpu_block_partition_matches_one_lane_groups():
+    """The panel kernel's warps (a group of 32 lanes per trailing column, group sums) leave what groups of one
+    thread leave (which tests/test_twostage.py checks against geqrf)."""
+    rng = np.random.default_rng(6)
+    panels = rng.standard_normal((2, 16, 300))  # (batch, nb, lda): column-major 300 x 16 panels
+    warps, warps_tau = _C.panel_qr_host(panels, 300, 64, 32)
+    ones, ones_tau = _C.panel_qr_host(panels, 300, 4, 1)
+    np.testing.assert_allclose(warps, ones, rtol=0, atol=1e-13 * 300)
+    np.testing.assert_allclose(warps_tau, ones_tau, rtol=0, atol=1e-13)
+    assert np.abs(warps - panels).max() > 1  # it did factor

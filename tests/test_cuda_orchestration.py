@@ -375,6 +375,18 @@ def test_twostage_settings_are_checked(fake_gpu, tmp_path, monkeypatch):
         assert (cuda_engine.twostage_mode(), cuda_engine.twostage_threads()) == (mode, 0)  # no CPU threads
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "cpu")
     assert (cuda_engine.twostage_mode(), cuda_engine.twostage_threads()) == ("cpu", 3)
+    from spectrum_fast import twostage
+
+    monkeypatch.delenv("SPECTRUM_FAST_CHASE", raising=False)
+    assert cuda_engine.chase_variant() == twostage.CHASE_VARIANT
+    for flag, variant in [(" 0", 0), ("2", 2), ("", twostage.CHASE_VARIANT)]:
+        monkeypatch.setenv("SPECTRUM_FAST_CHASE", flag)
+        assert cuda_engine.chase_variant() == variant
+    for flag in ("4", "-1", "fast"):
+        monkeypatch.setenv("SPECTRUM_FAST_CHASE", flag)
+        with pytest.raises(spectrum_fast.SpectrumError, match="SPECTRUM_FAST_CHASE must be one of 0, 1, 2, 3"):
+            cuda_engine.chase_variant()
+    monkeypatch.delenv("SPECTRUM_FAST_CHASE")
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert cuda_engine.twostage_threads() == max(1, (__import__("os").cpu_count() or 1) // 2)
@@ -659,10 +671,12 @@ def test_gpu_twostage_batches_are_units_so_resumed_and_multi_gpu_scans_are_bit_i
     from spectrum_fast import cuda_engine, twostage
 
     batches: list[int] = []
+    variants: set[int] = set()
     real_run = twostage.DeviceBands.run
 
     def tilted(self, keys, a):
         batches.append(len(keys))
+        variants.add(self.variant)
         tilt = 1 + 1e-9 * (1 + int(a.sum().item() * 1e6) % 997)
         real_run(self, keys, a * tilt)
 
@@ -698,6 +712,19 @@ def test_gpu_twostage_batches_are_units_so_resumed_and_multi_gpu_scans_are_bit_i
     assert spectrum_fast.scan(tmp_path, device="cuda", devices=[0, 1], progress=False).snr == whole.snr
     for r in whole.records:
         assert rel_err(r.snr, ref_snr(t[r.module + ".weight"])) <= 1e-4
+    # the chase variant fixes the last bits too: the journal records it, and another one starts over
+    import json
+
+    assert variants == {twostage.CHASE_VARIANT}
+    assert json.loads(journal.read_text().split("\n")[0])["engine"]["chase"] == twostage.CHASE_VARIANT
+    monkeypatch.setenv("SPECTRUM_FAST_CHASE", "0")
+    batches.clear()
+    variants.clear()
+    other = spectrum_fast.scan(tmp_path, device="cuda", progress=False, journal=journal)
+    assert variants == {0} and sorted(batches) == [1, 2, 4]  # everything again
+    assert json.loads(journal.read_text().split("\n")[0])["engine"]["chase"] == 0
+    for a, b in zip(other.records, whole.records):
+        assert a.module == b.module and rel_err(a.snr, b.snr) <= 1e-9
 
 
 def test_band_units_follow_the_settings(fake_gpu, monkeypatch):

@@ -154,9 +154,10 @@ def _band(rng, n, b, ld):
 
 @needs_gpu
 @pytest.mark.gpu
-def test_gpu_band_solver_matches_float64_and_depends_on_the_matrix_alone():
-    """The native band solver on the GPU (a thread block per matrix) against float64 eigvalsh and against
-    its host-thread run; a matrix gives the same bits alone, in a batch, and twice."""
+@pytest.mark.parametrize("variant", [0, 1, 2, 3])
+def test_gpu_band_solver_matches_float64_and_depends_on_the_matrix_alone(variant):
+    """The native band solver on the GPU (a thread block per matrix), each chase variant, against float64
+    eigvalsh and against its host-thread run; a matrix gives the same bits alone, in a batch, and twice."""
     import torch
 
     from spectrum_fast import twostage
@@ -167,14 +168,14 @@ def test_gpu_band_solver_matches_float64_and_depends_on_the_matrix_alone():
         bands = torch.from_numpy(np.stack([m[1] for m in mats])).cuda()
 
         def solve(x, b=b):
-            w, _ = twostage.launch_bands(x.clone(), b, torch.cuda.current_stream())
+            w, _ = twostage.launch_bands(x.clone(), b, torch.cuda.current_stream(), variant=variant)
             torch.cuda.synchronize()
             return w.cpu().numpy()
 
         together = solve(bands)
         assert np.array_equal(together, solve(bands))
         assert np.array_equal(together[1], solve(bands[1:2])[0])
-        host = _C.band_eigenvalues_host(np.stack([m[1] for m in mats]), b, 2)
+        host = _C.band_eigenvalues_host(np.stack([m[1] for m in mats]), b, 2, 1, variant)
         for i, (a, _) in enumerate(mats):
             want = np.linalg.eigvalsh(a)
             np.testing.assert_allclose(together[i], want, rtol=0, atol=1e-12 * max(1, np.abs(want).max()) * n ** 0.5)
