@@ -1,0 +1,43 @@
+"""bench/bench_twostage.py on the CPU (the native kernels on host threads): every bandwidth and chase variant at
+the first size, only the engine's bandwidth with the fastest variant beyond it, accurate eigenvalues in each;
+and bench_scale.py reads back the entry of the scan's own bandwidth and variant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+_C = pytest.importorskip("spectrum_fast._C", reason="the native extension is not built here")
+if not hasattr(_C, "band_eigenvalues_host"):
+    pytest.skip("this build of the extension has no band solver", allow_module_level=True)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+bench_twostage = pytest.importorskip("bench_twostage")
+bench_scale = pytest.importorskip("bench_scale")
+
+
+def test_variants_at_the_first_size_then_the_fastest(tmp_path, monkeypatch):
+    out = tmp_path / "twostage.json"
+    assert bench_twostage.main(["--device", "cpu", "--sizes", "96", "160", "--bands", "16", "32", "--variants",
+                                "0", "1", "3", "--launch", "3", "--repeats", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    first, second = doc["rows"]
+    assert [(e["b"], e["variant"]) for e in first["gpu"]] == [(16, 0), (16, 1), (16, 3), (32, 0), (32, 1), (32, 3)]
+    ours = [e for e in first["gpu"] if e["b"] == 32]
+    best = min(ours, key=lambda e: e["s_per_matrix"])["variant"]
+    assert doc["best_variant"] == best
+    assert [(e["b"], e["variant"]) for e in second["gpu"]] == [(32, best)]  # the largest size: that pair alone
+    for row in doc["rows"]:
+        for e in row["gpu"]:
+            assert 0 < e["max_err"] < 1e-12 and e["stage23_s_per_matrix"] > 0 and e["launch"] >= 3, e
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "gpu")
+    for variant in ("0", "3"):
+        monkeypatch.setenv("SPECTRUM_FAST_CHASE", variant)
+        rates = bench_scale.twostage_rates(out)
+        assert rates[96]["variant"] == int(variant) and rates[96]["b"] == 32
+        assert rates[160]["variant"] == best  # the only one measured there
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "0")
+    assert bench_scale.twostage_rates(out) == {}
