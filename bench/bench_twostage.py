@@ -14,7 +14,8 @@ Per k (Gram matrices of k x 3.5k Gaussian weights, float64):
   estimate (no overlap between the two assumed), and ``speedup_vs_syevd``. Per bandwidth and chase
   variant (``--variants``, csrc/band_solver.h) at the first size; at the larger ones the engine's
   bandwidth with the best variant there (``best_variant``), and the best pair overall. The JSON is
-  rewritten after every size. ``stage3_launch_s`` (per k): the
+  rewritten after every size. ``launch_sweep`` (first size, GPU): launches of 1, 2 and 8 bands per
+  multiprocessor beside the default 4, to show how many chases one holds. ``stage3_launch_s`` (per k): the
   same launch of already tridiagonal matrices (nothing to chase), i.e. the bisection alone.
 - ``--cpu-stage2``: the old ``cpu`` mode's stage 2 (LAPACK ``dsbevd`` on CPU threads), per matrix in a pool.
 
@@ -132,6 +133,21 @@ def gpu_mode(k: int, b: int, variants: list[int], launch: int, device: str, repe
     return out
 
 
+def launch_sweep(k: int, b: int, variant: int, counts: list[int], device: str) -> list[dict]:
+    """Seconds for one launch of each of ``counts`` random bands: where per-matrix throughput stops improving
+    is how many chases a multiprocessor holds (twostage.DeviceBands.BLOCKS_PER_SM)."""
+    out = []
+    for count in counts:
+        many = random_bands(k, b, count, device)
+        t = time.perf_counter()
+        solve_bands(many, b, device, variant)
+        elapsed = time.perf_counter() - t
+        del many
+        out.append({"launch": count, "launch_s": elapsed, "s_per_matrix": elapsed / count})
+        print(json.dumps({"k": k, "b": b, "variant": variant, **out[-1]}), flush=True)
+    return out
+
+
 def stage3_launch(k: int, launch: int, device: str) -> float:
     """Seconds for a launch of ``launch`` matrices that are tridiagonal already (b = 1: nothing to chase),
     i.e. the bisection's share of a launch."""
@@ -160,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bands", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--variants", type=int, nargs="+", default=list(twostage.CHASE_VARIANTS),
                     help="chase variants (csrc/band_solver.h) timed at the first size")
-    ap.add_argument("--launch", type=int, default=0, help="bands per solver launch (default: multiprocessors)")
+    ap.add_argument("--launch", type=int, default=0,
+                    help="bands per solver launch (default: DeviceBands.BLOCKS_PER_SM per multiprocessor)")
+    ap.add_argument("--per-sm", type=int, nargs="*", default=[1, 2, 8],
+                    help="at the first size, also launches of this many bands per multiprocessor (GPU only)")
     ap.add_argument("--cpu-stage2", action="store_true", help="also time the cpu mode's LAPACK stage 2")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=2)
@@ -189,14 +208,18 @@ def main(argv: list[str] | None = None) -> int:
             row["gpu"] += gpu_mode(k, b, [v for bb, v in pairs if bb == b], launch, args.device, args.repeats)
         for entry in row["gpu"]:
             entry["speedup_vs_syevd"] = row["syevd_fp64_s"] / entry["s_per_matrix"]
+        ours = [e for e in row["gpu"] if e["b"] == _DEVICE_BAND]
+        if ours and "best_variant" not in doc:
+            doc["best_variant"] = max(ours, key=lambda e: e["speedup_vs_syevd"])["variant"]
+        if "best_variant" in doc and args.device == "cuda" and k == args.sizes[0] and args.per_sm:
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            row["launch_sweep"] = launch_sweep(k, _DEVICE_BAND, doc["best_variant"], [x * sms for x in args.per_sm],
+                                               args.device)
         row["stage3_launch_s"] = stage3_launch(k, launch, args.device)
         if args.cpu_stage2:
             row["cpu_stage2"] = cpu_stage2(k, 64, args.device, args.threads)
         doc["rows"].append(row)
         best = max(row["gpu"], key=lambda e: e["speedup_vs_syevd"])
-        ours = [e for e in row["gpu"] if e["b"] == _DEVICE_BAND]
-        if ours:
-            doc["best_variant"] = doc.get("best_variant", max(ours, key=lambda e: e["speedup_vs_syevd"])["variant"])
         pairs = [(_DEVICE_BAND, doc.get("best_variant", twostage.CHASE_VARIANT))]
         if (best["b"], best["variant"]) not in pairs and 2 * k <= max(args.sizes):  # not at the largest size
             pairs.append((best["b"], best["variant"]))
