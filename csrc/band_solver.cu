@@ -39,6 +39,7 @@ struct BlockTeam {
   __device__ int groups() const { return static_cast<int>(blockDim.x >> 5); }
   __device__ int lane() const { return static_cast<int>(threadIdx.x & 31); }
   __device__ int lanes() const { return 32; }
+  __device__ void group_sync() const { __syncwarp(); }
   // lane 0's total, broadcast: every lane gets the same bits
   __device__ double group_sum(double x) const {
     for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
@@ -50,12 +51,13 @@ struct BlockTeam {
   __device__ double* u() { return u_; }
 };
 
-constexpr int kChaseMaxThreads = 256;  // one thread per reflector row is enough (b <= 128: 4 warps)
+constexpr int kChaseMaxThreads = 256;  // a thread per reflector row (b <= 128: 4 warps), or kMaxCrews crews of a warp
 
 template <int Variant>
 __global__ void __launch_bounds__(kChaseMaxThreads) chase_kernel(double* bands, int64_t stride, int64_t n, int64_t b, int64_t ld, double* work) {
+  constexpr int kScratch = device::kMaxBand * ((Variant & device::kCrews) ? device::kMaxCrews : 1);  // per crew
   __shared__ double partial[32];
-  __shared__ double v[device::kMaxBand], w[device::kMaxBand], y[device::kMaxBand], u[device::kMaxBand];
+  __shared__ double v[kScratch], w[kScratch], y[kScratch], u[kScratch];
   BlockTeam t{partial, v, w, y, u};
   const int64_t m = blockIdx.x;
   double* d = work + m * 2 * n;
@@ -114,7 +116,11 @@ void band_eigenvalues_cuda(int device, double* bands, int64_t batch, int64_t str
     case 0: chase_kernel<0><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
     case 1: chase_kernel<1><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
     case 2: chase_kernel<2><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
-    default: chase_kernel<3><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
+    case 3: chase_kernel<3><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
+    case 4: chase_kernel<4><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
+    case 5: chase_kernel<5><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
+    case 6: chase_kernel<6><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
+    default: chase_kernel<7><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
   }
   cudaError_t status = cudaGetLastError();
   if (status == cudaSuccess) {

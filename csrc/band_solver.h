@@ -77,7 +77,9 @@ SF_FN Reflector householder(Team& t, const double* x, int64_t len) {
 //   arithmetic is the same: kBatched changes no bit, kLaneDot the order of one sum.
 constexpr int kLaneDot = 1;
 constexpr int kBatched = 2;
-constexpr int kChaseVariants = 4;
+constexpr int kCrews = 4;  // several sweeps at once, one per group (chase() below)
+constexpr int kChaseVariants = 8;
+constexpr int kMaxCrews = 8;
 
 // For i = rank, rank + size, ... < count with at(i, off, delta) true: a[off] -= delta. Batched as above.
 template <bool Batched, class At>
@@ -107,9 +109,27 @@ SF_FN inline void subtract(double* a, int count, int rank, int size, At at) {
   }
 }
 
-// Band (ld, n as described above) to tridiagonal: d[0..n-1] the diagonal, e[0..n-2] the subdiagonal.
+// A sweep's position: its next step's reflector rows J = [j0, j1], taken from column col, applied from the
+// left to the columns Q = [pc0 + 1, pc1] (none in the first step).
+struct Sweep {
+  int64_t col, j0, j1, pc0, pc1;
+};
+
+SF_FN inline Sweep sweep_start(int64_t i, int64_t n, int64_t b) { return Sweep{i, i + 1, min64(i + b, n - 1), 0, -1}; }
+SF_FN inline bool sweep_active(const Sweep& s) { return s.j1 > s.j0; }
+SF_FN inline void sweep_advance(Sweep& s, int64_t n, int64_t b) {
+  s.col = s.j0;
+  s.pc0 = s.j0;
+  s.pc1 = s.j1;
+  s.j0 = s.j1 + 1;
+  s.j1 = min64(s.j1 + b, n - 1);
+}
+
+// One step of a sweep, by the team t: the reflector of A(J, col), applied to A(J, Q) from the left, to the
+// diagonal block D = A(J, J) from both sides and to the block below, A(R, J), from the right (which makes
+// the next bulge). Touches rows [j0, j1 + b] of columns [j0 - b, j1] only.
 template <int Variant, class Team>
-SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d, double* e) {
+SF_FN void chase_step(Team& t, double* a, int64_t n, int64_t b, int64_t ld, const Sweep& sw) {
   constexpr bool lane_dot = (Variant & kLaneDot) != 0, batched = (Variant & kBatched) != 0;
   const int rank = t.rank(), size = t.size();
   const int group = t.group(), groups = t.groups(), lane = t.lane(), lanes = t.lanes();
@@ -117,103 +137,179 @@ SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d
   double* w = t.w();
   double* y = t.y();
   double* u = t.u();
-  for (int64_t i = 0; i + 2 < n && b > 1; ++i) {
-    int64_t col = i, j0 = i + 1, j1 = min64(i + b, n - 1);  // reflector rows J = [j0, j1], from column col
-    int64_t pc0 = 0, pc1 = -1;                              // the columns it is applied to from the left
-    while (j1 > j0) {
-      const int64_t len = j1 - j0 + 1;
-      double* x = a + col * ld + (j0 - col);  // A(J, col), contiguous
-      const Reflector h = householder(t, x, len);
-      const double tau = h.tau;
-      for (int64_t r = rank; r < len; r += size) {
-        v[r] = r == 0 ? 1.0 : x[r] * h.scale;
-        x[r] = r == 0 ? h.beta : 0.0;  // each thread reads its x[r] before writing it
-      }
-      t.sync();
-      if (tau != 0.0) {  // the same decision in every thread (tau is shared)
-        const int64_t r0 = j1 + 1, r1 = min64(j1 + b, n - 1), rows = r1 - j1;  // the block below: rows R
-        const int64_t q0 = pc0 + 1;                                             // the left columns Q
-        const int nr = static_cast<int>(rows), nl = static_cast<int>(len);      // <= kMaxBand: 32-bit division
-        const int nq = static_cast<int>(pc1 - pc0);
-        // phase A, three disjoint regions read (the left one written too) with v only
-        if (lane_dot) {  // u = tau A(J, Q)^T v, a thread per column; A(J, Q) -= v u^T in phase C
-          for (int q = rank; q < nq; q += size) {
-            const double* c = a + (q0 + q) * ld + (j0 - q0 - q);
-            double s = 0.0;
-            for (int64_t r = 0; r < len; ++r) s += v[r] * c[r];
-            u[q] = tau * s;
-          }
-        } else {
-          // left: A(J, q) -= tau v (v^T A(J, q)), a group per column (on a GPU, a warp reads a column's
-          // consecutive entries together, and the dot product needs no barrier)
-          for (int64_t q = q0 + group; q <= pc1; q += groups) {
-            double* c = a + q * ld + (j0 - q);
-            double s = 0.0;
-            for (int64_t r = lane; r < len; r += lanes) s += v[r] * c[r];
-            s = tau * t.group_sum(s);
-            for (int64_t r = lane; r < len; r += lanes) c[r] -= s * v[r];
-          }
-        }
-        for (int64_t r = rank; r < len; r += size) {  // w = tau D v, D = A(J, J)
-          double s = 0.0;
-          for (int64_t c = 0; c < len; ++c) s += sym(a, ld, j0 + r, j0 + c) * v[c];
-          w[r] = tau * s;
-        }
-        for (int64_t r = rank; r < rows; r += size) {  // y = A(R, J) v
-          double s = 0.0;
-          for (int64_t c = 0; c < len; ++c) s += a[(j0 + c) * ld + (r0 + r - j0 - c)] * v[c];
-          y[r] = s;
-        }
-        // no barrier here: each thread reads back only its own w[r], and sum()'s barrier orders phase A
-        // before phase C (tests/native/race_check.cpp under ThreadSanitizer)
-        double part = 0.0;
-        for (int64_t r = rank; r < len; r += size) part += v[r] * w[r];
-        const double gamma = 0.5 * tau * t.sum(part);
-        // phase C: D -= v z^T + z v^T (lower triangle), z = w - gamma v; A(R, J) -= tau y v^T
-        if (batched) {
-          subtract<true>(a, nl * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
-            const int r = idx % nl, c = idx / nl;
-            if (r < c) return false;
-            const double zc = w[c] - gamma * v[c], vc = v[c];
-            off = (j0 + c) * ld + (r - c);
-            delta = v[r] * zc + (w[r] - gamma * v[r]) * vc;
-            return true;
-          });
-        } else {
-          for (int64_t c = group; c < len; c += groups) {  // a group per column, as above
-            const double zc = w[c] - gamma * v[c], vc = v[c];
-            double* dc = a + (j0 + c) * ld;
-            for (int64_t r = c + lane; r < len; r += lanes) dc[r - c] -= v[r] * zc + (w[r] - gamma * v[r]) * vc;
-          }
-        }
-        subtract<batched>(a, nr * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
-          const int r = idx % nr, c = idx / nr;
-          off = (j0 + c) * ld + (r0 + r - j0 - c);
-          delta = tau * y[r] * v[c];
-          return true;
-        });
-        if (lane_dot) {
-          subtract<batched>(a, nq * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
-            const int r = idx % nl, q = idx / nl;
-            off = (q0 + q) * ld + (j0 - q0 - q) + r;
-            delta = u[q] * v[r];
-            return true;
-          });
-        }
-        t.sync();
-      }
-      col = j0;
-      pc0 = j0;
-      pc1 = j1;
-      j0 = j1 + 1;
-      j1 = min64(j1 + b, n - 1);
-    }
+  const int64_t col = sw.col, j0 = sw.j0, j1 = sw.j1, pc0 = sw.pc0, pc1 = sw.pc1;
+  const int64_t len = j1 - j0 + 1;
+  double* x = a + col * ld + (j0 - col);  // A(J, col), contiguous
+  const Reflector h = householder(t, x, len);
+  const double tau = h.tau;
+  for (int64_t r = rank; r < len; r += size) {
+    v[r] = r == 0 ? 1.0 : x[r] * h.scale;
+    x[r] = r == 0 ? h.beta : 0.0;  // each thread reads its x[r] before writing it
   }
-  for (int64_t q = rank; q < n; q += size) {
+  t.sync();
+  if (tau != 0.0) {  // the same decision in every thread (tau is shared)
+    const int64_t r0 = j1 + 1, r1 = min64(j1 + b, n - 1), rows = r1 - j1;  // the block below: rows R
+    const int64_t q0 = pc0 + 1;                                             // the left columns Q
+    const int nr = static_cast<int>(rows), nl = static_cast<int>(len);      // <= kMaxBand: 32-bit division
+    const int nq = static_cast<int>(pc1 - pc0);
+    // phase A, three disjoint regions read (the left one written too) with v only
+    if (lane_dot) {  // u = tau A(J, Q)^T v, a thread per column; A(J, Q) -= v u^T in phase C
+      for (int q = rank; q < nq; q += size) {
+        const double* c = a + (q0 + q) * ld + (j0 - q0 - q);
+        double s = 0.0;
+        for (int64_t r = 0; r < len; ++r) s += v[r] * c[r];
+        u[q] = tau * s;
+      }
+    } else {
+      // left: A(J, q) -= tau v (v^T A(J, q)), a group per column (on a GPU, a warp reads a column's
+      // consecutive entries together, and the dot product needs no barrier)
+      for (int64_t q = q0 + group; q <= pc1; q += groups) {
+        double* c = a + q * ld + (j0 - q);
+        double s = 0.0;
+        for (int64_t r = lane; r < len; r += lanes) s += v[r] * c[r];
+        s = tau * t.group_sum(s);
+        for (int64_t r = lane; r < len; r += lanes) c[r] -= s * v[r];
+      }
+    }
+    for (int64_t r = rank; r < len; r += size) {  // w = tau D v, D = A(J, J)
+      double s = 0.0;
+      for (int64_t c = 0; c < len; ++c) s += sym(a, ld, j0 + r, j0 + c) * v[c];
+      w[r] = tau * s;
+    }
+    for (int64_t r = rank; r < rows; r += size) {  // y = A(R, J) v
+      double s = 0.0;
+      for (int64_t c = 0; c < len; ++c) s += a[(j0 + c) * ld + (r0 + r - j0 - c)] * v[c];
+      y[r] = s;
+    }
+    // no barrier here: each thread reads back only its own w[r], and sum()'s barrier orders phase A
+    // before phase C (tests/native/race_check.cpp under ThreadSanitizer)
+    double part = 0.0;
+    for (int64_t r = rank; r < len; r += size) part += v[r] * w[r];
+    const double gamma = 0.5 * tau * t.sum(part);
+    // phase C: D -= v z^T + z v^T (lower triangle), z = w - gamma v; A(R, J) -= tau y v^T
+    if (batched) {
+      subtract<true>(a, nl * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
+        const int r = idx % nl, c = idx / nl;
+        if (r < c) return false;
+        const double zc = w[c] - gamma * v[c], vc = v[c];
+        off = (j0 + c) * ld + (r - c);
+        delta = v[r] * zc + (w[r] - gamma * v[r]) * vc;
+        return true;
+      });
+    } else {
+      for (int64_t c = group; c < len; c += groups) {  // a group per column, as above
+        const double zc = w[c] - gamma * v[c], vc = v[c];
+        double* dc = a + (j0 + c) * ld;
+        for (int64_t r = c + lane; r < len; r += lanes) dc[r - c] -= v[r] * zc + (w[r] - gamma * v[r]) * vc;
+      }
+    }
+    subtract<batched>(a, nr * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
+      const int r = idx % nr, c = idx / nr;
+      off = (j0 + c) * ld + (r0 + r - j0 - c);
+      delta = tau * y[r] * v[c];
+      return true;
+    });
+    if (lane_dot) {
+      subtract<batched>(a, nq * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
+        const int r = idx % nl, q = idx / nl;
+        off = (q0 + q) * ld + (j0 - q0 - q) + r;
+        delta = u[q] * v[r];
+        return true;
+      });
+    }
+    t.sync();
+  }
+}
+
+// A crew: one group of a team (a warp) acting as a team of its own, with its own scratch vectors (the team's
+// hold groups() * kMaxBand each) and the group's barrier; its sum() ends with that barrier, as a team's does,
+// so that the phases of a step are ordered as they are for a whole team.
+template <class Team>
+struct Crew {
+  Team& t;
+  SF_FN int rank() const { return t.lane(); }
+  SF_FN int size() const { return t.lanes(); }
+  SF_FN void sync() { t.group_sync(); }
+  SF_FN double sum(double x) {
+    const double s = t.group_sum(x);
+    t.group_sync();
+    return s;
+  }
+  SF_FN int group() const { return 0; }
+  SF_FN int groups() const { return 1; }
+  SF_FN int lane() const { return t.lane(); }
+  SF_FN int lanes() const { return t.lanes(); }
+  SF_FN double group_sum(double x) { return t.group_sum(x); }
+  SF_FN double* v() { return t.v() + t.group() * kMaxBand; }
+  SF_FN double* w() { return t.w() + t.group() * kMaxBand; }
+  SF_FN double* y() { return t.y() + t.group() * kMaxBand; }
+  SF_FN double* u() { return t.u() + t.group() * kMaxBand; }
+};
+
+// Consecutive sweeps started this many steps apart never touch the same entry at the same time, and every
+// entry still sees its updates in the order of one sweep after another: step s of sweep i + 1 overlaps
+// steps s - 1 .. s + 2 of sweep i only (chase_step's rows and columns), which are done by then.
+constexpr int64_t kSweepLag = 3;
+
+template <class Team>
+SF_FN void tridiagonal(Team& t, const double* a, int64_t n, int64_t ld, double* d, double* e) {
+  for (int64_t q = t.rank(); q < n; q += t.size()) {
     d[q] = a[q * ld];
     if (q + 1 < n) e[q] = a[q * ld + 1];
   }
   t.sync();
+}
+
+// Band (ld, n as described above) to tridiagonal: d[0..n-1] the diagonal, e[0..n-2] the subdiagonal.
+// Without kCrews the whole team takes each step, one sweep after another. With kCrews each group (a warp on
+// a GPU) is a crew that takes its own sweeps, sweep i by crew i % groups(): a sweep starts once its crew is
+// free and the sweep before it started kSweepLag steps earlier; all crews step together, a team barrier
+// between steps. The numbers are those of one crew alone (the same steps, in an order that changes no
+// entry's sequence of updates), and a chase takes about 1 / groups() of the steps.
+template <int Variant, class Team>
+SF_FN void chase(Team& t, double* a, int64_t n, int64_t b, int64_t ld, double* d, double* e) {
+  if ((Variant & kCrews) == 0) {
+    for (int64_t i = 0; i + 2 < n && b > 1; ++i) {
+      for (Sweep sw = sweep_start(i, n, b); sweep_active(sw); sweep_advance(sw, n, b)) chase_step<Variant>(t, a, n, b, ld, sw);
+    }
+    tridiagonal(t, a, n, ld, d, e);
+    return;
+  }
+  // every thread follows every crew's schedule (a few integers each), so crews need not tell each other
+  const int crews = t.groups(), me = t.group();
+  Crew<Team> crew{t};
+  Sweep sw[kMaxCrews];
+  int64_t sweep[kMaxCrews], started[kMaxCrews];  // each crew's current (or last) sweep and when it started
+  bool busy[kMaxCrews];
+  const int64_t sweeps = b > 1 && n > 2 ? n - 2 : 0;
+  for (int c = 0; c < crews; ++c) {
+    sweep[c] = c - crews;  // "the sweep before its first"
+    started[c] = INT64_MIN / 2;
+    busy[c] = false;
+  }
+  for (int64_t now = 0;; ++now) {
+    bool any = false;
+    for (int c = 0; c < crews; ++c) {
+      const int64_t next = sweep[c] + crews;
+      const int before = (c + crews - 1) % crews;  // the crew of sweep next - 1
+      if (!busy[c] && next < sweeps && (next == 0 || (sweep[before] == next - 1 && started[before] <= now - kSweepLag))) {
+        sw[c] = sweep_start(next, n, b);
+        sweep[c] = next;
+        started[c] = now;
+        busy[c] = true;
+      }
+      any = any || busy[c] || next < sweeps;
+    }
+    if (!any) break;
+    if (busy[me]) chase_step<Variant>(crew, a, n, b, ld, sw[me]);
+    t.sync();
+    for (int c = 0; c < crews; ++c) {
+      if (!busy[c]) continue;
+      sweep_advance(sw[c], n, b);
+      busy[c] = sweep_active(sw[c]);
+    }
+  }
+  tridiagonal(t, a, n, ld, d, e);
 }
 
 // Stage 1's panel factorization: Householder QR of the m x nb column-major panel p (leading dimension lda),

@@ -42,8 +42,8 @@ class Barrier {
 
 struct Shared {
   Shared(int size, int lanes)
-      : barrier(size), partial(size), lane_partial(size), v(host::kMaxBand), w(host::kMaxBand), y(host::kMaxBand),
-        u(host::kMaxBand) {
+      : barrier(size), partial(size), lane_partial(size), v(host::kMaxBand * (size / lanes)),
+        w(host::kMaxBand * (size / lanes)), y(host::kMaxBand * (size / lanes)), u(host::kMaxBand * (size / lanes)) {
     for (int g = 0; g < size / lanes; ++g) group_barriers.emplace_back(new Barrier(lanes));
   }
   Barrier barrier;
@@ -70,6 +70,9 @@ struct HostTeam {
   int groups() const { return size_ / lanes_; }
   int lane() const { return rank_ % lanes_; }
   int lanes() const { return lanes_; }
+  void group_sync() {
+    if (lanes_ > 1) sh->group_barriers[group()]->wait();
+  }
   double group_sum(double x) {
     if (lanes_ == 1) return x;
     Barrier& barrier = *sh->group_barriers[group()];
@@ -171,12 +174,20 @@ void band_eigenvalues_host(double* bands, int64_t batch, int64_t stride, int64_t
   check_band_args(batch, n, b, ld, stride, threads);
   check_lanes(threads, lanes, "band eigensolver");
   check_chase_variant(variant);
+  if ((variant & host::kCrews) && threads / lanes > host::kMaxCrews) {
+    throw std::invalid_argument("band eigensolver: at most " + std::to_string(host::kMaxCrews) +
+                                " crews (threads / lanes), got " + std::to_string(threads / lanes));
+  }
   const int th = static_cast<int>(threads), ln = static_cast<int>(lanes);
   switch (variant) {
     case 0: chase_all<0>(bands, batch, stride, n, b, ld, w, th, ln); break;
     case 1: chase_all<1>(bands, batch, stride, n, b, ld, w, th, ln); break;
     case 2: chase_all<2>(bands, batch, stride, n, b, ld, w, th, ln); break;
-    default: chase_all<3>(bands, batch, stride, n, b, ld, w, th, ln); break;
+    case 3: chase_all<3>(bands, batch, stride, n, b, ld, w, th, ln); break;
+    case 4: chase_all<4>(bands, batch, stride, n, b, ld, w, th, ln); break;
+    case 5: chase_all<5>(bands, batch, stride, n, b, ld, w, th, ln); break;
+    case 6: chase_all<6>(bands, batch, stride, n, b, ld, w, th, ln); break;
+    default: chase_all<7>(bands, batch, stride, n, b, ld, w, th, ln); break;
   }
 }
 

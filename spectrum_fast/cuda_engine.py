@@ -144,7 +144,7 @@ def twostage_mode() -> str:
 
 def chase_variant() -> int:
     """The GPU band solver's bulge-chasing variant (:data:`spectrum_fast.twostage.CHASE_VARIANT`, csrc/band_solver.h);
-    ``SPECTRUM_FAST_CHASE`` (0-3) picks another, for benchmarks. Variants differ in speed and in the last bits of
+    ``SPECTRUM_FAST_CHASE`` (0-7) picks another, for benchmarks. Variants differ in speed and in the last bits of
     the numbers, so a journal records it."""
     from .twostage import CHASE_VARIANT, CHASE_VARIANTS
 

@@ -206,12 +206,19 @@ def band_threads(b: int) -> int:
     return 32 * max(1, -(-b // 32))
 
 
-#: The bulge chasing's variant (csrc/band_solver.h): 1 = kLaneDot (the left update's dot products a thread per
-#: column, no chain of warp reductions), 2 = kBatched (four loads in flight per thread in the updates), 3 =
-#: both, 0 = neither. ``bench/bench_twostage.py`` times all four; ``SPECTRUM_FAST_CHASE`` overrides this
-#: (:func:`spectrum_fast.cuda_engine.chase_variant`).
-CHASE_VARIANT = 3
-CHASE_VARIANTS = (0, 1, 2, 3)
+#: The bulge chasing's variant (csrc/band_solver.h), bit flags: 1 = kLaneDot (the left update's dot products a
+#: thread per column, no chain of warp reductions), 2 = kBatched (four loads in flight per thread in the
+#: updates), 4 = kCrews (each warp of a block chases its own sweep, :data:`CREWS` at once, three steps apart:
+#: a chase takes a quarter of the steps, with the numbers of one warp alone). ``bench/bench_twostage.py``
+#: times them; ``SPECTRUM_FAST_CHASE`` overrides this (:func:`spectrum_fast.cuda_engine.chase_variant`).
+CHASE_VARIANT = 7
+CHASE_VARIANTS = tuple(range(8))
+CREWS = 4  # warps per block with kCrews
+
+
+def chase_threads(b: int, variant: int) -> int:
+    """Threads per block of the band solver: :data:`CREWS` warps with kCrews, else :func:`band_threads`."""
+    return 32 * CREWS if variant & 4 else band_threads(b)
 
 
 def launch_bands(storage, b: int, stream, threads: int | None = None, variant: int = CHASE_VARIANT):
@@ -232,8 +239,8 @@ def launch_bands(storage, b: int, stream, threads: int | None = None, variant: i
         work = torch.empty(batch, 2 * n, dtype=torch.float64, device=storage.device)
         w = torch.empty(batch, n, dtype=torch.float64, device=storage.device)
         _native().band_eigenvalues_cuda(storage.device.index or 0, storage.data_ptr(), batch, n * ld, n, b, ld,
-                                        work.data_ptr(), w.data_ptr(), stream.cuda_stream, threads or band_threads(b),
-                                        variant)
+                                        work.data_ptr(), w.data_ptr(), stream.cuda_stream,
+                                        threads or chase_threads(b, variant), variant)
     return w, work
 
 
@@ -258,7 +265,7 @@ class DeviceBands:
         self.device = torch.device(device)
         self.band = band
         self.variant = variant
-        self.threads = threads or band_threads(band)
+        self.threads = threads or chase_threads(band, variant)
         on_gpu = self.device.type == "cuda"
         if launch_at is None:
             launch_at = (self.BLOCKS_PER_SM * torch.cuda.get_device_properties(self.device).multi_processor_count

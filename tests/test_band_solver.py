@@ -45,12 +45,28 @@ def test_random_band_matrices(n, b, threads, variant):
     check(banded(np.random.default_rng(n * 1000 + b), n, b), b, threads, variant=variant)
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2, 3])
-@pytest.mark.parametrize("n,b,threads,lanes", [(101, 32, 32, 32), (137, 64, 64, 32), (60, 8, 8, 4)])
-def test_gpu_block_partition(n, b, threads, lanes, variant):
-    """A GPU block's partition of the work: twostage.band_threads(b) threads in warps of 32 lanes whose sums are
-    group sums (one warp at b = 32, two at 64), for every chase variant; and groups of 4 lanes."""
+@pytest.mark.parametrize("variant", [0, 1, 3, 4, 7])  # 2, 5 and 6 are bit-identical twins (the test below)
+@pytest.mark.parametrize("n,b,lanes", [(101, 32, 32), (137, 64, 32), (60, 8, 4)])
+def test_gpu_block_partition(n, b, lanes, variant):
+    """A GPU block's partition of the work (twostage.chase_threads): band_threads(b) threads in warps of 32 lanes
+    whose sums are group sums (one warp at b = 32, two at 64), or CREWS warps with kCrews, for every chase
+    variant; and groups of 4 lanes."""
+    from spectrum_fast import twostage
+
+    threads = twostage.chase_threads(b, variant) * lanes // 32
     check(banded(np.random.default_rng(n + b + variant), n, b), b, threads, lanes=lanes, variant=variant)
+
+
+@pytest.mark.parametrize("n,b,lanes,crews", [(200, 8, 4, 4), (150, 16, 8, 3), (97, 5, 1, 8), (60, 3, 2, 5),
+                                             (2, 1, 1, 2), (5, 4, 1, 3), (40, 39, 2, 2)])
+def test_crews_give_one_crews_numbers_bit_for_bit(n, b, lanes, crews):
+    """kCrews: each group chases its own sweep, three steps behind the one before; the numbers are those of a
+    team of one group (the same steps, in an order that changes no entry's sequence of updates)."""
+    a = banded(np.random.default_rng(n * b + crews), n, b)
+    for v in (0, 1, 3):
+        one = check(a, b, lanes, lanes=lanes, variant=v)
+        many = check(a, b, lanes * crews, lanes=lanes, variant=v | 4)
+        assert np.array_equal(one, many), v
 
 
 def test_chase_variants_agree_and_batching_changes_no_bit():
@@ -129,8 +145,9 @@ def test_bad_arguments_are_value_errors():
     for args, match in [((good[0], 2, 1), "batch, n, ld"), ((good, 0, 1), "bandwidth"), ((good, 200, 1), "bandwidth"),
                         ((good, 3, 1), "ld must be at least 2"), ((good, 2, 0), "threads"),
                         ((np.zeros((0, 8, 4)), 2, 1), "batch"), ((good, 2, 6, 4), "lanes must divide"),
-                        ((good, 2, 4, 0), "lanes must divide"), ((good, 2, 1, 1, 4), "variant"),
-                        ((good, 2, 1, 1, -1), "variant")]:
+                        ((good, 2, 4, 0), "lanes must divide"), ((good, 2, 1, 1, 9), "variant"),
+                        ((good, 2, 1, 1, -1), "variant"), ((good, 2, 1, 1, 8), "variant"),
+                        ((good, 2, 9, 1, 4), "at most 8 crews")]:
         with pytest.raises(ValueError, match=match):
             _C.band_eigenvalues_host(*args)
 
@@ -145,7 +162,7 @@ def test_cuda_entry_point_checks_arguments_before_any_cuda_call():
     with pytest.raises(ValueError, match="up to 256"):
         _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 8, 0, 0, 0, 512)
     with pytest.raises(ValueError, match="variant"):
-        _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 8, 0, 0, 0, 64, 4)
+        _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 8, 0, 0, 0, 64, 8)
     with pytest.raises(ValueError, match="stride"):
         _C.band_eigenvalues_cuda(0, 0, 2, 10, 8, 4, 8, 0, 0, 0, 64)
     try:

@@ -42,7 +42,7 @@ def test_band_solver_and_panel_qr_have_no_data_races(race_check):
     assert "ThreadSanitizer" not in run.stderr, run.stderr[-4000:]
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
     cases = re.findall(r"^case .* variant_diff=(\S+) twins=(\d)$", run.stdout, re.MULTILINE)
-    assert len(cases) == 4, run.stdout
+    assert len(cases) == 7, run.stdout
     assert all(float(d) <= 1e-13 and t == "1" for d, t in cases), run.stdout
     panel = re.findall(r"^panel .* diff=(\S+)$", run.stdout, re.MULTILINE)
     assert len(panel) == 1 and float(panel[0]) <= 1e-12, run.stdout

@@ -22,10 +22,10 @@ bench_scale = pytest.importorskip("bench_scale")
 def test_variants_at_the_first_size_then_the_fastest(tmp_path, monkeypatch):
     out = tmp_path / "twostage.json"
     assert bench_twostage.main(["--device", "cpu", "--sizes", "96", "160", "--bands", "16", "32", "--variants",
-                                "0", "1", "3", "--launch", "3", "--repeats", "1", "--json", str(out)]) == 0
+                                "0", "1", "7", "--launch", "3", "--repeats", "1", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     first, second = doc["rows"]
-    assert [(e["b"], e["variant"]) for e in first["gpu"]] == [(16, 0), (16, 1), (16, 3), (32, 0), (32, 1), (32, 3)]
+    assert [(e["b"], e["variant"]) for e in first["gpu"]] == [(16, 0), (16, 1), (16, 7), (32, 0), (32, 1), (32, 7)]
     ours = [e for e in first["gpu"] if e["b"] == 32]
     best = min(ours, key=lambda e: e["s_per_matrix"])["variant"]
     assert doc["best_variant"] == best
@@ -34,7 +34,7 @@ def test_variants_at_the_first_size_then_the_fastest(tmp_path, monkeypatch):
         for e in row["gpu"]:
             assert 0 < e["max_err"] < 1e-12 and e["stage23_s_per_matrix"] > 0 and e["launch"] >= 3, e
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "gpu")
-    for variant in ("0", "3"):
+    for variant in ("0", "7"):
         monkeypatch.setenv("SPECTRUM_FAST_CHASE", variant)
         rates = bench_scale.twostage_rates(out)
         assert rates[96]["variant"] == int(variant) and rates[96]["b"] == 32

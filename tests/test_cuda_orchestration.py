@@ -382,9 +382,9 @@ def test_twostage_settings_are_checked(fake_gpu, tmp_path, monkeypatch):
     for flag, variant in [(" 0", 0), ("2", 2), ("", twostage.CHASE_VARIANT)]:
         monkeypatch.setenv("SPECTRUM_FAST_CHASE", flag)
         assert cuda_engine.chase_variant() == variant
-    for flag in ("4", "-1", "fast"):
+    for flag in ("8", "-1", "fast"):
         monkeypatch.setenv("SPECTRUM_FAST_CHASE", flag)
-        with pytest.raises(spectrum_fast.SpectrumError, match="SPECTRUM_FAST_CHASE must be one of 0, 1, 2, 3"):
+        with pytest.raises(spectrum_fast.SpectrumError, match="SPECTRUM_FAST_CHASE must be one of 0, 1, 2, 3, 4, 5, 6, 7"):
             cuda_engine.chase_variant()
     monkeypatch.delenv("SPECTRUM_FAST_CHASE")
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "0")

@@ -154,10 +154,11 @@ def _band(rng, n, b, ld):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [0, 1, 2, 3])
+@pytest.mark.parametrize("variant", range(8))
 def test_gpu_band_solver_matches_float64_and_depends_on_the_matrix_alone(variant):
     """The native band solver on the GPU (a thread block per matrix), each chase variant, against float64
-    eigvalsh and against its host-thread run; a matrix gives the same bits alone, in a batch, and twice."""
+    eigvalsh and against its host-thread run; a matrix gives the same bits alone, in a batch, and twice; with
+    crews (variant & 4: a sweep per warp), the bits of one warp alone where one warp is the whole block."""
     import torch
 
     from spectrum_fast import twostage
@@ -175,6 +176,10 @@ def test_gpu_band_solver_matches_float64_and_depends_on_the_matrix_alone(variant
         together = solve(bands)
         assert np.array_equal(together, solve(bands))
         assert np.array_equal(together[1], solve(bands[1:2])[0])
+        if variant & 4 and b <= 32:
+            w, _ = twostage.launch_bands(bands.clone(), b, torch.cuda.current_stream(), threads=32, variant=variant & 3)
+            torch.cuda.synchronize()
+            assert np.array_equal(together, w.cpu().numpy())
         host = _C.band_eigenvalues_host(np.stack([m[1] for m in mats]), b, 2, 1, variant)
         for i, (a, _) in enumerate(mats):
             want = np.linalg.eigvalsh(a)

@@ -1,10 +1,10 @@
 // Race check of the band solver's phases (built with -fsanitize=thread by tests/test_band_solver_races.py).
 // The host executor runs band_solver.h with the partition of a GPU block: a team of threads in groups of
-// `lanes` (32: a warp), each phase split by rank, phases separated by barriers. A read or write of one
-// thread that a barrier does not order against another's write is a data race here, and would be one in
-// the CUDA kernel too. Prints one line per case: its maximum eigenvalue difference between chase variants
-// (must be tiny) and whether the variants without kLaneDot / with it agree bit for bit with their kBatched
-// twins (must be 1).
+// `lanes` (32: a warp), each phase split by rank, phases separated by barriers; with kCrews, each group
+// chasing its own sweep, the crews kSweepLag steps apart. A read or write of one thread that a barrier
+// does not order against another's write is a data race here, and would be one in the CUDA kernel too.
+// Prints one line per case: its maximum eigenvalue difference between chase variants (must be tiny) and
+// whether every variant equals, bit for bit, its twin without kBatched and kCrews (must be 1).
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -35,24 +35,39 @@ std::vector<double> dense(int64_t count, unsigned seed) {
 }  // namespace
 
 int main() {
+  // n, b, the team (threads in groups of lanes); the crew variants (kCrews) run threads / lanes crews of
+  // `lanes` threads each, one sweep per crew, kSweepLag steps apart
   struct Case {
     int64_t n, b, threads, lanes;
   };
-  const Case cases[] = {{70, 32, 32, 32}, {90, 64, 64, 32}, {40, 8, 8, 4}, {33, 5, 3, 1}};
+  const Case cases[] = {{50, 32, 32, 32}, {70, 64, 64, 32}, {40, 8, 8, 4}, {33, 5, 3, 1},
+                        {75, 8, 16, 4}, {120, 4, 8, 1}, {66, 32, 64, 32}};
+  const int crews = spectrum_fast::host::kCrews, lane_dot = spectrum_fast::host::kLaneDot;
   int bad = 0;
   for (const Case& c : cases) {
     const int64_t ld = 2 * c.b;
-    std::vector<std::vector<double>> w(spectrum_fast::host::kChaseVariants, std::vector<double>(c.n));
-    for (int v = 0; v < spectrum_fast::host::kChaseVariants; ++v) {
-      std::vector<double> a = random_band(c.n, c.b, ld, static_cast<unsigned>(c.n + c.b));
-      spectrum_fast::band_eigenvalues_host(a.data(), 1, c.n * ld, c.n, c.b, ld, w[v].data(), c.threads, c.lanes, v);
+    // team: the whole team takes each step (variants 0-3); one: a team of one group, which is what each crew
+    // is; crews: variants 4-7, a crew per group. Crews must give one group's numbers bit for bit.
+    std::vector<std::vector<double>> team(4), one(4), crew(4);
+    auto solve = [&](int variant, int64_t threads) {
+      std::vector<double> a = random_band(c.n, c.b, ld, static_cast<unsigned>(c.n + c.b)), w(c.n);
+      spectrum_fast::band_eigenvalues_host(a.data(), 1, c.n * ld, c.n, c.b, ld, w.data(), threads, c.lanes, variant);
+      return w;
+    };
+    for (int v = 0; v < 4; ++v) {
+      team[v] = solve(v, c.threads);
+      one[v] = solve(v, c.lanes);
+      crew[v] = solve(v | crews, c.threads);
     }
     double diff = 0.0, top = 0.0;
     for (int64_t j = 0; j < c.n; ++j) {
-      top = std::fmax(top, std::fabs(w[0][j]));
-      for (int v = 1; v < spectrum_fast::host::kChaseVariants; ++v) diff = std::fmax(diff, std::fabs(w[v][j] - w[0][j]));
+      top = std::fmax(top, std::fabs(team[0][j]));
+      for (int v = 0; v < 4; ++v) {
+        diff = std::fmax(diff, std::fmax(std::fabs(team[v][j] - team[0][j]), std::fabs(crew[v][j] - team[0][j])));
+      }
     }
-    const bool twins = w[0] == w[2] && w[1] == w[3];
+    bool twins = true;  // kBatched changes no bit, nor do crews
+    for (int v = 0; v < 4; ++v) twins = twins && team[v] == team[v & lane_dot] && crew[v] == one[v & lane_dot];
     std::printf("case n=%ld b=%ld threads=%ld lanes=%ld variant_diff=%.3e twins=%d\n", static_cast<long>(c.n),
                 static_cast<long>(c.b), static_cast<long>(c.threads), static_cast<long>(c.lanes), diff / top, twins);
     if (!(diff <= 1e-13 * top) || !twins) bad = 1;
