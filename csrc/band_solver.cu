@@ -18,10 +18,8 @@ namespace {
 
 struct BlockTeam {
   double* partial;  // shared, one per warp
-  double* v_;
-  double* w_;
-  double* y_;
-  double* u_;
+  double* scratch;  // shared: v, w, y, u, each `sets` vectors of `stride` doubles
+  int sets, stride;
   __device__ int rank() const { return static_cast<int>(threadIdx.x); }
   __device__ int size() const { return static_cast<int>(blockDim.x); }
   __device__ void sync() { __syncthreads(); }
@@ -45,20 +43,26 @@ struct BlockTeam {
     for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
     return __shfl_sync(0xffffffffu, x, 0);
   }
-  __device__ double* v() { return v_; }
-  __device__ double* w() { return w_; }
-  __device__ double* y() { return y_; }
-  __device__ double* u() { return u_; }
+  __device__ double* v() { return scratch; }
+  __device__ double* w() { return scratch + sets * stride; }
+  __device__ double* y() { return scratch + 2 * sets * stride; }
+  __device__ double* u() { return scratch + 3 * sets * stride; }
+  __device__ int scratch_stride() const { return stride; }
 };
+
+// Dynamic shared memory of the chase kernel: v, w, y, u of b doubles, one set per crew with kCrews.
+inline size_t chase_scratch_bytes(int variant, int64_t b, int64_t threads) {
+  const int64_t sets = (variant & device::kCrews) ? threads / 32 : 1;
+  return static_cast<size_t>(4 * sets * b) * sizeof(double);
+}
 
 constexpr int kChaseMaxThreads = 256;  // a thread per reflector row (b <= 128: 4 warps), or kMaxCrews crews of a warp
 
 template <int Variant>
 __global__ void __launch_bounds__(kChaseMaxThreads) chase_kernel(double* bands, int64_t stride, int64_t n, int64_t b, int64_t ld, double* work) {
-  constexpr int kScratch = device::kMaxBand * ((Variant & device::kCrews) ? device::kMaxCrews : 1);  // per crew
   __shared__ double partial[32];
-  __shared__ double v[kScratch], w[kScratch], y[kScratch], u[kScratch];
-  BlockTeam t{partial, v, w, y, u};
+  extern __shared__ double scratch[];  // chase_scratch_bytes
+  BlockTeam t{partial, scratch, (Variant & device::kCrews) ? static_cast<int>(blockDim.x >> 5) : 1, static_cast<int>(b)};
   const int64_t m = blockIdx.x;
   double* d = work + m * 2 * n;
   device::chase<Variant>(t, bands + m * stride, n, b, ld, d, d + n);
@@ -66,7 +70,7 @@ __global__ void __launch_bounds__(kChaseMaxThreads) chase_kernel(double* bands, 
 
 __global__ void __launch_bounds__(1024, 1) panel_kernel(double* panels, int64_t stride, int64_t m, int64_t nb, int64_t lda, double* tau) {
   __shared__ double partial[32];
-  BlockTeam t{partial, nullptr, nullptr, nullptr, nullptr};
+  BlockTeam t{partial, nullptr, 0, 0};
   const int64_t i = blockIdx.x;
   device::panel_qr(t, panels + i * stride, m, nb, lda, tau + i * nb);
 }
@@ -112,15 +116,16 @@ void band_eigenvalues_cuda(int device, double* bands, int64_t batch, int64_t str
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned>(batch)), block(static_cast<unsigned>(threads));
+  const size_t smem = chase_scratch_bytes(static_cast<int>(variant), b, threads);  // at most 32 KiB: no opt-in
   switch (variant) {
-    case 0: chase_kernel<0><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
-    case 1: chase_kernel<1><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
-    case 2: chase_kernel<2><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
-    case 3: chase_kernel<3><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
-    case 4: chase_kernel<4><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
-    case 5: chase_kernel<5><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
-    case 6: chase_kernel<6><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
-    default: chase_kernel<7><<<grid, block, 0, s>>>(bands, stride, n, b, ld, work); break;
+    case 0: chase_kernel<0><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
+    case 1: chase_kernel<1><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
+    case 2: chase_kernel<2><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
+    case 3: chase_kernel<3><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
+    case 4: chase_kernel<4><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
+    case 5: chase_kernel<5><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
+    case 6: chase_kernel<6><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
+    default: chase_kernel<7><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
   }
   cudaError_t status = cudaGetLastError();
   if (status == cudaSuccess) {

@@ -7,7 +7,7 @@
 //
 // A team is a fixed set of threads that run the same code: rank() / size(), sync() (a barrier), sum(x)
 // (every thread's x added in a fixed order, the total returned to all; a barrier), and shared scratch
-// vectors v(), w(), y(), u() of kMaxBand doubles. Work inside one phase is split by rank and touches disjoint
+// vectors v(), w(), y(), u() of at least b doubles (per group, scratch_stride() apart, for kCrews). Work inside one phase is split by rank and touches disjoint
 // memory; phases are separated by sync(). A team is also split into groups (a warp on the GPU; on the host
 // `lanes` threads with their own barrier, 32 in the tests that mirror a GPU's blocks): group() / groups(),
 // lane() / lanes(), and group_sum(x), the group's total in every lane (a barrier of the group).
@@ -222,8 +222,8 @@ SF_FN void chase_step(Team& t, double* a, int64_t n, int64_t b, int64_t ld, cons
 }
 
 // A crew: one group of a team (a warp) acting as a team of its own, with its own scratch vectors (the team's
-// hold groups() * kMaxBand each) and the group's barrier; its sum() ends with that barrier, as a team's does,
-// so that the phases of a step are ordered as they are for a whole team.
+// hold groups() * scratch_stride() each, scratch_stride() >= b) and the group's barrier; its sum() ends with
+// that barrier, as a team's does, so that the phases of a step are ordered as they are for a whole team.
 template <class Team>
 struct Crew {
   Team& t;
@@ -240,10 +240,10 @@ struct Crew {
   SF_FN int lane() const { return t.lane(); }
   SF_FN int lanes() const { return t.lanes(); }
   SF_FN double group_sum(double x) { return t.group_sum(x); }
-  SF_FN double* v() { return t.v() + t.group() * kMaxBand; }
-  SF_FN double* w() { return t.w() + t.group() * kMaxBand; }
-  SF_FN double* y() { return t.y() + t.group() * kMaxBand; }
-  SF_FN double* u() { return t.u() + t.group() * kMaxBand; }
+  SF_FN double* v() { return t.v() + t.group() * t.scratch_stride(); }
+  SF_FN double* w() { return t.w() + t.group() * t.scratch_stride(); }
+  SF_FN double* y() { return t.y() + t.group() * t.scratch_stride(); }
+  SF_FN double* u() { return t.u() + t.group() * t.scratch_stride(); }
 };
 
 // Consecutive sweeps started this many steps apart never touch the same entry at the same time, and every

@@ -87,6 +87,7 @@ struct HostTeam {
   double* w() { return sh->w.data(); }
   double* y() { return sh->y.data(); }
   double* u() { return sh->u.data(); }
+  int scratch_stride() const { return host::kMaxBand; }
 };
 
 }  // namespace
