@@ -136,6 +136,9 @@ def gpu_mode(k: int, b: int, variants: list[int], launch: int, device: str, repe
 def launch_sweep(k: int, b: int, variant: int, counts: list[int], device: str) -> list[dict]:
     """Seconds for one launch of each of ``counts`` random bands: where per-matrix throughput stops improving
     is how many chases a multiprocessor holds (twostage.DeviceBands.BLOCKS_PER_SM)."""
+    from spectrum_fast import _C
+
+    held = _C.band_solver_occupancy(0, b, twostage.chase_threads(b, variant), variant)
     out = []
     for count in counts:
         many = random_bands(k, b, count, device)
@@ -143,7 +146,7 @@ def launch_sweep(k: int, b: int, variant: int, counts: list[int], device: str) -
         solve_bands(many, b, device, variant)
         elapsed = time.perf_counter() - t
         del many
-        out.append({"launch": count, "launch_s": elapsed, "s_per_matrix": elapsed / count})
+        out.append({"launch": count, "launch_s": elapsed, "s_per_matrix": elapsed / count, "held_per_sm": held})
         print(json.dumps({"k": k, "b": b, "variant": variant, **out[-1]}), flush=True)
     return out
 
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     launch = args.launch or (twostage.DeviceBands.BLOCKS_PER_SM * torch.cuda.get_device_properties(0).multi_processor_count
-                             if args.device == "cuda" else 2)
+                             if args.device == "cuda" else 2)  # the same for every variant, so that they compare
     doc = {"bench": "twostage", "device": args.device, "machine": machine_info(),
            "command": "python bench/bench_twostage.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "rows": []}

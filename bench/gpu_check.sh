@@ -12,7 +12,8 @@
 #          then used by the scans below through SPECTRUM_FAST_CHASE); bench/bench_gpu.py --parts e2e (the
 #          Mistral-7B-shaped scan end to end: the syevd route, torch loops, reference, then the two-stage
 #          route last, so that a failure there cannot cost the other numbers; GPU_PARTS=matrix,batched,e2e,engines
-#          for everything run 3 measured)
+#          for everything run 3 measured); then, with the time left, bench/sanitize_band.py under
+#          compute-sanitizer's memcheck, racecheck and synccheck
 #   scale: bench/bench_scale.py --e2e on Qwen1.5-110B and Llama-3.1-405B shapes with SPECTRUM_FAST_TWOSTAGE=gpu,
 #          sampled shapes corrected by bench_twostage's rates (run 3 measured the syevd route there)
 # A failing step does not stop the next. Everything is left under $OUT (at most 8 files come back):
@@ -79,6 +80,13 @@ if [[ $STAGE == all || $STAGE == core ]]; then
   cp "$OUT/twostage_gpu.json" /tmp/sf_twostage.json 2>/dev/null  # for a later `scale` call on this machine
   use_best_chase
   step 260 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-e2e}" --json "$OUT/gpu_check.json"
+  # with what time is left: the band solver's kernels under compute-sanitizer (out-of-bounds accesses,
+  # shared-memory races, barriers); the logs say "ERROR SUMMARY: 0 errors" when clean
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck synccheck; do
+      step 60 tests.log compute-sanitizer --tool "$tool" $PY bench/sanitize_band.py
+    done
+  fi
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
   if [[ ! -f /tmp/sf_twostage.json ]]; then

@@ -102,14 +102,58 @@ void panel_qr_cuda(int device, double* panels, int64_t batch, int64_t stride, in
   check_cuda(status, "panel QR kernel launch");
 }
 
+namespace {
+
+void check_chase_threads(int64_t threads) {
+  if (threads < 32 || threads % 32 != 0 || threads > kChaseMaxThreads) {
+    throw std::invalid_argument("band eigensolver: threads must be a multiple of 32 up to " +
+                                std::to_string(kChaseMaxThreads) + " on a GPU, got " + std::to_string(threads));
+  }
+}
+
+template <int Variant>
+int occupancy(int64_t b, int64_t threads) {
+  int blocks = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, chase_kernel<Variant>, static_cast<int>(threads),
+                                                           chase_scratch_bytes(Variant, b, threads)),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return blocks;
+}
+
+}  // namespace
+
+int band_solver_occupancy(int device, int64_t b, int64_t threads, int64_t variant) {
+  if (b < 1 || b > device::kMaxBand) throw std::invalid_argument("band eigensolver: bandwidth must be in 1..128");
+  check_chase_variant(variant);
+  check_chase_threads(threads);
+  int previous = 0;
+  check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  int blocks = 0;
+  try {
+    switch (variant) {
+      case 0: blocks = occupancy<0>(b, threads); break;
+      case 1: blocks = occupancy<1>(b, threads); break;
+      case 2: blocks = occupancy<2>(b, threads); break;
+      case 3: blocks = occupancy<3>(b, threads); break;
+      case 4: blocks = occupancy<4>(b, threads); break;
+      case 5: blocks = occupancy<5>(b, threads); break;
+      case 6: blocks = occupancy<6>(b, threads); break;
+      default: blocks = occupancy<7>(b, threads); break;
+    }
+  } catch (...) {
+    cudaSetDevice(previous);
+    throw;
+  }
+  cudaSetDevice(previous);
+  return blocks;
+}
+
 void band_eigenvalues_cuda(int device, double* bands, int64_t batch, int64_t stride, int64_t n, int64_t b,
                            int64_t ld, double* work, double* w, uintptr_t stream, int64_t threads, int64_t variant) {
   check_band_args(batch, n, b, ld, stride, threads);
   check_chase_variant(variant);
-  if (threads % 32 != 0 || threads > kChaseMaxThreads) {
-    throw std::invalid_argument("band eigensolver: threads must be a multiple of 32 up to " +
-                                std::to_string(kChaseMaxThreads) + " on a GPU, got " + std::to_string(threads));
-  }
+  check_chase_threads(threads);
   if (batch > 65535) throw std::invalid_argument("band eigensolver: at most 65535 matrices per call on a GPU");
   int previous = 0;
   check_cuda(cudaGetDevice(&previous), "cudaGetDevice");

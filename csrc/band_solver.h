@@ -74,37 +74,50 @@ SF_FN Reflector householder(Team& t, const double* x, int64_t len) {
 //   one per column, but strided loads), its subtraction moved into phase C (no extra barrier);
 // - kBatched: the read-modify-write loops of phase C take four entries at a time, loads before stores, so
 //   that a thread has four loads in flight (the entries are distinct; a compiler cannot know that). The
-//   arithmetic is the same: kBatched changes no bit, kLaneDot the order of one sum.
+//   arithmetic is the same (minus_product in both loops): kBatched changes no bit, kLaneDot the order of
+//   one sum.
 constexpr int kLaneDot = 1;
 constexpr int kBatched = 2;
 constexpr int kCrews = 4;  // several sweeps at once, one per group (chase() below)
 constexpr int kChaseVariants = 8;
 constexpr int kMaxCrews = 8;
 
-// For i = rank, rank + size, ... < count with at(i, off, delta) true: a[off] -= delta. Batched as above.
+// x - p q, rounded once on a GPU (an explicit fused multiply-add, so that the compiler's contraction of the
+// expression around it cannot differ between the batched and the plain loop), twice on the host (no FMA
+// unit assumed there; the host tests compare with float64, never with a GPU's bits).
+SF_FN inline double minus_product(double x, double p, double q) {
+#ifdef __CUDA_ARCH__
+  return fma(-p, q, x);
+#else
+  return x - p * q;
+#endif
+}
+
+// For i = rank, rank + size, ... < count with at(i, off, p, q) true: a[off] = minus_product(a[off], p, q).
+// Batched as above.
 template <bool Batched, class At>
 SF_FN inline void subtract(double* a, int count, int rank, int size, At at) {
   if (!Batched) {
     for (int i = rank; i < count; i += size) {
       int64_t off;
-      double delta;
-      if (at(i, off, delta)) a[off] -= delta;
+      double p, q;
+      if (at(i, off, p, q)) a[off] = minus_product(a[off], p, q);
     }
     return;
   }
   for (int i0 = rank; i0 < count; i0 += 4 * size) {
     int64_t off[4];
-    double delta[4], x[4];
+    double p[4], q[4], x[4];
     bool keep[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int i = i0 + k * size;
-      keep[k] = i < count && at(i, off[k], delta[k]);
+      keep[k] = i < count && at(i, off[k], p[k], q[k]);
       if (keep[k]) x[k] = a[off[k]];
     }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      if (keep[k]) a[off[k]] = x[k] - delta[k];
+      if (keep[k]) a[off[k]] = minus_product(x[k], p[k], q[k]);
     }
   }
 }
@@ -168,7 +181,7 @@ SF_FN void chase_step(Team& t, double* a, int64_t n, int64_t b, int64_t ld, cons
         double s = 0.0;
         for (int64_t r = lane; r < len; r += lanes) s += v[r] * c[r];
         s = tau * t.group_sum(s);
-        for (int64_t r = lane; r < len; r += lanes) c[r] -= s * v[r];
+        for (int64_t r = lane; r < len; r += lanes) c[r] = minus_product(c[r], s, v[r]);
       }
     }
     for (int64_t r = rank; r < len; r += size) {  // w = tau D v, D = A(J, J)
@@ -188,32 +201,37 @@ SF_FN void chase_step(Team& t, double* a, int64_t n, int64_t b, int64_t ld, cons
     const double gamma = 0.5 * tau * t.sum(part);
     // phase C: D -= v z^T + z v^T (lower triangle), z = w - gamma v; A(R, J) -= tau y v^T
     if (batched) {
-      subtract<true>(a, nl * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
+      subtract<true>(a, nl * nl, rank, size, [&](int idx, int64_t& off, double& p, double& q) {
         const int r = idx % nl, c = idx / nl;
         if (r < c) return false;
         const double zc = w[c] - gamma * v[c], vc = v[c];
         off = (j0 + c) * ld + (r - c);
-        delta = v[r] * zc + (w[r] - gamma * v[r]) * vc;
+        p = 1.0;  // x - 1 * s is x - s exactly
+        q = v[r] * zc + (w[r] - gamma * v[r]) * vc;
         return true;
       });
     } else {
       for (int64_t c = group; c < len; c += groups) {  // a group per column, as above
         const double zc = w[c] - gamma * v[c], vc = v[c];
         double* dc = a + (j0 + c) * ld;
-        for (int64_t r = c + lane; r < len; r += lanes) dc[r - c] -= v[r] * zc + (w[r] - gamma * v[r]) * vc;
+        for (int64_t r = c + lane; r < len; r += lanes) {
+          dc[r - c] = minus_product(dc[r - c], 1.0, v[r] * zc + (w[r] - gamma * v[r]) * vc);
+        }
       }
     }
-    subtract<batched>(a, nr * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
+    subtract<batched>(a, nr * nl, rank, size, [&](int idx, int64_t& off, double& p, double& q) {
       const int r = idx % nr, c = idx / nr;
       off = (j0 + c) * ld + (r0 + r - j0 - c);
-      delta = tau * y[r] * v[c];
+      p = tau * y[r];
+      q = v[c];
       return true;
     });
     if (lane_dot) {
-      subtract<batched>(a, nq * nl, rank, size, [&](int idx, int64_t& off, double& delta) {
-        const int r = idx % nl, q = idx / nl;
-        off = (q0 + q) * ld + (j0 - q0 - q) + r;
-        delta = u[q] * v[r];
+      subtract<batched>(a, nq * nl, rank, size, [&](int idx, int64_t& off, double& p, double& q) {
+        const int r = idx % nl, k = idx / nl;
+        off = (q0 + k) * ld + (j0 - q0 - k) + r;
+        p = u[k];
+        q = v[r];
         return true;
       });
     }

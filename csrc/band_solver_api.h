@@ -25,6 +25,10 @@ void band_eigenvalues_host(double* bands, int64_t batch, int64_t stride, int64_t
 void band_eigenvalues_cuda(int device, double* bands, int64_t batch, int64_t stride, int64_t n, int64_t b,
                            int64_t ld, double* work, double* w, uintptr_t stream, int64_t threads, int64_t variant);
 
+// Chase blocks of `threads` threads (variant, bandwidth b) that one multiprocessor of `device` holds at once
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor): more in one launch run in a second wave.
+int band_solver_occupancy(int device, int64_t b, int64_t threads, int64_t variant);
+
 // Stage 1's panel factorization (band_solver.h panel_qr) for a batch of m x nb column-major panels,
 // `stride` doubles apart, leading dimension lda; tau: batch x nb. Checks as check_band_args does.
 void check_panel_args(int64_t batch, int64_t m, int64_t nb, int64_t lda, int64_t stride, int64_t threads);

@@ -41,14 +41,17 @@ class Barrier {
 };
 
 struct Shared {
-  Shared(int size, int lanes)
-      : barrier(size), partial(size), lane_partial(size), v(host::kMaxBand * (size / lanes)),
-        w(host::kMaxBand * (size / lanes)), y(host::kMaxBand * (size / lanes)), u(host::kMaxBand * (size / lanes)) {
+  // stride: the scratch vectors' length per group, b for the chase (as on a GPU, so that an index past b
+  // would spill into the next crew's vectors here too, and show in the tests)
+  Shared(int size, int lanes, int stride = host::kMaxBand)
+      : barrier(size), partial(size), lane_partial(size), v(stride * (size / lanes)), w(stride * (size / lanes)),
+        y(stride * (size / lanes)), u(stride * (size / lanes)), stride(stride) {
     for (int g = 0; g < size / lanes; ++g) group_barriers.emplace_back(new Barrier(lanes));
   }
   Barrier barrier;
   std::vector<std::unique_ptr<Barrier>> group_barriers;
   std::vector<double> partial, lane_partial, v, w, y, u;
+  int stride;
 };
 
 // A team of `size` threads in groups of `lanes` (a warp's worth in the tests that mirror a GPU block).
@@ -87,7 +90,7 @@ struct HostTeam {
   double* w() { return sh->w.data(); }
   double* y() { return sh->y.data(); }
   double* u() { return sh->u.data(); }
-  int scratch_stride() const { return host::kMaxBand; }
+  int scratch_stride() const { return sh->stride; }
 };
 
 }  // namespace
@@ -129,7 +132,7 @@ void chase_all(double* bands, int64_t batch, int64_t stride, int64_t n, int64_t 
   for (int64_t m = 0; m < batch; ++m) {
     double* a = bands + m * stride;
     double* out = w + m * n;
-    Shared sh(threads, lanes);
+    Shared sh(threads, lanes, static_cast<int>(b));
     run_team(threads, lanes, sh, [&](HostTeam& t) {
       host::chase<Variant>(t, a, n, b, ld, d.data(), e.data());
       double lo, hi, pivmin;

@@ -203,6 +203,10 @@ PYBIND11_MODULE(_C, m) {
         "doubles apart (layout of band_eigenvalues_host; overwritten), a work area of batch * 2n doubles and "
         "the output (batch, n); `stream` a cudaStream_t as an integer; `variant` the chase's (0..3, band_solver.h). "
         "Arguments are checked before any CUDA call.");
+  m.def("band_solver_occupancy", &spectrum_fast::band_solver_occupancy, py::arg("device"), py::arg("b"),
+        py::arg("threads"), py::arg("variant"),
+        "Band-solver blocks (bandwidth b, `threads` per block, chase variant) one multiprocessor holds at once; "
+        "arguments checked before any CUDA call.");
   m.def("panel_qr_host", &panel_qr_host, py::arg("panels"), py::arg("m"), py::arg("threads") = 4, py::arg("lanes") = 1,
         "Householder QR (as LAPACK dgeqrf) of m x nb column-major panels given as (batch, nb, lda) float64: "
         "(factored panels, tau), by the GPU's panel kernel run on `threads` host threads (for tests).");

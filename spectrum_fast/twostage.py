@@ -92,7 +92,9 @@ def native_geqrf(panels):
     if panels.dtype != torch.float64 or panels.ndim != 3:
         raise ValueError(f"panels must be a float64 (batch, m, nb) tensor, got {panels.dtype} {tuple(panels.shape)}")
     batch, m, nb = panels.shape
-    cols = panels.transpose(1, 2).contiguous()  # (batch, nb, m): column-major panels, lda = m
+    # (batch, nb, m): column-major panels, lda = m; a copy even where the transpose is contiguous already (the
+    # kernel factors in place, and the input is not to change)
+    cols = panels.transpose(1, 2).clone(memory_format=torch.contiguous_format)
     if cols.device.type == "cuda":
         tau = torch.empty(batch, nb, dtype=cols.dtype, device=cols.device)
         _native().panel_qr_cuda(cols.device.index or 0, cols.data_ptr(), batch, nb * m, m, nb, m, tau.data_ptr(),
@@ -268,13 +270,23 @@ class DeviceBands:
         self.threads = threads or chase_threads(band, variant)
         on_gpu = self.device.type == "cuda"
         if launch_at is None:
-            launch_at = (self.BLOCKS_PER_SM * torch.cuda.get_device_properties(self.device).multi_processor_count
-                         if on_gpu else 1)
+            launch_at = self.full_launch(self.device, band, self.threads, variant) if on_gpu else 1
         self.launch_at = max(1, launch_at)
         self._kept: dict[int, list[tuple[list, object, object]]] = {}  # n -> [(keys, storage, scales)]
         self._inflight: list[tuple[object, list, object, object]] = []  # (event, keys, w, scales)
         self._streams = [torch.cuda.Stream(self.device) for _ in range(self.STREAMS)] if on_gpu else []
         self._next = 0
+
+    @classmethod
+    def full_launch(cls, device, band: int, threads: int, variant: int) -> int:
+        """Bands per launch on a GPU: :attr:`BLOCKS_PER_SM` per multiprocessor, or as many as it holds at once
+        if that is fewer (a second wave would double the launch's time)."""
+        import torch
+
+        device = torch.device(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        held = _native().band_solver_occupancy(index, band, threads, variant)
+        return max(1, min(cls.BLOCKS_PER_SM, held)) * torch.cuda.get_device_properties(index).multi_processor_count
 
     def run(self, keys: list, a) -> None:
         """Stage 1 of the symmetric float64 matrices ``a`` ``(batch, n, n)`` on this device now (``a`` is

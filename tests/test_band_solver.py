@@ -169,9 +169,14 @@ def test_cuda_entry_point_checks_arguments_before_any_cuda_call():
         gpus = _C.device_count()
     except RuntimeError:
         gpus = 0
+    for args, match in [((0, 0, 128, 7), "bandwidth"), ((0, 32, 48, 7), "multiple of 32"), ((0, 32, 128, 8), "variant")]:
+        with pytest.raises(ValueError, match=match):
+            _C.band_solver_occupancy(*args)
     if gpus == 0:
         with pytest.raises(RuntimeError, match="cudaGetDevice|cudaSetDevice"):
             _C.band_eigenvalues_cuda(0, 0, 1, 64, 8, 4, 8, 0, 0, 0, 64)
+        with pytest.raises(RuntimeError, match="cudaGetDevice|cudaSetDevice"):
+            _C.band_solver_occupancy(0, 32, 128, 7)
 
 
 def test_panel_qr_bad_arguments_are_value_errors_before_any_cuda_call():

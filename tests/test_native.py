@@ -176,15 +176,34 @@ def test_gpu_band_solver_matches_float64_and_depends_on_the_matrix_alone(variant
         together = solve(bands)
         assert np.array_equal(together, solve(bands))
         assert np.array_equal(together[1], solve(bands[1:2])[0])
+        twins = [(variant & ~2, None)]  # kBatched changes no bit (minus_product: one rounding either way)
         if variant & 4 and b <= 32:
-            w, _ = twostage.launch_bands(bands.clone(), b, torch.cuda.current_stream(), threads=32, variant=variant & 3)
+            twins.append((variant & 3, 32))  # crews: one warp's numbers, where one warp is the whole block
+        for twin, threads in twins:
+            w, _ = twostage.launch_bands(bands.clone(), b, torch.cuda.current_stream(), threads=threads, variant=twin)
             torch.cuda.synchronize()
-            assert np.array_equal(together, w.cpu().numpy())
+            assert np.array_equal(together, w.cpu().numpy()), (twin, threads)
         host = _C.band_eigenvalues_host(np.stack([m[1] for m in mats]), b, 2, 1, variant)
         for i, (a, _) in enumerate(mats):
             want = np.linalg.eigvalsh(a)
             np.testing.assert_allclose(together[i], want, rtol=0, atol=1e-12 * max(1, np.abs(want).max()) * n ** 0.5)
             np.testing.assert_allclose(together[i], host[i], rtol=0, atol=1e-12 * max(1, np.abs(want).max()) * n ** 0.5)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_band_solver_occupancy_sets_the_launch():
+    import torch
+
+    from spectrum_fast import twostage
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for variant in twostage.CHASE_VARIANTS:
+        threads = twostage.chase_threads(32, variant)
+        held = _C.band_solver_occupancy(0, 32, threads, variant)
+        assert held >= 1, variant
+        launch = twostage.DeviceBands.full_launch("cuda:0", 32, threads, variant)
+        assert launch == min(held, twostage.DeviceBands.BLOCKS_PER_SM) * sms
 
 
 @needs_gpu
@@ -195,9 +214,11 @@ def test_gpu_panel_qr_is_geqrf():
     from spectrum_fast import twostage
 
     rng = np.random.default_rng(14)
-    for shape in [(4, 4000, 32), (2, 700, 64), (3, 40, 32), (1, 1, 1), (2, 20, 33)]:
+    for shape in [(4, 4000, 32), (2, 700, 64), (3, 40, 32), (1, 1, 1), (2, 20, 33), (1, 30, 1)]:
         p = torch.from_numpy(rng.standard_normal(shape)).cuda()
+        before = p.clone()
         got_qr, got_tau = twostage.native_geqrf(p)
+        assert torch.equal(p, before)  # not factored in place, even where its transpose is contiguous
         want_qr, want_tau = torch.geqrf(p)
         k = min(shape[1], shape[2])
         torch.testing.assert_close(got_qr, want_qr, rtol=0, atol=1e-12 * shape[1] ** 0.5 * 4)

@@ -122,9 +122,12 @@ def test_native_panel_qr_is_geqrf():
     holes[1, 5:, 0] = 0  # already reduced below the diagonal: tau = 0
     wide = rng.standard_normal((2, 5, 9))
     for p, same in ((full, True), (wide, True), (rank2, False), (holes, False), (np.zeros((1, 40, 4)), True),
-                    (rng.standard_normal((1, 1, 1)), True)):
+                    (rng.standard_normal((1, 1, 1)), True),
+                    (rng.standard_normal((1, 30, 1)), True)):  # its transpose is contiguous already
         t = torch.from_numpy(p)
+        before = t.clone()
         got_qr, got_tau = twostage.native_geqrf(t)
+        assert torch.equal(t, before)  # the input stays as it was
         m, nb = p.shape[1], p.shape[2]
         k = min(m, nb)
         assert not got_tau[:, k:].any()
