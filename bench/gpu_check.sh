@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (the whole session has 15 device minutes, at most 10 per call; a machine starts in ~30 s):
 #   bash bench/gpu_check.sh core     (timeout_s ~560: ~470 s of work)
-#   bash bench/gpu_check.sh scale    (timeout_s ~260: ~200 s; on the same warm machine the build is kept)
+#   BUDGET=250 bash bench/gpu_check.sh scale  (timeout_s ~260; on the same warm machine the build is kept)
 #   bash bench/gpu_check.sh all      (both, cut at BUDGET)
 # builds the CUDA engine there (skipped when the same sources already import), then, each step bounded by
 # what is left of BUDGET seconds (default 540; GPU_PARTS picks bench_gpu.py's parts, SCALE_MODELS the
@@ -12,13 +12,14 @@
 #          then used by the scans below through SPECTRUM_FAST_CHASE); bench/bench_gpu.py --parts e2e (the
 #          Mistral-7B-shaped scan end to end: the syevd route, torch loops, reference, then the two-stage
 #          route last, so that a failure there cannot cost the other numbers; GPU_PARTS=matrix,batched,e2e,engines
-#          for everything run 3 measured); then, with the time left, bench/sanitize_band.py under
-#          compute-sanitizer's memcheck, racecheck and synccheck
-#   scale: bench/bench_scale.py --e2e on Qwen1.5-110B and Llama-3.1-405B shapes with SPECTRUM_FAST_TWOSTAGE=gpu,
-#          sampled shapes corrected by bench_twostage's rates (run 3 measured the syevd route there)
+#          for everything run 3 measured)
+#   scale: bench/sanitize_band.py under compute-sanitizer's memcheck, racecheck and synccheck (30 s each:
+#          the band solver's kernels on small bands, every variant); then bench/bench_scale.py --e2e on
+#          Qwen1.5-110B and Llama-3.1-405B shapes with SPECTRUM_FAST_TWOSTAGE=gpu, sampled shapes corrected
+#          by bench_twostage's rates (run 3 measured the syevd route there)
 # A failing step does not stop the next. Everything is left under $OUT (at most 8 files come back):
 # env.txt (with the build log and a fingerprint of the sources: the device's .git can be stale) tests.log
-# bench.log twostage_gpu.json gpu_check.json scale.log scale_gpu.json; commit the JSONs under
+# bench.log twostage_gpu.json gpu_check.json sanitize.log scale.log scale_gpu.json; commit the JSONs under
 # bench/results/ and the figures in bench/NOTES-gpu.md.
 set -uo pipefail
 STAGE=${1:-all}
@@ -80,15 +81,17 @@ if [[ $STAGE == all || $STAGE == core ]]; then
   cp "$OUT/twostage_gpu.json" /tmp/sf_twostage.json 2>/dev/null  # for a later `scale` call on this machine
   use_best_chase
   step 260 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-e2e}" --json "$OUT/gpu_check.json"
-  # with what time is left: the band solver's kernels under compute-sanitizer (out-of-bounds accesses,
-  # shared-memory races, barriers); the logs say "ERROR SUMMARY: 0 errors" when clean
-  if command -v compute-sanitizer >/dev/null; then
-    for tool in memcheck racecheck synccheck; do
-      step 60 tests.log compute-sanitizer --tool "$tool" $PY bench/sanitize_band.py
-    done
-  fi
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
+  # the band solver's kernels under compute-sanitizer (out-of-bounds accesses, shared-memory races, barrier
+  # misuse); each log part ends "ERROR SUMMARY: 0 errors" when clean
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck synccheck; do
+      step 30 sanitize.log compute-sanitizer --tool "$tool" $PY bench/sanitize_band.py
+    done
+  else
+    echo "no compute-sanitizer on this machine" | tee -a "$OUT/sanitize.log"
+  fi
   if [[ ! -f /tmp/sf_twostage.json ]]; then
     step 100 scale.log $PY bench/bench_twostage.py --device cuda --sizes 8192 16384 --bands 32 --json /tmp/sf_twostage.json
   fi
