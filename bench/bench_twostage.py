@@ -15,7 +15,8 @@ Per k (Gram matrices of k x 3.5k Gaussian weights, float64):
   variant (``--variants``, csrc/band_solver.h) at the first size; at the larger ones the engine's
   bandwidth with the best variant there (``best_variant``), and the best pair overall. The JSON is
   rewritten after every size. ``launch_sweep`` (first size, GPU): launches of 1, 2 and 8 bands per
-  multiprocessor beside the default 4, to show how many chases one holds. ``stage3_launch_s`` (per k): the
+  multiprocessor beside the default 4, to show how many chases one holds; ``crews_sweep`` (the same, if the
+  best variant has kCrews): 2 and 8 warps per block beside twostage.CREWS = 4. ``stage3_launch_s`` (per k): the
   same launch of already tridiagonal matrices (nothing to chase), i.e. the bisection alone.
 - ``--cpu-stage2``: the old ``cpu`` mode's stage 2 (LAPACK ``dsbevd`` on CPU threads), per matrix in a pool.
 
@@ -113,24 +114,33 @@ def gpu_mode(k: int, b: int, variants: list[int], launch: int, device: str, repe
 
         ref = torch.linalg.eigvalsh(grams * scales[:, None, None]).cpu().numpy()
     del grams, stage1
-    import torch
-
     out = []
     for variant in variants:
-        # one full launch: this batch's bands (checked against ref) and random ones; a chase is latency-bound,
-        # so a launch takes about as long with 16 bands as with hundreds, and a separate check would double it
-        many = torch.cat([twostage.band_storage(bands, 2 * b), random_bands(k, b, max(0, launch - batch), device)])
-        t = time.perf_counter()
-        lam = solve_bands(many, b, device, variant)[:batch] * scales[:, None]
-        count = len(many)
-        stage23_s = (time.perf_counter() - t) / count
-        del many
-        err = float(np.max(np.abs(lam.cpu().numpy() - ref) / np.abs(ref).max(axis=1, keepdims=True)))
-        out.append({"b": b, "variant": variant, "stage1_batch": batch, "stage1_s_per_matrix": stage1_s,
-                    "launch": count, "stage23_s_per_matrix": stage23_s, "stage23_launch_s": stage23_s * count,
-                    "s_per_matrix": stage1_s + stage23_s, "max_err": err})
+        try:
+            out.append(_variant_entry(b, variant, bands, scales, ref, stage1_s, launch, device))
+        except RuntimeError as e:  # a kernel that fails to launch (or worse): recorded, the others still run
+            out.append({"b": b, "variant": variant, "error": f"{type(e).__name__}: {e}"})
         print(json.dumps({"k": k, **out[-1]}), flush=True)
     return out
+
+
+def _variant_entry(b: int, variant: int, bands, scales, ref, stage1_s: float, launch: int, device: str) -> dict:
+    """One full launch: this stage-1 batch's bands (checked against ``ref``) and random ones to fill it. A chase
+    is latency-bound, so a launch takes about as long with 16 bands as with hundreds, and a separate
+    accuracy launch would double the time."""
+    import torch
+
+    batch, k = bands.shape[0], bands.shape[-1]
+    many = torch.cat([twostage.band_storage(bands, 2 * b), random_bands(k, b, max(0, launch - batch), device)])
+    count = len(many)
+    t = time.perf_counter()
+    lam = solve_bands(many, b, device, variant)[:batch] * scales[:, None]
+    stage23_s = (time.perf_counter() - t) / count
+    del many
+    err = float(np.max(np.abs(lam.cpu().numpy() - ref) / np.abs(ref).max(axis=1, keepdims=True)))
+    return {"b": b, "variant": variant, "stage1_batch": batch, "stage1_s_per_matrix": stage1_s, "launch": count,
+            "stage23_s_per_matrix": stage23_s, "stage23_launch_s": stage23_s * count,
+            "s_per_matrix": stage1_s + stage23_s, "max_err": err}
 
 
 def launch_sweep(k: int, b: int, variant: int, counts: list[int], device: str) -> list[dict]:
@@ -147,6 +157,31 @@ def launch_sweep(k: int, b: int, variant: int, counts: list[int], device: str) -
         elapsed = time.perf_counter() - t
         del many
         out.append({"launch": count, "launch_s": elapsed, "s_per_matrix": elapsed / count, "held_per_sm": held})
+        print(json.dumps({"k": k, "b": b, "variant": variant, **out[-1]}), flush=True)
+    return out
+
+
+def crews_sweep(k: int, b: int, variant: int, crews: list[int], device: str) -> list[dict]:
+    """For a kCrews variant: one full launch (as DeviceBands.full_launch sizes it) with each number of crews
+    per block (twostage.CREWS is the scan's): more crews, fewer steps per chase but fewer blocks resident."""
+    import torch
+
+    from spectrum_fast import _C
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = []
+    for c in crews:
+        held = _C.band_solver_occupancy(0, b, 32 * c, variant)
+        count = max(1, min(twostage.DeviceBands.BLOCKS_PER_SM, held)) * sms
+        many = random_bands(k, b, count, device)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        w, _ = twostage.launch_bands(many, b, torch.cuda.current_stream(), threads=32 * c, variant=variant)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t
+        del many, w
+        out.append({"crews": c, "held_per_sm": held, "launch": count, "launch_s": elapsed,
+                    "s_per_matrix": elapsed / count})
         print(json.dumps({"k": k, "b": b, "variant": variant, **out[-1]}), flush=True)
     return out
 
@@ -209,24 +244,30 @@ def main(argv: list[str] | None = None) -> int:
         del a
         for b in dict.fromkeys(b for b, _ in pairs):
             row["gpu"] += gpu_mode(k, b, [v for bb, v in pairs if bb == b], launch, args.device, args.repeats)
-        for entry in row["gpu"]:
+        good = [e for e in row["gpu"] if e.get("max_err", 1.0) < 1e-10]  # a failed or wrong one never wins
+        for entry in good:
             entry["speedup_vs_syevd"] = row["syevd_fp64_s"] / entry["s_per_matrix"]
-        ours = [e for e in row["gpu"] if e["b"] == _DEVICE_BAND and e["max_err"] < 1e-10]  # a wrong one never wins
+        ours = [e for e in good if e["b"] == _DEVICE_BAND]
         if ours and "best_variant" not in doc:
             doc["best_variant"] = max(ours, key=lambda e: e["speedup_vs_syevd"])["variant"]
         if "best_variant" in doc and args.device == "cuda" and k == args.sizes[0] and args.per_sm:
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             row["launch_sweep"] = launch_sweep(k, _DEVICE_BAND, doc["best_variant"], [x * sms for x in args.per_sm],
                                                args.device)
+            if doc["best_variant"] & 4:  # kCrews: does another number of warps per block do better?
+                row["crews_sweep"] = crews_sweep(k, _DEVICE_BAND, doc["best_variant"], [2, 8], args.device)
         row["stage3_launch_s"] = stage3_launch(k, launch, args.device)
         if args.cpu_stage2:
             row["cpu_stage2"] = cpu_stage2(k, 64, args.device, args.threads)
         doc["rows"].append(row)
-        best = max(row["gpu"], key=lambda e: e["speedup_vs_syevd"])
+        write_result(args.json, doc)  # after every size: a run cut short keeps what it measured
+        if not good:
+            print(f"k={k}: syevd fp64 {row['syevd_fp64_s']:.4f} s; no two-stage variant ran correctly", flush=True)
+            continue
+        best = max(good, key=lambda e: e["speedup_vs_syevd"])
         pairs = [(_DEVICE_BAND, doc.get("best_variant", twostage.CHASE_VARIANT))]
         if (best["b"], best["variant"]) not in pairs and 2 * k <= max(args.sizes):  # not at the largest size
             pairs.append((best["b"], best["variant"]))
-        write_result(args.json, doc)  # after every size: a run cut short keeps what it measured
         print(f"k={k}: syevd fp64 {row['syevd_fp64_s']:.4f} s; two-stage on the GPU (b={best['b']}, chase "
               f"variant {best['variant']}) {best['s_per_matrix']:.4f} s per matrix (stage 1 "
               f"{best['stage1_s_per_matrix']:.4f}, stages 2+3 {best['stage23_s_per_matrix']:.4f}), "

@@ -41,3 +41,23 @@ def test_variants_at_the_first_size_then_the_fastest(tmp_path, monkeypatch):
         assert rates[160]["variant"] == best  # the only one measured there
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "0")
     assert bench_scale.twostage_rates(out) == {}
+
+
+def test_a_variant_that_fails_is_recorded_and_never_chosen(tmp_path, monkeypatch):
+    real = bench_twostage.solve_bands
+
+    def broken(storage, b, device, variant=0):
+        if variant == 1:
+            raise RuntimeError("band eigensolver kernel launch failed: too many resources requested")
+        out = real(storage, b, device, variant)
+        return out + 1.0 if variant == 7 else out  # 7 runs but is wrong
+
+    monkeypatch.setattr(bench_twostage, "solve_bands", broken)
+    out = tmp_path / "twostage.json"
+    assert bench_twostage.main(["--device", "cpu", "--sizes", "64", "96", "--bands", "32", "--variants", "0", "1",
+                                "7", "--launch", "2", "--repeats", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    first = {e["variant"]: e for e in doc["rows"][0]["gpu"]}
+    assert "too many resources" in first[1]["error"] and "s_per_matrix" not in first[1]
+    assert first[7]["max_err"] > 1e-10 and "speedup_vs_syevd" not in first[7]
+    assert doc["best_variant"] == 0 and [e["variant"] for e in doc["rows"][1]["gpu"]] == [0]
