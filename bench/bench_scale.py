@@ -73,6 +73,21 @@ def disk_bandwidth(path: Path) -> float:
     return read_rate(path, cold=True)
 
 
+def disk_bandwidth_readahead(path: Path) -> float:
+    """The same file read as the scan's read-ahead reads it (cuda_engine._warm: pieces in file order,
+    WARM_THREADS threads at once), page cache dropped first, bytes/s."""
+    import threading
+
+    from spectrum_fast import cuda_engine
+    from spectrum_fast.checkpoint import TensorInfo
+
+    drop_cache(path)
+    size = path.stat().st_size
+    t0 = time.perf_counter()
+    got = cuda_engine._warm([TensorInfo("file", path, 0, size, "U8", (size,))], threading.Event())
+    return got / (time.perf_counter() - t0)
+
+
 def gemm_rate(device: str) -> float:
     """fp32 GEMM FLOP/s (TF32 off on the GPU, as the engine runs SYRK)."""
     if device == "cuda":
@@ -287,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             layers = min(args.layers or _default_layers(config), config["num_hidden_layers"])
             ckpt = ensure_checkpoint(model, config, layers, args.workdir)
             first_shard = max(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size)
-            rates["disk_Bps"] = disk_bandwidth(first_shard)
+            rates["disk_sequential_Bps"] = disk_bandwidth(first_shard)
+            rates["disk_readahead_Bps"] = disk_bandwidth_readahead(first_shard)
+            rates["disk_Bps"] = max(rates["disk_sequential_Bps"], rates["disk_readahead_Bps"])  # the floor's
         try:
             rows.append(bench_model(model, args, rates))
         except Exception as e:  # noqa: BLE001 - keep the other models' numbers; the JSON says what failed
@@ -297,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     def fmt(s: float) -> str:
         return f"{s:8.1f} s" if s < 3600 else f"{s / 3600:6.2f} h"
 
-    print(f"\nrates: disk {rates['disk_Bps'] / 1e9:.2f} GB/s, fp32 GEMM {rates['gemm_flops'] / 1e12:.2f} TFLOP/s"
+    print(f"\nrates: disk {rates['disk_sequential_Bps'] / 1e9:.2f} GB/s sequential, "
+          f"{rates['disk_readahead_Bps'] / 1e9:.2f} GB/s as the read-ahead reads, fp32 GEMM {rates['gemm_flops'] / 1e12:.2f} TFLOP/s"
           + (f", PCIe {rates['pcie_Bps'] / 1e9:.1f} GB/s" if "pcie_Bps" in rates else ""))
     print(f"{'model':<16} {'matrices':>8} {'GiB':>6} {'extrapolated':>12} {'floor':>10} {'x floor':>7} "
           f"{'disk':>10} {'Gram':>10} {'eig':>10}  8-device speed-up")

@@ -385,30 +385,57 @@ def _engine_run(engine, infos: list[TensorInfo], fp64: bool, units: dict[str, in
         raise SpectrumError(f"CUDA engine on GPU {engine.device} failed on {_which(infos)}: {e}") from None
 
 
-def _warm(infos: list[TensorInfo], stop: threading.Event) -> int:
+#: Threads and piece size of the read-ahead into the page cache (:func:`_warm`): one sequential stream
+#: leaves a drive's queue nearly empty; a few pieces in flight, in file order, keep it busy. One thread on
+#: small machines, where readers compete with the rest of the scan for cores: on the 2-core dev machine 4
+#: threads were 0.94x one (bench/bench_readahead.py); a GPU host's 16 cores get 4 (bench_scale.py measures
+#: the disk both ways).
+WARM_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
+_WARM_PIECE = 32 << 20
+
+
+def _warm(infos: list[TensorInfo], stop: threading.Event, threads: int | None = None) -> int:
     """Read these tensors' bytes (and their scales') once and drop them, so that the engine finds them in
     the page cache; returns the bytes read. The engine overlaps reading with compute only inside one
-    ``run`` call; this carries the overlap across calls (a 100B model's matrices are one per call). A
+    ``run`` call; this carries the overlap across calls (a 100B model's matrices are one per call). Pieces
+    of ``_WARM_PIECE`` bytes are read by ``threads`` (:data:`WARM_THREADS`) threads, taken in file order. A
     tensor that cannot be read is skipped: the engine reports it."""
-    buf = memoryview(bytearray(16 << 20))
-    total = 0
-    for info in infos:
-        for t in (info, info.scale) if info.scale is not None else (info,):
-            try:
-                with open(t.file, "rb", buffering=0) as f:
-                    f.seek(t.offset)
-                    left = t.nbytes
-                    while left > 0:
-                        if stop.is_set() or _STOP.is_set():
-                            return total
-                        n = f.readinto(buf[: min(left, len(buf))])
-                        if not n:
-                            break
-                        left -= n
-                        total += n
-            except OSError:
-                continue
-    return total
+    from concurrent.futures import ThreadPoolExecutor
+
+    pieces = [(t.file, off, min(_WARM_PIECE, t.offset + t.nbytes - off))
+              for info in infos for t in ((info, info.scale) if info.scale is not None else (info,))
+              for off in range(t.offset, t.offset + t.nbytes, _WARM_PIECE)]
+    local = threading.local()
+
+    def read(piece: tuple) -> int:
+        path, offset, left = piece
+        if stop.is_set() or _STOP.is_set():
+            return 0
+        if not hasattr(local, "buf"):
+            local.buf = memoryview(bytearray(min(_WARM_PIECE, 16 << 20)))
+        done = 0
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return 0
+        try:
+            while left > 0 and not (stop.is_set() or _STOP.is_set()):
+                n = os.preadv(fd, [local.buf[: min(left, len(local.buf))]], offset + done)
+                if n <= 0:
+                    break  # a truncated file: what is there
+                left -= n
+                done += n
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return done
+
+    workers = max(1, threads or WARM_THREADS)
+    if workers == 1 or len(pieces) < 2:
+        return sum(read(piece) for piece in pieces)
+    with ThreadPoolExecutor(workers, thread_name_prefix="spectrum_fast-warm") as pool:
+        return sum(pool.map(read, pieces))
 
 
 def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None],

@@ -330,6 +330,41 @@ def test_warm_reads_scales_and_leaves_missing_files_to_the_engine(tmp_path):
     assert cuda_engine._warm([info], stop) == 0  # stopped: returns at once
 
 
+def test_warm_reads_every_piece_once_with_several_threads(tmp_path, monkeypatch):
+    """Pieces of _WARM_PIECE bytes, read by WARM_THREADS threads in file order: every byte of every tensor
+    once, nothing past a truncated file's end, and the same total as one thread."""
+    import threading
+
+    from spectrum_fast import cuda_engine
+    from spectrum_fast.checkpoint import TensorInfo
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(bytes(range(256)) * 400)  # 102400 bytes
+    monkeypatch.setattr(cuda_engine, "_WARM_PIECE", 1000)
+    reads: list[tuple[int, int]] = []
+    real = cuda_engine.os.preadv
+    lock = threading.Lock()
+
+    def spy(fd, bufs, offset):
+        n = real(fd, bufs, offset)
+        with lock:
+            reads.append((offset, n))
+        return n
+
+    monkeypatch.setattr(cuda_engine.os, "preadv", spy)
+    infos = [TensorInfo("a", f, 100, 50_000, "F32", (100, 125)), TensorInfo("b", f, 60_000, 50_000, "F32", (100, 125))]
+    assert cuda_engine._warm(infos, threading.Event(), threads=3) == 50_000 + (102_400 - 60_000)
+    spans = sorted(reads)
+    covered = [(o, o + n) for o, n in spans if n > 0]
+    assert covered[0][0] == 100 and covered[-1][1] == 102_400
+    from itertools import pairwise
+
+    assert all(a[1] <= b[0] for a, b in pairwise(covered))  # no byte twice
+    assert sum(b - a for a, b in covered) == 50_000 + 42_400
+    reads.clear()
+    assert cuda_engine._warm(infos, threading.Event(), threads=1) == 92_400
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_twostage_float64_pass(fake_gpu, tmp_path, monkeypatch, mode):
     """SPECTRUM_FAST_TWOSTAGE=cpu|gpu: the float64 pass of F32/F16/BF16 matrices goes through the two-stage
