@@ -16,7 +16,7 @@ import pytest
 import spectrum_fast
 from spectrum_fast import backends
 
-from .conftest import ref_snr, rel_err, save_np
+from .conftest import ref_select, ref_snr, rel_err, save_np
 
 
 def _native_bands() -> bool:
@@ -397,6 +397,39 @@ def test_twostage_float64_pass(fake_gpu, tmp_path, monkeypatch, mode):
     assert by["model.layers.3.mlp.up_proj"].status == "zero"
     assert by["model.layers.4.mlp.up_proj"].status == "nonfinite"
     assert by["model.layers.0.mlp.down_proj"].method == "gram-fp32"
+
+
+@needs_bands
+@pytest.mark.parametrize("chase", ["0", "7"])
+def test_gpu_twostage_on_real_weights_matches_the_cpu_engine(fake_gpu, minilm_file, tmp_path, monkeypatch, chase):
+    """Real MiniLM weights through the GPU two-stage route (its torch stage 1 and native band solver, on the
+    CPU here), every matrix in the float64 pass, each chase variant: the float64 SVD reference's SNRs to
+    1e-9, and its selections."""
+    pytest.importorskip("torch")
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from spectrum_fast import cuda_engine
+
+    shutil.copy(minilm_file, tmp_path / "model.safetensors")
+    weights = load_file(minilm_file)
+    monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "256")
+    monkeypatch.setenv("SPECTRUM_FAST_BATCHED_MAX_K", "0")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "gpu")
+    monkeypatch.setenv("SPECTRUM_FAST_CHASE", chase)
+    res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert not [c for c in fake_gpu.calls if c[2]]  # the engine ran no float64 pass: the two-stage route did
+    assert len(res.records) == 36
+    ref = {}
+    for r in res.records:
+        assert r.method == "gram-fp64"
+        ref[r.module] = ref_snr(weights[r.module + ".weight"].astype(np.float64))
+        assert rel_err(r.snr, ref[r.module]) <= 1e-9, (r.module, r.snr, ref[r.module])
+    types = {r.module: r.type for r in res.records}
+    for top in (0.25, 0.5):
+        assert set(res.select(top).modules) == ref_select(ref, types, top)
 
 
 def test_twostage_settings_are_checked(fake_gpu, tmp_path, monkeypatch):
