@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 import spectrum_fast
+from spectrum_fast.cuda_engine import fp64_min_k
 from spectrum_fast.snr import snr_from_singular_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -164,7 +165,7 @@ def torch_loop(path: Path, fp64_svd: bool = False, layers: int | None = None,
     return time.perf_counter() - t, snrs
 
 
-def end_to_end(workdir: Path, ref_layers: int, engines: bool = True) -> dict:
+def end_to_end(workdir: Path, ref_layers: int, engines: bool = True, rates_json: Path | None = None) -> dict:
     ckpt = workdir / "mistral-shaped"
     t = time.perf_counter()
     nbytes = build_mistral(ckpt, MISTRAL["layers"])
@@ -191,9 +192,10 @@ def end_to_end(workdir: Path, ref_layers: int, engines: bool = True) -> dict:
         streams[str(count)] = {"s": time.perf_counter() - t,
                                "snrs_equal_to_one_engine": [r.snr for r in res.records] == [r.snr for r in ours.records]}
     # last: a failure in the new route (a CUDA error poisons the context) cannot cost the numbers above
+    base = floors(ckpt, nbytes)
     try:
         twostage = twostage_scan(ckpt, ours, ours_s, {"reference": ref_scaled, "torch_loop": loop_s,
-                                                      "torch_loop_fp64": loop64_s})
+                                                      "torch_loop_fp64": loop64_s}, base, rates_json)
     except Exception as e:  # noqa: BLE001 - recorded in the result
         twostage = {"error": f"{type(e).__name__}: {e}"}
         print(f"two-stage scan failed: {e}", flush=True)
@@ -210,18 +212,61 @@ def end_to_end(workdir: Path, ref_layers: int, engines: bool = True) -> dict:
             f"reference_svdvals_{ref_layers}_layers_s": ref_s, "reference_svdvals_scaled_to_32_layers_s": ref_scaled,
             "speedup_vs_reference": ref_scaled / ours_s, "speedup_vs_torch_loop": loop_s / ours_s,
             "goals": {"vs_reference": 20, "vs_torch_loop": 2, "under_s": 10},
-            "engines_on_one_gpu": streams, "twostage": twostage, "floors": floors(ckpt, nbytes),
+            "engines_on_one_gpu": streams, "twostage": twostage, "floors": base,
             "methods": methods, "selections_equal_to_torch_loop": same}
 
 
-def twostage_scan(ckpt: Path, ours, ours_s: float, baselines: dict[str, float]) -> dict:
+def mistral_shapes() -> list[tuple[int, int]]:
+    """One layer's scanned matrices (q, k, v, o, gate, up, down) as (rows, cols)."""
+    h, i = MISTRAL["hidden"], MISTRAL["intermediate"]
+    kv = h * MISTRAL["kv_heads"] // MISTRAL["heads"]
+    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+def twostage_floors(base: dict, rates: dict[int, dict], dgemm_flops: float, big: int) -> dict:
+    """Where the two-stage route's time must go on the Mistral shapes: the reads and copies of :func:`floors`
+    (``base``); the float64 Gram products (torch matmul, 2 m k^2 each) at the measured DGEMM rate; for
+    k >= ``big``, stage 1 per matrix and the band solver's launches from bench_twostage.py's ``rates`` (k ->
+    entry): a chase is latency-bound, so a launch of up to ``launch`` bands takes ``stage23_launch_s``; below
+    ``big``, the one-stage eigensolve of ``base``. Serial sums: the scan overlaps some of it."""
+    layers, shapes = MISTRAL["layers"], mistral_shapes()
+    two = [s for s in shapes if min(s) >= big]
+    count: dict[int, int] = Counter(min(s) for s in two)
+    missing = sorted(k for k in count if k not in rates)
+    if missing:
+        return {"error": f"no two-stage rates for k = {missing}"}
+    out = {"read_page_cache_s": base["read_page_cache_s"], "h2d_copy_s": base["h2d_copy_s"],
+           "gram_fp64_s": layers * sum(2 * max(s) * min(s) ** 2 for s in two) / dgemm_flops,
+           "stage1_s": sum(layers * c * rates[k]["stage1_s_per_matrix"] for k, c in count.items()),
+           "band_solver_s": sum(math.ceil(layers * c / rates[k]["launch"]) * rates[k]["stage23_launch_s"]
+                                for k, c in count.items()),
+           "one_stage_eig_s": layers * sum(base["eig_s_per_k"][min(s)] for s in shapes if min(s) < big),
+           "dgemm_flops": dgemm_flops}
+    out["compute_s"] = out["gram_fp64_s"] + out["stage1_s"] + out["band_solver_s"] + out["one_stage_eig_s"]
+    out["floor_s"] = max(out["read_page_cache_s"], out["h2d_copy_s"], out["compute_s"])
+    return out
+
+
+def dgemm_rate() -> float:
+    """float64 matrix-product FLOP/s on the GPU (what the two-stage route's Gram products run at)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float64)
+    a @ a
+    return 3 * 2 * 8192**3 / sync_time(lambda: [a @ a for _ in range(3)])
+
+
+def twostage_scan(ckpt: Path, ours, ours_s: float, baselines: dict[str, float], base_floors: dict | None = None,
+                  rates_json: Path | None = None) -> dict:
     """The same scan with SPECTRUM_FAST_TWOSTAGE=gpu: the float64 pass by the GPU two-stage solver
-    (spectrum_fast.twostage.DeviceBands: batched band reduction, native band solver)."""
+    (spectrum_fast.twostage.DeviceBands: batched band reduction, native band solver); with bench_twostage.py's
+    JSON, also where its time must go (:func:`twostage_floors`)."""
     os.environ["SPECTRUM_FAST_TWOSTAGE"] = "gpu"
     try:
         t = time.perf_counter()
         res = spectrum_fast.scan(ckpt, device="cuda", progress=False)
         elapsed = time.perf_counter() - t
+        from bench_scale import twostage_rates
+
+        rates = twostage_rates(rates_json) if rates_json is not None else {}
     finally:
         del os.environ["SPECTRUM_FAST_TWOSTAGE"]
     diffs = [abs(a.snr - b.snr) / abs(b.snr) for a, b in zip(res.records, ours.records)
@@ -232,7 +277,9 @@ def twostage_scan(ckpt: Path, ours, ours_s: float, baselines: dict[str, float]) 
             **{f"speedup_vs_{name}": base / elapsed for name, base in baselines.items()},
             "max_snr_rel_diff_vs_syevd_route": max(diffs),
             "methods": dict(Counter(r.method for r in res.records)),
-            "selections_equal": {str(top): res.select(top).modules == ours.select(top).modules for top in (0.25, 0.5)}}
+            "selections_equal": {str(top): res.select(top).modules == ours.select(top).modules for top in (0.25, 0.5)},
+            **({"floors": twostage_floors(base_floors, rates, dgemm_rate(), fp64_min_k())}
+               if base_floors is not None and rates else {})}
 
 
 def floors(ckpt: Path, nbytes: int) -> dict:
@@ -242,9 +289,7 @@ def floors(ckpt: Path, nbytes: int) -> dict:
     from bench_scale import eig_seconds, gemm_rate, pcie_bandwidth
 
     read_bps = read_rate(max(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size), cold=False)
-    h, i = MISTRAL["hidden"], MISTRAL["intermediate"]
-    kv = h * MISTRAL["kv_heads"] // MISTRAL["heads"]
-    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+    shapes = mistral_shapes()
     gram = MISTRAL["layers"] * sum(max(s) * min(s) ** 2 for s in shapes)
     cache: dict[int, float] = {}
     eig = MISTRAL["layers"] * sum(eig_seconds(min(s), "cuda", cache, 1 << 20) for s in shapes)
@@ -262,6 +307,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--sizes", default="1024,4096,8192,16384")
     ap.add_argument("--ref-layers", type=int, default=1)
+    ap.add_argument("--twostage", type=Path, help="bench_twostage.py's JSON from this device: the two-stage floors")
     ap.add_argument("--parts", default="matrix,batched,e2e,engines",
                     help="which of matrix,batched,e2e,engines (several engines on one GPU, within e2e) to run")
     args = ap.parse_args()
@@ -281,7 +327,7 @@ def main() -> int:
             print(f"batched solver failed: {e}", flush=True)
         write_result(args.json, out)
     if "e2e" in parts:
-        out["end_to_end"] = e2e = end_to_end(args.workdir, args.ref_layers, "engines" in parts)
+        out["end_to_end"] = e2e = end_to_end(args.workdir, args.ref_layers, "engines" in parts, args.twostage)
         print(json.dumps(e2e, indent=1), flush=True)
     write_result(args.json, out)
     ok = "e2e" not in parts or all(out["end_to_end"]["selections_equal_to_torch_loop"].values())

@@ -80,7 +80,8 @@ if [[ $STAGE == all || $STAGE == core ]]; then
     --json "$OUT/twostage_gpu.json"
   cp "$OUT/twostage_gpu.json" /tmp/sf_twostage.json 2>/dev/null  # for a later `scale` call on this machine
   use_best_chase
-  step 260 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-e2e}" --json "$OUT/gpu_check.json"
+  step 260 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-e2e}" --twostage /tmp/sf_twostage.json \
+    --json "$OUT/gpu_check.json"
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
   # the band solver's kernels under compute-sanitizer (out-of-bounds accesses, shared-memory races, barrier
