@@ -57,6 +57,14 @@ def timed(fn, device: str, repeats: int) -> float:
     return float(np.median(out))
 
 
+def _settle(device: str) -> None:
+    """Wait for queued GPU work (the inputs' making) before a timer starts."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def gram_batch(k: int, count: int, device: str):
     import torch
 
@@ -133,6 +141,7 @@ def _variant_entry(b: int, variant: int, bands, scales, ref, stage1_s: float, la
     batch, k = bands.shape[0], bands.shape[-1]
     many = torch.cat([twostage.band_storage(bands, 2 * b), random_bands(k, b, max(0, launch - batch), device)])
     count = len(many)
+    _settle(device)
     t = time.perf_counter()
     lam = solve_bands(many, b, device, variant)[:batch] * scales[:, None]
     stage23_s = (time.perf_counter() - t) / count
@@ -152,6 +161,7 @@ def launch_sweep(k: int, b: int, variant: int, counts: list[int], device: str) -
     out = []
     for count in counts:
         many = random_bands(k, b, count, device)
+        _settle(device)
         t = time.perf_counter()
         solve_bands(many, b, device, variant)
         elapsed = time.perf_counter() - t
@@ -190,6 +200,7 @@ def stage3_launch(k: int, launch: int, device: str) -> float:
     """Seconds for a launch of ``launch`` matrices that are tridiagonal already (b = 1: nothing to chase),
     i.e. the bisection's share of a launch."""
     tri = random_bands(k, 1, launch, device)
+    _settle(device)
     t = time.perf_counter()
     solve_bands(tri, 1, device)
     return time.perf_counter() - t
@@ -234,45 +245,64 @@ def main(argv: list[str] | None = None) -> int:
     from spectrum_fast.cuda_engine import _DEVICE_BAND
 
     # every (band, variant) at the first size; beyond it the best variant at the engine's band, and the best
-    # pair overall if that is another, except at the largest size (a k = 16384 launch takes many seconds)
+    # pair overall if that is another, except at the largest size (a k = 16384 launch takes many seconds).
+    # The JSON is rewritten after every entry: a run cut short (a hang, a crash, the step's time limit) keeps
+    # what it measured, and a failing part is recorded without stopping the rest.
     pairs = [(b, v) for b in args.bands for v in args.variants]
-    for k in args.sizes:
+    for index, k in enumerate(args.sizes):
         a = gram_batch(k, 1, args.device)[0]
         torch.linalg.eigvalsh(a)  # warm-up
         row = {"k": k, "syevd_fp64_s": timed(lambda a=a: torch.linalg.eigvalsh(a), args.device, args.repeats),
                "gpu": []}
         del a
+        doc["rows"].append(row)
         for b in dict.fromkeys(b for b, _ in pairs):
-            row["gpu"] += gpu_mode(k, b, [v for bb, v in pairs if bb == b], launch, args.device, args.repeats)
+            variants = [v for bb, v in pairs if bb == b]
+            try:
+                row["gpu"] += gpu_mode(k, b, variants, launch, args.device, args.repeats)
+            except RuntimeError as e:  # stage 1 or the reference: every variant of this band is without numbers
+                row["gpu"] += [{"b": b, "variant": v, "error": f"{type(e).__name__}: {e}"} for v in variants]
+            write_result(args.json, doc)
         good = [e for e in row["gpu"] if e.get("max_err", 1.0) < 1e-10]  # a failed or wrong one never wins
         for entry in good:
             entry["speedup_vs_syevd"] = row["syevd_fp64_s"] / entry["s_per_matrix"]
         ours = [e for e in good if e["b"] == _DEVICE_BAND]
         if ours and "best_variant" not in doc:
             doc["best_variant"] = max(ours, key=lambda e: e["speedup_vs_syevd"])["variant"]
-        if "best_variant" in doc and args.device == "cuda" and k == args.sizes[0] and args.per_sm:
+        write_result(args.json, doc)
+        if "best_variant" in doc and args.device == "cuda" and index == 0 and args.per_sm:
             sms = torch.cuda.get_device_properties(0).multi_processor_count
-            row["launch_sweep"] = launch_sweep(k, _DEVICE_BAND, doc["best_variant"], [x * sms for x in args.per_sm],
-                                               args.device)
+            row["launch_sweep"] = _recorded(launch_sweep, k, _DEVICE_BAND, doc["best_variant"],
+                                            [x * sms for x in args.per_sm], args.device)
+            write_result(args.json, doc)
             if doc["best_variant"] & 4:  # kCrews: does another number of warps per block do better?
-                row["crews_sweep"] = crews_sweep(k, _DEVICE_BAND, doc["best_variant"], [2, 8], args.device)
-        row["stage3_launch_s"] = stage3_launch(k, launch, args.device)
+                row["crews_sweep"] = _recorded(crews_sweep, k, _DEVICE_BAND, doc["best_variant"], [2, 8], args.device)
+                write_result(args.json, doc)
+        row["stage3_launch_s"] = _recorded(stage3_launch, k, launch, args.device)
         if args.cpu_stage2:
             row["cpu_stage2"] = cpu_stage2(k, 64, args.device, args.threads)
-        doc["rows"].append(row)
-        write_result(args.json, doc)  # after every size: a run cut short keeps what it measured
+        write_result(args.json, doc)
+        pairs = [(_DEVICE_BAND, doc.get("best_variant", twostage.CHASE_VARIANT))]
         if not good:
             print(f"k={k}: syevd fp64 {row['syevd_fp64_s']:.4f} s; no two-stage variant ran correctly", flush=True)
             continue
         best = max(good, key=lambda e: e["speedup_vs_syevd"])
-        pairs = [(_DEVICE_BAND, doc.get("best_variant", twostage.CHASE_VARIANT))]
-        if (best["b"], best["variant"]) not in pairs and 2 * k <= max(args.sizes):  # not at the largest size
+        if (best["b"], best["variant"]) not in pairs and index + 2 < len(args.sizes):  # the next is not the last
             pairs.append((best["b"], best["variant"]))
         print(f"k={k}: syevd fp64 {row['syevd_fp64_s']:.4f} s; two-stage on the GPU (b={best['b']}, chase "
               f"variant {best['variant']}) {best['s_per_matrix']:.4f} s per matrix (stage 1 "
               f"{best['stage1_s_per_matrix']:.4f}, stages 2+3 {best['stage23_s_per_matrix']:.4f}), "
               f"{best['speedup_vs_syevd']:.2f}x, error {best['max_err']:.1e}", flush=True)
     return 0
+
+
+def _recorded(fn, *args):
+    """``fn(*args)``, or ``{"error": ...}`` if it raises a RuntimeError (a CUDA error, an out-of-memory)."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        print(f"{fn.__name__} failed: {e}", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 if __name__ == "__main__":

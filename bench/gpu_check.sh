@@ -13,10 +13,11 @@
 #          Mistral-7B-shaped scan end to end: the syevd route, torch loops, reference, then the two-stage
 #          route last, so that a failure there cannot cost the other numbers; GPU_PARTS=matrix,batched,e2e,engines
 #          for everything run 3 measured)
-#   scale: bench/sanitize_band.py under compute-sanitizer's memcheck, racecheck and synccheck (30 s each:
-#          the band solver's kernels on small bands, every variant); then bench/bench_scale.py --e2e on
-#          Qwen1.5-110B and Llama-3.1-405B shapes with SPECTRUM_FAST_TWOSTAGE=gpu, sampled shapes corrected
-#          by bench_twostage's rates (run 3 measured the syevd route there)
+#   scale: bench/bench_scale.py --e2e on Qwen1.5-110B and Llama-3.1-405B shapes with SPECTRUM_FAST_TWOSTAGE=gpu,
+#          sampled shapes corrected by bench_twostage's rates (run 3 measured the syevd route there); then
+#          bench/sanitize_band.py under compute-sanitizer's memcheck, racecheck and synccheck (25 s each: the
+#          band solver's kernels on small bands, every variant). Run it right after `core`, on the same warm
+#          machine (it is released after 30 s idle), so that neither the build nor bench_twostage repeats.
 # A failing step does not stop the next. Everything is left under $OUT (at most 8 files come back):
 # env.txt (with the build log and a fingerprint of the sources: the device's .git can be stale) tests.log
 # bench.log twostage_gpu.json gpu_check.json sanitize.log scale.log scale_gpu.json; commit the JSONs under
@@ -30,16 +31,18 @@ PY=${PYTHON:-python3}
 DEADLINE=$((SECONDS + ${BUDGET:-540}))
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 
-# step CAP LOG CMD...: run CMD for at most min(CAP, seconds left), output appended to $OUT/LOG and shown
+# step CAP LOG CMD...: run CMD for at most min(CAP, seconds left), output appended to $OUT/LOG and shown;
+# returns CMD's exit status (0 when skipped)
 step() {
   local cap=$1 log=$2; shift 2
   local left=$((DEADLINE - SECONDS)); ((left < cap)) && cap=$left
   if ((cap < 10)); then echo "SKIPPED (time budget spent): $*" | tee -a "$OUT/$log"; return 0; fi
   echo "== $* (limit ${cap} s)" | tee -a "$OUT/$log"
   local t0=$SECONDS
-  timeout "$cap" "$@" 2>&1 | tee -a "$OUT/$log"
+  timeout -k 10 "$cap" "$@" 2>&1 | tee -a "$OUT/$log"
   local rc=${PIPESTATUS[0]}
   echo "== rc $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$log"
+  return "$rc"
 }
 
 # the chase variant bench_twostage.py found fastest at the engine's bandwidth, for the scans after it
@@ -63,6 +66,7 @@ export SPECTRUM_FAST_CUDA=1
 if [[ -f /tmp/sf_built && $(cat /tmp/sf_built) == "$sources" ]] && $PY -c "import spectrum_fast._C" 2>/dev/null; then
   echo "extension already built from these sources" | tee -a "$OUT/env.txt"
 else
+  # marked built only if pip succeeded (a stale extension from older sources may still import)
   step 200 env.txt $PY -m pip install -v --no-build-isolation --no-deps -e . >/dev/null && echo "$sources" >/tmp/sf_built
 fi
 $PY -m spectrum_fast 2>&1 | tee -a "$OUT/env.txt"
@@ -84,21 +88,26 @@ if [[ $STAGE == all || $STAGE == core ]]; then
     --json "$OUT/gpu_check.json"
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
+  if [[ ! -f /tmp/sf_twostage.json ]]; then  # a fresh machine: only what the scale bench needs
+    step 100 scale.log $PY bench/bench_twostage.py --device cuda --sizes 8192 16384 --bands 32 --variants 7 \
+      --per-sm --json /tmp/sf_twostage.json
+  fi
+  use_best_chase
+  # the scale bench, leaving SANITIZE_S (default 75) seconds for the sanitizers after it
+  left=$((DEADLINE - SECONDS - ${SANITIZE_S:-75}))
+  step $((left < 220 ? left : 220)) scale.log env SPECTRUM_FAST_TWOSTAGE=gpu $PY bench/bench_scale.py --device cuda \
+    --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 --workdir /tmp/sf_scale --e2e \
+    --twostage /tmp/sf_twostage.json --json "$OUT/scale_gpu.json"
   # the band solver's kernels under compute-sanitizer (out-of-bounds accesses, shared-memory races, barrier
-  # misuse); each log part ends "ERROR SUMMARY: 0 errors" when clean
+  # misuse), torch's caching allocator off so that every tensor is its own allocation; each part of
+  # sanitize.log ends "ERROR SUMMARY: 0 errors" when clean (rc 124 with no summary: out of time, not clean)
   if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
-      step 30 sanitize.log compute-sanitizer --tool "$tool" $PY bench/sanitize_band.py
+      step 25 sanitize.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
+        $PY bench/sanitize_band.py
     done
   else
     echo "no compute-sanitizer on this machine" | tee -a "$OUT/sanitize.log"
   fi
-  if [[ ! -f /tmp/sf_twostage.json ]]; then
-    step 100 scale.log $PY bench/bench_twostage.py --device cuda --sizes 8192 16384 --bands 32 --json /tmp/sf_twostage.json
-  fi
-  use_best_chase
-  step 220 scale.log env SPECTRUM_FAST_TWOSTAGE=gpu $PY bench/bench_scale.py --device cuda \
-    --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 --workdir /tmp/sf_scale --e2e \
-    --twostage /tmp/sf_twostage.json --json "$OUT/scale_gpu.json"
 fi
 echo "results in $OUT after $SECONDS s"

@@ -61,3 +61,43 @@ def test_a_variant_that_fails_is_recorded_and_never_chosen(tmp_path, monkeypatch
     assert "too many resources" in first[1]["error"] and "s_per_matrix" not in first[1]
     assert first[7]["max_err"] > 1e-10 and "speedup_vs_syevd" not in first[7]
     assert doc["best_variant"] == 0 and [e["variant"] for e in doc["rows"][1]["gpu"]] == [0]
+
+
+def test_pairs_per_size_and_a_failing_band(tmp_path, monkeypatch):
+    """Every pair at the first size; then the engine's band with its best variant, plus the best pair overall
+    except at the largest size; a band whose stage 1 fails is recorded for each of its variants."""
+    calls: list[tuple[int, int, tuple]] = []
+    speed = {(32, 0): 3.0, (32, 7): 2.0, (64, 0): 1.5, (64, 7): 1.0}  # seconds per matrix: (64, 7) is best
+
+    def fake_gpu_mode(k, b, variants, launch, device, repeats):
+        calls.append((k, b, tuple(variants)))
+        if k == 32 and b == 64:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return [{"b": b, "variant": v, "s_per_matrix": speed[b, v], "stage1_s_per_matrix": 0.1,
+                 "stage23_s_per_matrix": speed[b, v] - 0.1, "max_err": 1e-15} for v in variants]
+
+    monkeypatch.setattr(bench_twostage, "gpu_mode", fake_gpu_mode)
+    monkeypatch.setattr(bench_twostage, "stage3_launch", lambda k, launch, device: 0.5)
+    out = tmp_path / "pairs.json"
+    assert bench_twostage.main(["--device", "cpu", "--sizes", "16", "24", "32", "40", "--bands", "32", "64",
+                                "--variants", "0", "7", "--repeats", "1", "--json", str(out)]) == 0
+    assert calls == [(16, 32, (0, 7)), (16, 64, (0, 7)),  # every pair
+                     (24, 32, (7,)), (24, 64, (7,)),  # the engine's band with its best, and the best overall
+                     (32, 32, (7,)), (32, 64, (7,)),
+                     (40, 32, (7,))]  # the largest size: the engine's pair alone
+    doc = json.loads(out.read_text())
+    assert doc["best_variant"] == 7
+    failed = [e for e in doc["rows"][2]["gpu"] if e["b"] == 64]
+    assert len(failed) == 1 and "illegal memory access" in failed[0]["error"]
+    assert all(r["stage3_launch_s"] == 0.5 for r in doc["rows"])
+
+
+def test_scale_bench_never_takes_a_failed_or_inaccurate_entry(tmp_path, monkeypatch):
+    doc = {"rows": [{"k": 4096, "gpu": [{"b": 32, "variant": 7, "error": "RuntimeError: launch failed"},
+                                        {"b": 32, "variant": 3, "max_err": 1e-15, "stage23_launch_s": 1.0}]},
+                    {"k": 8192, "gpu": [{"b": 32, "variant": 7, "max_err": 0.3, "stage23_launch_s": 2.0}]}]}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(doc))
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "gpu")
+    monkeypatch.setenv("SPECTRUM_FAST_CHASE", "7")
+    assert bench_scale.twostage_rates(path) == {4096: doc["rows"][0]["gpu"][1]}  # 8192: nothing usable
