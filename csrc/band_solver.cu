@@ -92,14 +92,10 @@ void panel_qr_cuda(int device, double* panels, int64_t batch, int64_t stride, in
                    double* tau, uintptr_t stream, int64_t threads) {
   check_panel_args(batch, m, nb, lda, stride, threads);
   if (threads % 32 != 0) throw std::invalid_argument("panel QR: threads must be a multiple of 32 on a GPU");
-  int previous = 0;
-  check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   panel_kernel<<<static_cast<unsigned>(batch), static_cast<unsigned>(threads), 0,
                  reinterpret_cast<cudaStream_t>(stream)>>>(panels, stride, m, nb, lda, tau);
-  const cudaError_t status = cudaGetLastError();
-  cudaSetDevice(previous);
-  check_cuda(status, "panel QR kernel launch");
+  check_cuda(cudaGetLastError(), "panel QR kernel launch");
 }
 
 namespace {
@@ -111,41 +107,20 @@ void check_chase_threads(int64_t threads) {
   }
 }
 
-template <int Variant>
-int occupancy(int64_t b, int64_t threads) {
-  int blocks = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, chase_kernel<Variant>, static_cast<int>(threads),
-                                                           chase_scratch_bytes(Variant, b, threads)),
-             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  return blocks;
-}
-
 }  // namespace
 
 int band_solver_occupancy(int device, int64_t b, int64_t threads, int64_t variant) {
   if (b < 1 || b > device::kMaxBand) throw std::invalid_argument("band eigensolver: bandwidth must be in 1..128");
   check_chase_variant(variant);
   check_chase_threads(threads);
-  int previous = 0;
-  check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   int blocks = 0;
-  try {
-    switch (variant) {
-      case 0: blocks = occupancy<0>(b, threads); break;
-      case 1: blocks = occupancy<1>(b, threads); break;
-      case 2: blocks = occupancy<2>(b, threads); break;
-      case 3: blocks = occupancy<3>(b, threads); break;
-      case 4: blocks = occupancy<4>(b, threads); break;
-      case 5: blocks = occupancy<5>(b, threads); break;
-      case 6: blocks = occupancy<6>(b, threads); break;
-      default: blocks = occupancy<7>(b, threads); break;
-    }
-  } catch (...) {
-    cudaSetDevice(previous);
-    throw;
-  }
-  cudaSetDevice(previous);
+  device::with_chase_variant(variant, [&](auto v) {
+    constexpr int kVariant = decltype(v)::value;
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, chase_kernel<kVariant>, static_cast<int>(threads),
+                                                             chase_scratch_bytes(kVariant, b, threads)),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  });
   return blocks;
 }
 
@@ -155,31 +130,18 @@ void band_eigenvalues_cuda(int device, double* bands, int64_t batch, int64_t str
   check_chase_variant(variant);
   check_chase_threads(threads);
   if (batch > 65535) throw std::invalid_argument("band eigensolver: at most 65535 matrices per call on a GPU");
-  int previous = 0;
-  check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
-  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned>(batch)), block(static_cast<unsigned>(threads));
   const size_t smem = chase_scratch_bytes(static_cast<int>(variant), b, threads);  // at most 32 KiB: no opt-in
-  switch (variant) {
-    case 0: chase_kernel<0><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
-    case 1: chase_kernel<1><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
-    case 2: chase_kernel<2><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
-    case 3: chase_kernel<3><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
-    case 4: chase_kernel<4><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
-    case 5: chase_kernel<5><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
-    case 6: chase_kernel<6><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
-    default: chase_kernel<7><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work); break;
-  }
-  cudaError_t status = cudaGetLastError();
-  if (status == cudaSuccess) {
-    const unsigned per_block = 128;
-    const dim3 cover(static_cast<unsigned>((n + per_block - 1) / per_block), static_cast<unsigned>(batch));
-    bisect_kernel<<<cover, per_block, 0, s>>>(work, n, w);
-    status = cudaGetLastError();
-  }
-  cudaSetDevice(previous);
-  check_cuda(status, "band eigensolver kernel launch");
+  device::with_chase_variant(variant, [&](auto v) {
+    chase_kernel<decltype(v)::value><<<grid, block, smem, s>>>(bands, stride, n, b, ld, work);
+  });
+  check_cuda(cudaGetLastError(), "band eigensolver kernel launch");
+  const unsigned per_block = 128;
+  const dim3 cover(static_cast<unsigned>((n + per_block - 1) / per_block), static_cast<unsigned>(batch));
+  bisect_kernel<<<cover, per_block, 0, s>>>(work, n, w);
+  check_cuda(cudaGetLastError(), "band eigensolver kernel launch");
 }
 
 }  // namespace spectrum_fast

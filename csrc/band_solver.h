@@ -34,6 +34,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace spectrum_fast {
 namespace SF_NS {
@@ -81,6 +82,23 @@ constexpr int kBatched = 2;
 constexpr int kCrews = 4;  // several sweeps at once, one per group (chase() below)
 constexpr int kChaseVariants = 8;
 constexpr int kMaxCrews = 8;
+
+// f(std::integral_constant<int, V>()) for the chase variant V = variant (0 .. kChaseVariants - 1, checked by
+// the caller): the one place where a run-time variant becomes a template argument. Host code.
+template <class F>
+inline void with_chase_variant(int64_t variant, F&& f) {
+  static_assert(kChaseVariants == 8, "one case per variant");
+  switch (variant) {
+    case 0: f(std::integral_constant<int, 0>()); break;
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    default: f(std::integral_constant<int, 7>()); break;
+  }
+}
 
 // x - p q, rounded once on a GPU (an explicit fused multiply-add, so that the compiler's contraction of the
 // expression around it cannot differ between the batched and the plain loop), twice on the host (no FMA

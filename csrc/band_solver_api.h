@@ -10,7 +10,8 @@ namespace spectrum_fast {
 //   band_solver.h (ld >= 2b doubles per column); threads: the team size.
 void check_band_args(int64_t batch, int64_t n, int64_t b, int64_t ld, int64_t stride, int64_t threads);
 
-// The chase's variant (band_solver.h kLaneDot | kBatched): 0 .. kChaseVariants - 1, else std::invalid_argument.
+// The chase's variant (band_solver.h kLaneDot | kBatched | kCrews): 0 .. kChaseVariants - 1, else
+// std::invalid_argument.
 void check_chase_variant(int64_t variant);
 
 // On the host with `threads` std::threads per matrix in groups of `lanes` (the CPU tests run the device

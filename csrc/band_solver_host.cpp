@@ -183,16 +183,7 @@ void band_eigenvalues_host(double* bands, int64_t batch, int64_t stride, int64_t
                                 " crews (threads / lanes), got " + std::to_string(threads / lanes));
   }
   const int th = static_cast<int>(threads), ln = static_cast<int>(lanes);
-  switch (variant) {
-    case 0: chase_all<0>(bands, batch, stride, n, b, ld, w, th, ln); break;
-    case 1: chase_all<1>(bands, batch, stride, n, b, ld, w, th, ln); break;
-    case 2: chase_all<2>(bands, batch, stride, n, b, ld, w, th, ln); break;
-    case 3: chase_all<3>(bands, batch, stride, n, b, ld, w, th, ln); break;
-    case 4: chase_all<4>(bands, batch, stride, n, b, ld, w, th, ln); break;
-    case 5: chase_all<5>(bands, batch, stride, n, b, ld, w, th, ln); break;
-    case 6: chase_all<6>(bands, batch, stride, n, b, ld, w, th, ln); break;
-    default: chase_all<7>(bands, batch, stride, n, b, ld, w, th, ln); break;
-  }
+  host::with_chase_variant(variant, [&](auto v) { chase_all<decltype(v)::value>(bands, batch, stride, n, b, ld, w, th, ln); });
 }
 
 }  // namespace spectrum_fast

@@ -188,7 +188,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lanes") = 1, py::arg("variant") = 0,
         "Ascending eigenvalues (batch, n) of symmetric band matrices given as (batch, n, ld) float64, ld >= 2b: "
         "the GPU's band solver run by a team of `threads` host threads per matrix in groups of `lanes` (a GPU "
-        "block's warps: threads = lanes = 32 mirrors one warp), chase `variant` 0..3 (for tests).");
+        "block's warps: threads = lanes = 32 mirrors one warp), chase `variant` 0..7 (for tests).");
   m.def("band_eigenvalues_cuda",
         [](int device, uintptr_t bands, int64_t batch, int64_t stride, int64_t n, int64_t b, int64_t ld,
            uintptr_t work, uintptr_t w, uintptr_t stream, int64_t threads, int64_t variant) {
@@ -201,7 +201,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("variant") = 0,
         "Queue the band eigensolver on a GPU: device pointers (as integers) to `batch` band matrices `stride` "
         "doubles apart (layout of band_eigenvalues_host; overwritten), a work area of batch * 2n doubles and "
-        "the output (batch, n); `stream` a cudaStream_t as an integer; `variant` the chase's (0..3, band_solver.h). "
+        "the output (batch, n); `stream` a cudaStream_t as an integer; `variant` the chase's (0..7, band_solver.h). "
         "Arguments are checked before any CUDA call.");
   m.def("band_solver_occupancy", &spectrum_fast::band_solver_occupancy, py::arg("device"), py::arg("b"),
         py::arg("threads"), py::arg("variant"),
