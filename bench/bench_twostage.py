@@ -57,14 +57,6 @@ def timed(fn, device: str, repeats: int) -> float:
     return float(np.median(out))
 
 
-def _settle(device: str) -> None:
-    """Wait for queued GPU work (the inputs' making) before a timer starts."""
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def gram_batch(k: int, count: int, device: str):
     import torch
 
@@ -88,17 +80,22 @@ def random_bands(n: int, b: int, count: int, device: str):
     return s
 
 
-def solve_bands(storage, b: int, device: str, variant: int = twostage.CHASE_VARIANT):
-    """Stages 2 and 3 for the bands ``storage`` (consumed), waited for."""
+def solve_bands(storage, b: int, device: str, variant: int = twostage.CHASE_VARIANT, threads: int | None = None):
+    """Stages 2 and 3 for the bands ``storage`` (consumed), waited for; ``(eigenvalues, seconds)``, timed from
+    when the GPU has finished making the inputs. ``threads``: the GPU's block size (default: the scan's)."""
     import torch
 
     if device == "cuda":
-        w, _ = twostage.launch_bands(storage, b, torch.cuda.current_stream(), variant=variant)
         torch.cuda.synchronize()
-        return w
+        t = time.perf_counter()
+        w, _ = twostage.launch_bands(storage, b, torch.cuda.current_stream(), threads=threads, variant=variant)
+        torch.cuda.synchronize()
+        return w, time.perf_counter() - t
     from spectrum_fast import _C
 
-    return torch.from_numpy(_C.band_eigenvalues_host(storage.numpy(), b, 1, 1, variant))
+    t = time.perf_counter()
+    w = torch.from_numpy(_C.band_eigenvalues_host(storage.numpy(), b, 1, 1, variant))
+    return w, time.perf_counter() - t
 
 
 def gpu_mode(k: int, b: int, variants: list[int], launch: int, device: str, repeats: int) -> list[dict]:
@@ -141,11 +138,10 @@ def _variant_entry(b: int, variant: int, bands, scales, ref, stage1_s: float, la
     batch, k = bands.shape[0], bands.shape[-1]
     many = torch.cat([twostage.band_storage(bands, 2 * b), random_bands(k, b, max(0, launch - batch), device)])
     count = len(many)
-    _settle(device)
-    t = time.perf_counter()
-    lam = solve_bands(many, b, device, variant)[:batch] * scales[:, None]
-    stage23_s = (time.perf_counter() - t) / count
+    w, seconds = solve_bands(many, b, device, variant)
     del many
+    lam = w[:batch] * scales[:, None]
+    stage23_s = seconds / count
     err = float(np.max(np.abs(lam.cpu().numpy() - ref) / np.abs(ref).max(axis=1, keepdims=True)))
     return {"b": b, "variant": variant, "stage1_batch": batch, "stage1_s_per_matrix": stage1_s, "launch": count,
             "stage23_s_per_matrix": stage23_s, "stage23_launch_s": stage23_s * count,
@@ -160,12 +156,7 @@ def launch_sweep(k: int, b: int, variant: int, counts: list[int], device: str) -
     held = _C.band_solver_occupancy(0, b, twostage.chase_threads(b, variant), variant)
     out = []
     for count in counts:
-        many = random_bands(k, b, count, device)
-        _settle(device)
-        t = time.perf_counter()
-        solve_bands(many, b, device, variant)
-        elapsed = time.perf_counter() - t
-        del many
+        _, elapsed = solve_bands(random_bands(k, b, count, device), b, device, variant)
         out.append({"launch": count, "launch_s": elapsed, "s_per_matrix": elapsed / count, "held_per_sm": held})
         print(json.dumps({"k": k, "b": b, "variant": variant, **out[-1]}), flush=True)
     return out
@@ -174,22 +165,13 @@ def launch_sweep(k: int, b: int, variant: int, counts: list[int], device: str) -
 def crews_sweep(k: int, b: int, variant: int, crews: list[int], device: str) -> list[dict]:
     """For a kCrews variant: one full launch (as DeviceBands.full_launch sizes it) with each number of crews
     per block (twostage.CREWS is the scan's): more crews, fewer steps per chase but fewer blocks resident."""
-    import torch
-
     from spectrum_fast import _C
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = []
     for c in crews:
         held = _C.band_solver_occupancy(0, b, 32 * c, variant)
-        count = max(1, min(twostage.DeviceBands.BLOCKS_PER_SM, held)) * sms
-        many = random_bands(k, b, count, device)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        w, _ = twostage.launch_bands(many, b, torch.cuda.current_stream(), threads=32 * c, variant=variant)
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t
-        del many, w
+        count = twostage.DeviceBands.full_launch("cuda:0", b, 32 * c, variant)
+        _, elapsed = solve_bands(random_bands(k, b, count, device), b, device, variant, threads=32 * c)
         out.append({"crews": c, "held_per_sm": held, "launch": count, "launch_s": elapsed,
                     "s_per_matrix": elapsed / count})
         print(json.dumps({"k": k, "b": b, "variant": variant, **out[-1]}), flush=True)
@@ -199,11 +181,7 @@ def crews_sweep(k: int, b: int, variant: int, crews: list[int], device: str) -> 
 def stage3_launch(k: int, launch: int, device: str) -> float:
     """Seconds for a launch of ``launch`` matrices that are tridiagonal already (b = 1: nothing to chase),
     i.e. the bisection's share of a launch."""
-    tri = random_bands(k, 1, launch, device)
-    _settle(device)
-    t = time.perf_counter()
-    solve_bands(tri, 1, device)
-    return time.perf_counter() - t
+    return solve_bands(random_bands(k, 1, launch, device), 1, device)[1]
 
 
 def cpu_stage2(k: int, b: int, device: str, threads: int) -> dict:

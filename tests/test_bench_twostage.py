@@ -46,11 +46,11 @@ def test_variants_at_the_first_size_then_the_fastest(tmp_path, monkeypatch):
 def test_a_variant_that_fails_is_recorded_and_never_chosen(tmp_path, monkeypatch):
     real = bench_twostage.solve_bands
 
-    def broken(storage, b, device, variant=0):
+    def broken(storage, b, device, variant=0, threads=None):
         if variant == 1:
             raise RuntimeError("band eigensolver kernel launch failed: too many resources requested")
-        out = real(storage, b, device, variant)
-        return out + 1.0 if variant == 7 else out  # 7 runs but is wrong
+        w, seconds = real(storage, b, device, variant, threads)
+        return (w + 1.0 if variant == 7 else w), seconds  # 7 runs but is wrong
 
     monkeypatch.setattr(bench_twostage, "solve_bands", broken)
     out = tmp_path / "twostage.json"
