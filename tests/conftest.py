@@ -75,6 +75,22 @@ def adversarial():
     yield "spiked", (rng.standard_normal((1024, 1024)) + spikes).astype(np.float32)
 
 
+def banded(rng, n: int, b: int) -> np.ndarray:
+    """A random symmetric n x n matrix of bandwidth b."""
+    m = rng.standard_normal((n, n))
+    return np.tril(np.triu(m + m.T, -b), b)
+
+
+def to_band(a: np.ndarray, b: int, ld: int | None = None) -> np.ndarray:
+    """(1, n, ld) layout of the native band solver (csrc/band_solver.h) of the lower band of width b of the
+    symmetric ``a``."""
+    n = a.shape[0]
+    out = np.zeros((1, n, ld or 2 * b))
+    for i in range(min(b, n - 1) + 1):
+        out[0, : n - i, i] = np.diagonal(a, -i)
+    return out
+
+
 def ref_select(snrs: dict[str, float], types: dict[str, str], top: float) -> set[str]:
     """SPEC.md §3, independently: per type, SNR descending (ties by name), first floor(len * top)."""
     groups: dict[str, list[str]] = {}

@@ -8,23 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from .conftest import banded, to_band
+
 _C = pytest.importorskip("spectrum_fast._C", reason="the native extension is not built here")
 if not hasattr(_C, "band_eigenvalues_host"):
     pytest.skip("this build of the extension has no band solver", allow_module_level=True)
-
-
-def to_band(a: np.ndarray, b: int, ld: int | None = None) -> np.ndarray:
-    """(1, n, ld) solver layout of the lower band of width b of the symmetric ``a``."""
-    n = a.shape[0]
-    out = np.zeros((1, n, ld or 2 * b))
-    for i in range(min(b, n - 1) + 1):
-        out[0, : n - i, i] = np.diagonal(a, -i)
-    return out
-
-
-def banded(rng, n: int, b: int) -> np.ndarray:
-    m = rng.standard_normal((n, n))
-    return np.tril(np.triu(m + m.T, -b), b)
 
 
 def check(a: np.ndarray, b: int, threads: int, ld: int | None = None, tol: float = 1e-13, lanes: int = 1,

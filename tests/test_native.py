@@ -12,7 +12,7 @@ import spectrum_fast
 from spectrum_fast.backends import cuda_unavailable_reason, native_extension
 
 from .conftest import adversarial as _adversarial
-from .conftest import assert_snr_matches, ref_snr, rel_err, save_np
+from .conftest import assert_snr_matches, banded, ref_snr, rel_err, save_np, to_band
 
 _C = native_extension()
 needs_ext = pytest.mark.skipif(_C is None, reason="spectrum_fast._C was not built (no nvcc / cuSOLVER here)")
@@ -143,15 +143,6 @@ def test_gpu_twostage_parity_with_float64_reference(tmp_path, monkeypatch, mode)
         assert_snr_matches(r.snr, tensors[r.module + ".weight"].double().numpy(), what=(r.module, r.method))
 
 
-def _band(rng, n, b, ld):
-    m = rng.standard_normal((n, n))
-    a = np.tril(np.triu(m + m.T, -b), b)
-    out = np.zeros((n, ld))
-    for i in range(min(b, n - 1) + 1):
-        out[: n - i, i] = np.diagonal(a, -i)
-    return a, out
-
-
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", range(8))
@@ -165,7 +156,7 @@ def test_gpu_band_solver_matches_float64_and_depends_on_the_matrix_alone(variant
 
     rng = np.random.default_rng(13)
     for n, b in [(1, 1), (3, 2), (100, 8), (513, 32), (1000, 64), (300, 128)]:
-        mats = [_band(rng, n, b, 2 * b) for _ in range(3)]
+        mats = [(a, to_band(a, b)[0]) for a in (banded(rng, n, b) for _ in range(3))]
         bands = torch.from_numpy(np.stack([m[1] for m in mats])).cuda()
 
         def solve(x, b=b):
