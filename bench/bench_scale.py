@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -257,15 +256,13 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict) -> dict:
 def twostage_rates(path: Path | None) -> dict[int, dict]:
     """k -> the GPU two-stage solver's measured rates at the scan's bandwidth and chase variant
     (bench_twostage.py's JSON), when SPECTRUM_FAST_TWOSTAGE=gpu; else empty."""
-    if path is None or os.environ.get("SPECTRUM_FAST_TWOSTAGE", "0").strip().lower() not in ("1", "gpu", "on"):
-        return {}
-    from spectrum_fast.cuda_engine import _DEVICE_BAND
+    from spectrum_fast.cuda_engine import _DEVICE_BAND, chase_variant, twostage_mode
 
+    if path is None or twostage_mode() != "gpu":
+        return {}
     if not path.is_file():
         print(f"no {path}: sampled two-stage shapes are not corrected", file=sys.stderr)
         return {}
-    from spectrum_fast.cuda_engine import chase_variant
-
     doc = json.loads(path.read_text())
     out: dict[int, dict] = {}
     for row in doc["rows"]:  # the scan's band and chase variant; another variant only if that one is missing
