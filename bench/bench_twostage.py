@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             row["launch_sweep"] = _recorded(launch_sweep, k, _DEVICE_BAND, doc["best_variant"],
                                             [x * sms for x in args.per_sm], args.device)
             write_result(args.json, doc)
-            if doc["best_variant"] & 4:  # kCrews: does another number of warps per block do better?
+            if doc["best_variant"] & twostage.CREWS_BIT:  # does another number of warps per block do better?
                 row["crews_sweep"] = _recorded(crews_sweep, k, _DEVICE_BAND, doc["best_variant"], [2, 8], args.device)
                 write_result(args.json, doc)
         row["stage3_launch_s"] = _recorded(stage3_launch, k, launch, args.device)

@@ -215,12 +215,13 @@ def band_threads(b: int) -> int:
 #: times them; ``SPECTRUM_FAST_CHASE`` overrides this (:func:`spectrum_fast.cuda_engine.chase_variant`).
 CHASE_VARIANT = 7
 CHASE_VARIANTS = tuple(range(8))
+CREWS_BIT = 4  # kCrews
 CREWS = 4  # warps per block with kCrews
 
 
 def chase_threads(b: int, variant: int) -> int:
     """Threads per block of the band solver: :data:`CREWS` warps with kCrews, else :func:`band_threads`."""
-    return 32 * CREWS if variant & 4 else band_threads(b)
+    return 32 * CREWS if variant & CREWS_BIT else band_threads(b)
 
 
 def launch_bands(storage, b: int, stream, threads: int | None = None, variant: int = CHASE_VARIANT):

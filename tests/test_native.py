@@ -168,7 +168,7 @@ def test_gpu_band_solver_matches_float64_and_depends_on_the_matrix_alone(variant
         assert np.array_equal(together, solve(bands))
         assert np.array_equal(together[1], solve(bands[1:2])[0])
         twins = [(variant & ~2, None)]  # kBatched changes no bit (minus_product: one rounding either way)
-        if variant & 4 and b <= 32:
+        if variant & twostage.CREWS_BIT and b <= 32:
             twins.append((variant & 3, 32))  # crews: one warp's numbers, where one warp is the whole block
         for twin, threads in twins:
             w, _ = twostage.launch_bands(bands.clone(), b, torch.cuda.current_stream(), threads=threads, variant=twin)
