@@ -38,10 +38,13 @@ struct BlockTeam {
   __device__ int lane() const { return static_cast<int>(threadIdx.x & 31); }
   __device__ int lanes() const { return 32; }
   __device__ void group_sync() const { __syncwarp(); }
-  // lane 0's total, broadcast: every lane gets the same bits
+  // lane 0's total, broadcast: every lane gets the same bits; ends with a barrier of the warp, as the Team
+  // contract says (shuffles alone order no memory)
   __device__ double group_sum(double x) const {
     for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
-    return __shfl_sync(0xffffffffu, x, 0);
+    x = __shfl_sync(0xffffffffu, x, 0);
+    __syncwarp();
+    return x;
   }
   __device__ double* v() { return scratch; }
   __device__ double* w() { return scratch + sets * stride; }
@@ -57,6 +60,7 @@ inline size_t chase_scratch_bytes(int variant, int64_t b, int64_t threads) {
 }
 
 constexpr int kChaseMaxThreads = 256;  // a thread per reflector row (b <= 128: 4 warps), or kMaxCrews crews of a warp
+static_assert(kChaseMaxThreads / 32 <= device::kMaxCrews, "a chase block has at most kMaxCrews warps (crews)");
 
 template <int Variant>
 __global__ void __launch_bounds__(kChaseMaxThreads) chase_kernel(double* bands, int64_t stride, int64_t n, int64_t b, int64_t ld, double* work) {

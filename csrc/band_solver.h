@@ -110,6 +110,13 @@ SF_FN inline double minus_product(double x, double p, double q) {
   return x - p * q;
 #endif
 }
+SF_FN inline double plus_product(double x, double p, double q) { return minus_product(x, -p, q); }
+
+// The entry (r, c) of v z^T + z v^T, z = w - gamma v, given zc = z_c: written out rounding by rounding, so
+// that a GPU's two loops (and crews of any size) round it the same way whatever ptxas would contract.
+SF_FN inline double rank2_entry(double vr, double wr, double vc, double zc, double gamma) {
+  return plus_product(plus_product(wr, -gamma, vr) * vc, vr, zc);
+}
 
 // For i = rank, rank + size, ... < count with at(i, off, p, q) true: a[off] = minus_product(a[off], p, q).
 // Batched as above.
@@ -222,18 +229,18 @@ SF_FN void chase_step(Team& t, double* a, int64_t n, int64_t b, int64_t ld, cons
       subtract<true>(a, nl * nl, rank, size, [&](int idx, int64_t& off, double& p, double& q) {
         const int r = idx % nl, c = idx / nl;
         if (r < c) return false;
-        const double zc = w[c] - gamma * v[c], vc = v[c];
+        const double vc = v[c], zc = plus_product(w[c], -gamma, vc);
         off = (j0 + c) * ld + (r - c);
         p = 1.0;  // x - 1 * s is x - s exactly
-        q = v[r] * zc + (w[r] - gamma * v[r]) * vc;
+        q = rank2_entry(v[r], w[r], vc, zc, gamma);
         return true;
       });
     } else {
       for (int64_t c = group; c < len; c += groups) {  // a group per column, as above
-        const double zc = w[c] - gamma * v[c], vc = v[c];
+        const double vc = v[c], zc = plus_product(w[c], -gamma, vc);
         double* dc = a + (j0 + c) * ld;
         for (int64_t r = c + lane; r < len; r += lanes) {
-          dc[r - c] = minus_product(dc[r - c], 1.0, v[r] * zc + (w[r] - gamma * v[r]) * vc);
+          dc[r - c] = minus_product(dc[r - c], 1.0, rank2_entry(v[r], w[r], vc, zc, gamma));
         }
       }
     }
