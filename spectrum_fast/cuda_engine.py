@@ -320,6 +320,7 @@ def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> Non
     # stays on the device until its eigenvalues are delivered (a zero, non-finite or out-of-range matrix
     # gives NaN or garbage there, and :func:`_judge` sends it to the CPU engine by that largest entry)
     reads = _read_ahead([i for g in groups for i in g], pin=solver.device.type == "cuda")
+    group = infos
     try:
         for group in groups:
             k = min(group[0].shape)  # a unit's members share a shape
@@ -336,19 +337,26 @@ def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> Non
             solver.run(keys, grams)
             del grams
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-        raise SpectrumError(f"two-stage eigensolver on {solver.device} failed on {_which(infos)}: {e}") from None
+        # a band-solver launch queued earlier may be what failed (its kernels run asynchronously)
+        raise SpectrumError(f"two-stage eigensolver on {solver.device} failed on {_which(group)}"
+                            f" (or on a band-solver launch still running): {e}") from None
     finally:
         reads.close()  # stops the read-ahead on errors and Ctrl-C
 
 
 def _bands_done(solver, done: Callable[[TensorInfo, MatrixStats], None], wait: bool) -> None:
     """Deliver the band solver's finished matrices (all of them when ``wait``)."""
+    from .twostage import LaunchError
+
     try:
-        finished = solver.finished(wait)
+        finished = [(info, lam, float(amax)) for (info, amax), lam in solver.finished(wait)]
+    except LaunchError as e:
+        raise SpectrumError(f"two-stage eigensolver on {solver.device} failed on "
+                            f"{_which([info for info, _ in e.keys])}: {e}") from None
     except RuntimeError as e:
         raise SpectrumError(f"two-stage eigensolver on {solver.device} failed: {e}") from None
-    for (info, amax), lam in finished:
-        out = _judge(info, lam, float(amax), 0, _EPS64)
+    for info, lam, amax in finished:
+        out = _judge(info, lam, amax, 0, _EPS64)
         done(info, out if out is not None else matrix_stats(read_matrix(info)))
 
 

@@ -250,8 +250,8 @@ def launch_bands(storage, b: int, stream, threads: int | None = None, variant: i
 class DeviceBands:
     """Stages 1 to 3 on the GPU: :meth:`run` reduces a batch of same-size matrices to bands now (stage 1:
     torch matrix products and the native panel QR) and keeps the bands; once ``launch_at`` bands of one
-    size are kept (by default four per multiprocessor), the band solver (stages 2 and 3) is queued for all
-    of them on a side stream and :meth:`run` returns at once; :meth:`finished` hands back what is done
+    size are kept (by default four per multiprocessor), the band solver (stages 2 and 3) is queued for
+    exactly that many on a side stream and :meth:`run` returns at once; :meth:`finished` hands back what is done
     (``wait=True`` launches the rest too and waits). Each band's bulge chasing is a long chain of small
     steps in one thread block, so the solver needs many bands in one launch to fill the GPU, and runs
     beside the next matrices' reading and stage 1. A matrix's eigenvalues depend on it and its stage-1
@@ -302,10 +302,13 @@ class DeviceBands:
         n = storage.shape[1]
         kept = self._kept.setdefault(n, [])
         kept.append((keys, storage, scales))
-        if sum(len(k) for k, _, _ in kept) >= self.launch_at:
-            self._launch(n)
+        while sum(len(k) for k, _, _ in self._kept.get(n, [])) >= self.launch_at:
+            self._launch(n, self.launch_at)
 
-    def _launch(self, n: int) -> None:
+    def _launch(self, n: int, count: int | None = None) -> None:
+        """Queue the solver for the first ``count`` kept bands of size ``n`` (all by default); the rest stay
+        kept. Exactly ``launch_at`` per launch on a GPU: one band more than it holds at once would start a
+        second wave and double the launch's time."""
         import torch
 
         kept = self._kept.pop(n, [])
@@ -314,6 +317,11 @@ class DeviceBands:
         keys = [k for ks, _, _ in kept for k in ks]
         storage = torch.cat([s for _, s, _ in kept]) if len(kept) > 1 else kept[0][1]
         scales = torch.cat([c for _, _, c in kept])
+        del kept
+        if count is not None and count < len(keys):
+            # the remainder is copied: a view would keep the whole concatenation alive after the launch
+            self._kept[n] = [(keys[count:], storage[count:].clone(), scales[count:].clone())]
+            keys, storage, scales = keys[:count], storage[:count], scales[:count]
         if self.device.type != "cuda":
             w = torch.from_numpy(_native().band_eigenvalues_host(storage.numpy(), self.band, 2, 1, self.variant))
             self._inflight.append((None, keys, w, scales))
@@ -334,12 +342,24 @@ class DeviceBands:
         out, still = [], []
         for item in self._inflight:
             event, keys, w, scales = item
-            if event is not None and not wait and not event.query():
-                still.append(item)
-                continue
-            if event is not None:
-                event.synchronize()
-            lam = (w * scales[:, None]).cpu().numpy()
+            try:
+                if event is not None and not wait and not event.query():
+                    still.append(item)
+                    continue
+                if event is not None:
+                    event.synchronize()
+                lam = (w * scales[:, None]).cpu().numpy()
+            except RuntimeError as e:  # a kernel's fault surfaces here, asynchronously: say whose launch it was
+                self._inflight = []
+                raise LaunchError(keys, e) from None
             out.extend(zip(keys, lam))
         self._inflight = still
         return out
+
+
+class LaunchError(RuntimeError):
+    """A band-solver launch failed; ``keys`` are the keys :meth:`DeviceBands.run` was given for its bands."""
+
+    def __init__(self, keys: list, error: Exception):
+        super().__init__(f"band solver launch of {len(keys)} matrices: {error}")
+        self.keys = keys

@@ -4,6 +4,7 @@ itself is tested on a GPU by tests/test_native.py."""
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 import warnings
@@ -493,6 +494,49 @@ def test_twostage_failure_is_a_user_error_naming_the_tensor(fake_gpu, tmp_path, 
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", mode)
     with pytest.raises(spectrum_fast.SpectrumError,
                        match=r"two-stage eigensolver on cpu failed on model\.layers\.0\.mlp\.up_proj\.weight .*out of memory"):
+        spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+
+
+def test_twostage_failure_names_the_failing_group_not_the_first_tensors(fake_gpu, tmp_path, monkeypatch):
+    """With several stage-1 groups, the error names the group whose stage 1 failed; a band-solver launch
+    that fails later (a GPU kernel's fault surfaces when its event is waited for) names its own matrices."""
+    pytest.importorskip("torch")
+    from spectrum_fast import cuda_engine, twostage
+
+    rng = np.random.default_rng(2)
+    # a shape each: a stage-1 group each
+    save_np(tmp_path / "model.safetensors", {f"model.layers.{i}.mlp.up_proj.weight":
+                                             rng.standard_normal((200 + 10 * i, 100)).astype(np.float32)
+                                             for i in range(5)})
+    monkeypatch.setattr(cuda_engine, "_TORCH_DEVICE", "cpu")
+    monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "64")
+    monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", "gpu")
+    run = twostage.DeviceBands.run
+
+    def fails_on_layer_3(self, keys, a):
+        if any(".layers.3." in info.name for info, _ in keys):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        run(self, keys, a)
+
+    with monkeypatch.context() as m:
+        m.setattr(twostage.DeviceBands, "run", fails_on_layer_3)
+        with pytest.raises(spectrum_fast.SpectrumError) as e:
+            spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert re.search(r"failed on model\.layers\.3\.mlp\.up_proj\.weight \(.*out of memory", str(e.value)), str(e.value)
+    assert "layers.0" not in str(e.value) and "layers.4" not in str(e.value)
+
+    finished = twostage.DeviceBands.finished
+
+    def launch_faults(self, wait=False):
+        done = finished(self, wait)
+        late = [key for key, _ in done if ".layers.2." in key[0].name]
+        if late:
+            raise twostage.LaunchError(late, RuntimeError("CUDA error: an illegal memory access was encountered"))
+        return done
+
+    monkeypatch.setattr(twostage.DeviceBands, "finished", launch_faults)
+    with pytest.raises(spectrum_fast.SpectrumError, match=r"failed on model\.layers\.2\.mlp\.up_proj\.weight \(.*"
+                                                          r"band solver launch of 1 matrices: .*illegal memory access"):
         spectrum_fast.scan(tmp_path, device="cuda", progress=False)
 
 

@@ -171,11 +171,59 @@ def test_device_bands_keep_bands_until_enough_for_a_launch():
     assert solver.finished() == []  # 4 of size 40 kept: not yet
     solver.run(["m4", "m5"], torch.from_numpy(np.stack([mats["m4"], mats["m5"]])))
     got = dict(solver.finished())
-    assert sorted(got) == ["m0", "m1", "m2", "m3", "m4", "m5"]  # 6 >= 5: launched
+    assert sorted(got) == ["m0", "m1", "m2", "m3", "m4"]  # 6 >= 5: 5 launched, m5 kept for the next
     got.update(solver.finished(wait=True))
     assert sorted(got) == sorted(mats) and solver.finished(wait=True) == []
     for name, a in mats.items():
         np.testing.assert_allclose(got[name], np.linalg.eigvalsh(a), rtol=0, atol=1e-12 * np.abs(a).max() * 10)
+
+
+def test_device_bands_launch_exactly_launch_at_and_keep_the_rest():
+    """A launch holds exactly ``launch_at`` bands (one more than a GPU holds at once would start a second
+    wave), the rest stay kept for the next one; every key still comes back once with its own eigenvalues."""
+    _C = pytest.importorskip("spectrum_fast._C", reason="the native extension is not built here")
+    if not hasattr(_C, "band_eigenvalues_host"):
+        pytest.skip("this build of the extension has no band solver")
+    rng = np.random.default_rng(13)
+    mats = {f"m{i}": _sym(rng, 36) for i in range(7)}
+    solver = twostage.DeviceBands("cpu", 8, launch_at=3)
+    launched = []
+    launch = twostage.DeviceBands._launch
+
+    def spy(self, n, count=None):
+        before = len(self._inflight)  # finished() only runs at the end here: launches are appended
+        launch(self, n, count)
+        launched.extend(len(item[1]) for item in self._inflight[before:])
+
+    solver._launch = spy.__get__(solver)
+    names = list(mats)
+    for group in (names[:2], names[2:6], names[6:]):  # 2 kept; 6 -> two launches of 3; 1 kept
+        solver.run(group, torch.from_numpy(np.stack([mats[k] for k in group])))
+    assert launched == [3, 3]
+    assert sum(len(k) for k, _, _ in solver._kept[36]) == 1
+    got = dict(solver.finished(wait=True))
+    assert launched == [3, 3, 1] and sorted(got) == sorted(mats)
+    for name, a in mats.items():
+        np.testing.assert_allclose(got[name], np.linalg.eigvalsh(a), rtol=0, atol=1e-12 * np.abs(a).max() * 10)
+
+
+def test_device_bands_failed_launch_names_its_keys():
+    """A launch whose results cannot be read (a GPU kernel's fault surfaces there) raises LaunchError with
+    that launch's keys, not a bare error."""
+    _C = pytest.importorskip("spectrum_fast._C", reason="the native extension is not built here")
+    if not hasattr(_C, "band_eigenvalues_host"):
+        pytest.skip("this build of the extension has no band solver")
+
+    class Faulted:
+        def __mul__(self, other):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    solver = twostage.DeviceBands("cpu", 8, launch_at=2)
+    solver.run(["a", "b"], torch.from_numpy(np.stack([_sym(np.random.default_rng(i), 20) for i in range(2)])))
+    solver._inflight = [(None, keys, Faulted(), scales) for _, keys, _, scales in solver._inflight]
+    with pytest.raises(twostage.LaunchError, match="illegal memory access") as e:
+        solver.finished()
+    assert e.value.keys == ["a", "b"] and solver.finished() == []
 
 
 def test_native_kernels_take_float64_only():
