@@ -187,11 +187,14 @@ def scan_units(infos: Sequence[TensorInfo]) -> dict[str, int]:
     by them): the batched solver's (:func:`batch_units`) and, with ``SPECTRUM_FAST_TWOSTAGE=gpu``, the two-stage
     solver's stage-1 batches of the matrices that go straight to float64 (:func:`band_units`)."""
     infos = [i for i in infos if engine_takes(i)]
-    units = batch_units(infos, batched_max_k(), BATCH)
     big = fp64_min_k()
-    if big and twostage_mode() == "gpu":
-        straight = [i for i in infos if i.name not in units and min(i.shape) >= big and _twostage_takes(i)]
-        units.update(band_units(straight, band_batch, first=max(units.values(), default=-1) + 1))
+    straight: list[TensorInfo] = []
+    if big and twostage_mode() == "gpu":  # these never meet the batched solver, whatever its size limit
+        straight = [i for i in infos if min(i.shape) >= big and _twostage_takes(i)]
+        taken = {i.name for i in straight}
+        infos = [i for i in infos if i.name not in taken]
+    units = batch_units(infos, batched_max_k(), BATCH)
+    units.update(band_units(straight, band_batch, first=max(units.values(), default=-1) + 1))
     return units
 
 

@@ -858,6 +858,11 @@ def test_band_units_follow_the_settings(fake_gpu, monkeypatch):
     q = [units[f"q{i}"] for i in range(20)]
     assert q[:16] == [q[0]] * 16 and q[16:] == [q[16]] * 4 and q[0] != q[16]
     assert units["x"] == units["y"] and "kv" not in units and "f8" not in units  # k < 4096; FP8 not two-stage
+    # a batched solver allowed up to k = 8192 still gets none of them: its units of 64 would be one stage-1
+    # batch of 20 Gram matrices (2.5 GiB at k = 4096; 32 GiB for 64 at 8192), past BAND_BATCH_BYTES
+    monkeypatch.setenv("SPECTRUM_FAST_BATCHED_MAX_K", "8192")
+    assert cuda_engine.scan_units(infos) == units
+    monkeypatch.delenv("SPECTRUM_FAST_BATCHED_MAX_K")
     monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", "0")
     assert cuda_engine.scan_units(infos) == {}  # nothing goes straight to float64
 
