@@ -25,8 +25,11 @@ def machine_info() -> dict[str, Any]:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
-    return {"platform": platform.platform(), "python": platform.python_version(),
+    info = {"platform": platform.platform(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "cpu_model": cpu, "mem_gib": mem_gib}
+    if os.environ.get("SF_SOURCES"):  # bench/gpu_check.sh's fingerprint of the tree (a device's .git can be stale)
+        info["sources"] = os.environ["SF_SOURCES"]
+    return info
 
 
 def write_result(path: Path, doc: dict[str, Any]) -> None:

@@ -167,10 +167,20 @@ def torch_loop(path: Path, fp64_svd: bool = False, layers: int | None = None,
 
 def end_to_end(workdir: Path, ref_layers: int, engines: bool = True, rates_json: Path | None = None,
                save=None) -> dict:
+    """The Mistral-shaped scan and its baselines; ``save(partial)`` is called after every measurement, so a
+    step cut short by the device call's time limit keeps everything measured before it."""
     ckpt = workdir / "mistral-shaped"
+    out: dict = {"twostage": {"error": "not finished"}, "goals": {"vs_reference": 20, "vs_torch_loop": 2, "under_s": 10}}
+
+    def note(**numbers) -> None:
+        print("end to end:", json.dumps(numbers, default=str), flush=True)  # the log has them too
+        out.update(numbers)
+        if save is not None:
+            save(out)
+
     t = time.perf_counter()
     nbytes = build_mistral(ckpt, MISTRAL["layers"])
-    build_s = time.perf_counter() - t
+    note(checkpoint_gb=nbytes / 1e9, build_s=time.perf_counter() - t)
     for f in ckpt.glob("*.safetensors"):  # warm page cache
         with open(f, "rb") as fh:
             while fh.read(1 << 26):
@@ -179,11 +189,16 @@ def end_to_end(workdir: Path, ref_layers: int, engines: bool = True, rates_json:
     t = time.perf_counter()
     ours = spectrum_fast.scan(ckpt, device="cuda", progress=False)
     ours_s = time.perf_counter() - t
+    note(ours_s=ours_s, methods=dict(Counter(r.method or r.status for r in ours.records)))
     loop_s, loop_snr = torch_loop(ckpt)
+    note(torch_gram_eigvalsh_loop_s=loop_s, speedup_vs_torch_loop=loop_s / ours_s)
     # the loop at the precision our guard ends up using for k >= 4096 (float64 Gram + eigvalsh)
     loop64_s, _ = torch_loop(ckpt, fp64_gram=True)
+    note(torch_gram64_eigvalsh_loop_s=loop64_s, speedup_vs_torch_loop_fp64=loop64_s / ours_s)
     ref_s, _ = torch_loop(ckpt, fp64_svd=True, layers=ref_layers)
     ref_scaled = ref_s * MISTRAL["layers"] / ref_layers
+    note(**{f"reference_svdvals_{ref_layers}_layers_s": ref_s, "reference_svdvals_scaled_to_32_layers_s": ref_scaled,
+            "speedup_vs_reference": ref_scaled / ours_s})
     # several engines on one GPU (devices=[0, 0, ...]): each has its own streams, so one matrix's
     # eigensolve (latency-bound tridiagonalisation at k = 4096) overlaps another's
     streams = {}
@@ -192,32 +207,28 @@ def end_to_end(workdir: Path, ref_layers: int, engines: bool = True, rates_json:
         res = spectrum_fast.scan(ckpt, device="cuda", devices=[0] * count, progress=False)
         streams[str(count)] = {"s": time.perf_counter() - t,
                                "snrs_equal_to_one_engine": [r.snr for r in res.records] == [r.snr for r in ours.records]}
-    # last: a failure in the new route (a CUDA error poisons the context) cannot cost the numbers above
-    base = floors(ckpt, nbytes)
-    methods: dict[str, int] = {}
-    for r in ours.records:
-        methods[r.method or r.status] = methods.get(r.method or r.status, 0) + 1
+        note(engines_on_one_gpu=streams)
     from spectrum_fast.result import MatrixRecord, ScanResult
 
     loop_result = ScanResult("loop", "loop", [MatrixRecord(m, r.type, loop_snr[m]) for m, r in
                                               ((r.module, r) for r in ours.records)])
-    same = {str(top): ours.select(top).modules == loop_result.select(top).modules for top in (0.25, 0.5)}
-    out = {"checkpoint_gb": nbytes / 1e9, "build_s": build_s, "ours_s": ours_s, "torch_gram_eigvalsh_loop_s": loop_s,
-           "torch_gram64_eigvalsh_loop_s": loop64_s, "speedup_vs_torch_loop_fp64": loop64_s / ours_s,
-           f"reference_svdvals_{ref_layers}_layers_s": ref_s, "reference_svdvals_scaled_to_32_layers_s": ref_scaled,
-           "speedup_vs_reference": ref_scaled / ours_s, "speedup_vs_torch_loop": loop_s / ours_s,
-           "goals": {"vs_reference": 20, "vs_torch_loop": 2, "under_s": 10},
-           "engines_on_one_gpu": streams, "twostage": {"error": "not finished"}, "floors": base,
-           "methods": methods, "selections_equal_to_torch_loop": same}
-    if save is not None:
-        save(out)  # the syevd route's numbers, before the new route runs (a hang or a crash there keeps them)
+    note(selections_equal_to_torch_loop={str(top): ours.select(top).modules == loop_result.select(top).modules
+                                         for top in (0.25, 0.5)})
+    try:  # the numbers above stand whatever happens here
+        base = floors(ckpt, nbytes)
+    except Exception as e:  # noqa: BLE001 - recorded in the result
+        base = None
+        note(floors={"error": f"{type(e).__name__}: {e}"})
+    else:
+        note(floors=base)
+    # last: a failure in the new route (a CUDA error poisons the context) cannot cost the numbers above
     try:
         twostage = twostage_scan(ckpt, ours, ours_s, {"reference": ref_scaled, "torch_loop": loop_s,
                                                       "torch_loop_fp64": loop64_s}, base, rates_json)
     except Exception as e:  # noqa: BLE001 - recorded in the result
         twostage = {"error": f"{type(e).__name__}: {e}"}
         print(f"two-stage scan failed: {e}", flush=True)
-    out["twostage"] = twostage
+    note(twostage=twostage)
     return out
 
 
@@ -334,7 +345,8 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "python": platform.python_version(),
            "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    check=False).stdout.strip() or os.environ.get("GIT_COMMIT", "unknown")}
+                                    check=False).stdout.strip() or os.environ.get("GIT_COMMIT", "unknown"),
+           "sources": os.environ.get("SF_SOURCES")}
     parts = set(args.parts.split(","))
     if "matrix" in parts:
         out["per_matrix"] = engine_per_matrix(args.workdir, [int(s) for s in args.sizes.split(",")])

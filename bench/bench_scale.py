@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -192,7 +193,9 @@ def time_shapes(ckpt_dir: Path, device: str, samples: int) -> dict[tuple[int, in
     return out
 
 
-def bench_model(model: str, args: argparse.Namespace, rates: dict) -> dict:
+def bench_model(model: str, args: argparse.Namespace, rates: dict, publish=lambda row: None) -> dict:
+    """The model's per-shape timings, extrapolation and floors; ``publish(row)`` gets them before the end-to-end
+    scan runs (the longest part: a run cut short there keeps the rest), and the row is completed after it."""
     config = json.loads((CONFIGS / f"{model}.json").read_text())
     layers = min(args.layers or _default_layers(config), config["num_hidden_layers"])
     full = scanned(tensor_list(config))
@@ -241,6 +244,7 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict) -> dict:
     if args.e2e:
         import spectrum_fast
 
+        publish(row)
         for f in sorted(ckpt.glob("*.safetensors")):
             drop_cache(f)
         t0 = time.perf_counter()
@@ -312,27 +316,37 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         doc["gpu"] = torch.cuda.get_device_name(0)
+    def publish(row: dict) -> None:  # the JSON is rewritten whenever a model's row grows
+        if not any(r is row for r in rows):
+            rows.append(row)
+        write_result(args.json, doc)
+
     for model in args.models:
-        if first_shard is None:
-            config = json.loads((CONFIGS / f"{model}.json").read_text())
-            layers = min(args.layers or _default_layers(config), config["num_hidden_layers"])
-            ckpt = ensure_checkpoint(model, config, layers, args.workdir)
-            first_shard = max(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size)
-            rates["disk_sequential_Bps"] = disk_bandwidth(first_shard)
-            rates["disk_readahead_Bps"] = disk_bandwidth_readahead(first_shard)
-            rates["disk_Bps"] = max(rates["disk_sequential_Bps"], rates["disk_readahead_Bps"])  # the floor's
-        try:
-            rows.append(bench_model(model, args, rates))
+        try:  # a failing model (its checkpoint, its scan) is recorded; the others still run
+            if first_shard is None:
+                config = json.loads((CONFIGS / f"{model}.json").read_text())
+                layers = min(args.layers or _default_layers(config), config["num_hidden_layers"])
+                ckpt = ensure_checkpoint(model, config, layers, args.workdir)
+                first_shard = max(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+                rates["disk_sequential_Bps"] = disk_bandwidth(first_shard)
+                rates["disk_readahead_Bps"] = disk_bandwidth_readahead(first_shard)
+                rates["disk_Bps"] = max(rates["disk_sequential_Bps"], rates["disk_readahead_Bps"])  # the floor's
+            publish(bench_model(model, args, rates, publish))
         except Exception as e:  # noqa: BLE001 - keep the other models' numbers; the JSON says what failed
-            print(f"{model}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-            rows.append({"model": model, "error": f"{type(e).__name__}: {e}"})
-        write_result(args.json, doc)  # after every model: a run cut short keeps the models it finished
+            error = f"{type(e).__name__}: {e}"
+            print(f"{model}: FAILED: {error}", file=sys.stderr)
+            if rows and rows[-1].get("model") == model:  # its timings stand; the end-to-end scan failed
+                rows[-1]["e2e"] = {"error": error}
+            else:
+                rows.append({"model": model, "error": error})
+            write_result(args.json, doc)
 
     def fmt(s: float) -> str:
         return f"{s:8.1f} s" if s < 3600 else f"{s / 3600:6.2f} h"
 
-    print(f"\nrates: disk {rates['disk_sequential_Bps'] / 1e9:.2f} GB/s sequential, "
-          f"{rates['disk_readahead_Bps'] / 1e9:.2f} GB/s as the read-ahead reads, fp32 GEMM {rates['gemm_flops'] / 1e12:.2f} TFLOP/s"
+    print(f"\nrates: disk {rates.get('disk_sequential_Bps', math.nan) / 1e9:.2f} GB/s sequential, "
+          f"{rates.get('disk_readahead_Bps', math.nan) / 1e9:.2f} GB/s as the read-ahead reads, "
+          f"fp32 GEMM {rates['gemm_flops'] / 1e12:.2f} TFLOP/s"
           + (f", PCIe {rates['pcie_Bps'] / 1e9:.1f} GB/s" if "pcie_Bps" in rates else ""))
     print(f"{'model':<16} {'matrices':>8} {'GiB':>6} {'extrapolated':>12} {'floor':>10} {'x floor':>7} "
           f"{'disk':>10} {'Gram':>10} {'eig':>10}  8-device speed-up")
@@ -345,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(f['floor_s']):>10} {r['vs_floor']:>7.2f} {fmt(f['disk_s']):>10} {fmt(f['gram_s']):>10} "
               f"{fmt(f['eig_s']):>10}  {r['multi_device']['8']['speedup']:.2f}x"
               + (f"   goal {r['goal_s']:.0f} s: {'met' if r['meets_goal'] else 'NOT met'}" if "goal_s" in r else ""))
-        if "e2e" in r:
+        if "measured_s" in r.get("e2e", {}):
             print(f"{'':<16} end to end over {r['layers_generated']} layers: {r['e2e']['measured_s']:.1f} s "
                   f"measured, {r['e2e']['predicted_s']:.1f} s predicted ({r['e2e']['ratio']:.2f}x)")
     write_result(args.json, doc)

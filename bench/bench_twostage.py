@@ -98,8 +98,9 @@ def solve_bands(storage, b: int, device: str, variant: int = twostage.CHASE_VARI
     return w, time.perf_counter() - t
 
 
-def gpu_mode(k: int, b: int, variants: list[int], launch: int, device: str, repeats: int) -> list[dict]:
-    """One entry per chase variant: stage 1 (shared), stages 2-3 at a full launch, accuracy on Gram matrices."""
+def gpu_mode(k: int, b: int, variants: list[int], launch: int, device: str, repeats: int, record) -> None:
+    """One entry per chase variant, each handed to ``record`` as soon as it is measured: stage 1 (shared),
+    stages 2-3 at a full launch, accuracy on Gram matrices."""
     from spectrum_fast.cuda_engine import band_batch
 
     batch = band_batch(k)
@@ -119,14 +120,13 @@ def gpu_mode(k: int, b: int, variants: list[int], launch: int, device: str, repe
 
         ref = torch.linalg.eigvalsh(grams * scales[:, None, None]).cpu().numpy()
     del grams, stage1
-    out = []
     for variant in variants:
         try:
-            out.append(_variant_entry(b, variant, bands, scales, ref, stage1_s, launch, device))
-        except RuntimeError as e:  # a kernel that fails to launch (or worse): recorded, the others still run
-            out.append({"b": b, "variant": variant, "error": f"{type(e).__name__}: {e}"})
-        print(json.dumps({"k": k, **out[-1]}), flush=True)
-    return out
+            entry = _variant_entry(b, variant, bands, scales, ref, stage1_s, launch, device)
+        except (RuntimeError, ValueError) as e:  # a kernel that fails to launch (or worse): the others still run
+            entry = {"b": b, "variant": variant, "error": f"{type(e).__name__}: {e}"}
+        print(json.dumps({"k": k, **entry}), flush=True)
+        record(entry)
 
 
 def _variant_entry(b: int, variant: int, bands, scales, ref, stage1_s: float, launch: int, device: str) -> dict:
@@ -228,19 +228,33 @@ def main(argv: list[str] | None = None) -> int:
     # what it measured, and a failing part is recorded without stopping the rest.
     pairs = [(b, v) for b in args.bands for v in args.variants]
     for index, k in enumerate(args.sizes):
-        a = gram_batch(k, 1, args.device)[0]
-        torch.linalg.eigvalsh(a)  # warm-up
-        row = {"k": k, "syevd_fp64_s": timed(lambda a=a: torch.linalg.eigvalsh(a), args.device, args.repeats),
-               "gpu": []}
-        del a
+        row = {"k": k, "gpu": []}
         doc["rows"].append(row)
+        try:
+            a = gram_batch(k, 1, args.device)[0]
+            torch.linalg.eigvalsh(a)  # warm-up
+            row["syevd_fp64_s"] = timed(lambda a=a: torch.linalg.eigvalsh(a), args.device, args.repeats)
+            del a
+        except (RuntimeError, ValueError) as e:  # a CUDA error left by an earlier size: nothing more can run
+            row["error"] = f"{type(e).__name__}: {e}"
+            write_result(args.json, doc)
+            print(f"k={k}: {row['error']}", flush=True)
+            break
+
+        def record(entry: dict, row=row) -> None:
+            row["gpu"].append(entry)
+            write_result(args.json, doc)
+
         for b in dict.fromkeys(b for b, _ in pairs):
             variants = [v for bb, v in pairs if bb == b]
+            before = len(row["gpu"])
             try:
-                row["gpu"] += gpu_mode(k, b, variants, launch, args.device, args.repeats)
-            except RuntimeError as e:  # stage 1 or the reference: every variant of this band is without numbers
-                row["gpu"] += [{"b": b, "variant": v, "error": f"{type(e).__name__}: {e}"} for v in variants]
-            write_result(args.json, doc)
+                gpu_mode(k, b, variants, launch, args.device, args.repeats, record)
+            except (RuntimeError, ValueError) as e:  # stage 1 or the reference: the variants not yet measured
+                seen = {entry["variant"] for entry in row["gpu"][before:]}
+                for v in variants:
+                    if v not in seen:
+                        record({"b": b, "variant": v, "error": f"{type(e).__name__}: {e}"})
         good = [e for e in row["gpu"] if e.get("max_err", 1.0) < 1e-10]  # a failed or wrong one never wins
         for entry in good:
             entry["speedup_vs_syevd"] = row["syevd_fp64_s"] / entry["s_per_matrix"]
@@ -275,10 +289,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _recorded(fn, *args):
-    """``fn(*args)``, or ``{"error": ...}`` if it raises a RuntimeError (a CUDA error, an out-of-memory)."""
+    """``fn(*args)``, or ``{"error": ...}`` if it raises a RuntimeError (a CUDA error, an out-of-memory) or
+    a ValueError (the native code refusing its arguments)."""
     try:
         return fn(*args)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         print(f"{fn.__name__} failed: {e}", flush=True)
         return {"error": f"{type(e).__name__}: {e}"}
 

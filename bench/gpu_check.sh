@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (the whole session has 15 device minutes, at most 10 per call; a machine starts in ~30 s):
 #   bash bench/gpu_check.sh core     (timeout_s ~560: ~470 s of work)
-#   BUDGET=250 bash bench/gpu_check.sh scale  (timeout_s ~260; on the same warm machine the build is kept)
+#   BUDGET=240 bash bench/gpu_check.sh scale  (timeout_s ~265: BUDGET, plus 10 s of a step's kill grace, plus
+#                                               margin; on the same warm machine the build is kept)
 #   bash bench/gpu_check.sh all      (both, cut at BUDGET)
 # builds the CUDA engine there (skipped when the same sources already import), then, each step bounded by
 # what is left of BUDGET seconds (default 540; GPU_PARTS picks bench_gpu.py's parts, SCALE_MODELS the
@@ -15,7 +16,7 @@
 #          for everything run 3 measured)
 #   scale: bench/bench_scale.py --e2e on Qwen1.5-110B and Llama-3.1-405B shapes with SPECTRUM_FAST_TWOSTAGE=gpu,
 #          sampled shapes corrected by bench_twostage's rates (run 3 measured the syevd route there); then
-#          bench/sanitize_band.py under compute-sanitizer's memcheck, racecheck and synccheck (25 s each: the
+#          bench/sanitize_band.py under compute-sanitizer's memcheck, racecheck and synccheck (35 s each: the
 #          band solver's kernels on small bands, every variant). Run it right after `core`, on the same warm
 #          machine (it is released after 30 s idle), so that neither the build nor bench_twostage repeats.
 # A failing step does not stop the next. Everything is left under $OUT (at most 8 files come back):
@@ -23,6 +24,7 @@
 # bench.log twostage_gpu.json gpu_check.json sanitize.log scale.log scale_gpu.json; commit the JSONs under
 # bench/results/ and the figures in bench/NOTES-gpu.md.
 set -uo pipefail
+export LC_ALL=C  # the sources' fingerprint below globs files: one collation order everywhere
 STAGE=${1:-all}
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
@@ -56,6 +58,8 @@ use_best_chase() {
 }
 
 sources=$(cat csrc/* spectrum_fast/*.py bench/*.py setup.py CMakeLists.txt | sha1sum | cut -c1-12)
+native=$(cat csrc/* setup.py CMakeLists.txt | sha1sum | cut -c1-12)  # what the build depends on
+export SF_SOURCES=$sources  # the bench JSONs record it: the device's .git can be stale
 {
   echo "stage $STAGE commit $commit sources $sources"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
@@ -63,14 +67,19 @@ sources=$(cat csrc/* spectrum_fast/*.py bench/*.py setup.py CMakeLists.txt | sha
 } 2>&1 | tee "$OUT/env.txt"
 # The wheels' cuSOLVER/cuBLAS are found by setup.py; no network there, so no build isolation.
 export SPECTRUM_FAST_CUDA=1
-if [[ -f /tmp/sf_built && $(cat /tmp/sf_built) == "$sources" ]] && $PY -c "import spectrum_fast._C" 2>/dev/null; then
+if [[ -f /tmp/sf_built && $(cat /tmp/sf_built) == "$native" ]] && timeout 60 $PY -c "import spectrum_fast._C" 2>/dev/null; then
   echo "extension already built from these sources" | tee -a "$OUT/env.txt"
 else
-  # marked built only if pip succeeded (a stale extension from older sources may still import)
-  step 200 env.txt $PY -m pip install -v --no-build-isolation --no-deps -e . >/dev/null && echo "$sources" >/tmp/sf_built
+  # marked built only if pip succeeded; a failed build stops here (an older extension may still import, and
+  # every number after it would be the old kernels')
+  if step 200 env.txt $PY -m pip install -v --no-build-isolation --no-deps -e . >/dev/null; then
+    echo "$native" >/tmp/sf_built
+  else
+    echo "the extension did not build (env.txt has the log)" | tee -a "$OUT/env.txt"; exit 1
+  fi
 fi
-$PY -m spectrum_fast 2>&1 | tee -a "$OUT/env.txt"
-if ! $PY -c "import spectrum_fast._C" 2>>"$OUT/env.txt"; then echo "the extension did not build or import"; exit 1; fi
+timeout 60 $PY -m spectrum_fast 2>&1 | tee -a "$OUT/env.txt"
+if ! timeout 60 $PY -c "import spectrum_fast._C" 2>>"$OUT/env.txt"; then echo "the extension did not build or import"; exit 1; fi
 
 if [[ $STAGE == all || $STAGE == core ]]; then
   # warnings stay warnings here: the device's newer torch/transformers may deprecate things the CPU CI pins
@@ -90,11 +99,12 @@ fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
   if [[ ! -f /tmp/sf_twostage.json ]]; then  # a fresh machine: only what the scale bench needs
     step 100 scale.log $PY bench/bench_twostage.py --device cuda --sizes 8192 16384 --bands 32 --variants 7 \
-      --per-sm --json /tmp/sf_twostage.json
+      --per-sm --json "$OUT/twostage_gpu.json"
+    cp "$OUT/twostage_gpu.json" /tmp/sf_twostage.json 2>/dev/null
   fi
   use_best_chase
-  # the scale bench, leaving SANITIZE_S (default 75) seconds for the sanitizers after it
-  left=$((DEADLINE - SECONDS - ${SANITIZE_S:-75}))
+  # the scale bench, leaving SANITIZE_S (default 105) seconds for the sanitizers after it
+  left=$((DEADLINE - SECONDS - ${SANITIZE_S:-105}))
   step $((left < 220 ? left : 220)) scale.log env SPECTRUM_FAST_TWOSTAGE=gpu $PY bench/bench_scale.py --device cuda \
     --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 --workdir /tmp/sf_scale --e2e \
     --twostage /tmp/sf_twostage.json --json "$OUT/scale_gpu.json"
@@ -103,7 +113,7 @@ if [[ $STAGE == all || $STAGE == scale ]]; then
   # sanitize.log ends "ERROR SUMMARY: 0 errors" when clean (rc 124 with no summary: out of time, not clean)
   if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
-      step 25 sanitize.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
+      step 35 sanitize.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
         $PY bench/sanitize_band.py
     done
   else

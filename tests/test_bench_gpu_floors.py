@@ -30,3 +30,52 @@ def test_twostage_floors_on_the_mistral_shapes():
     assert "error" in bench_gpu.twostage_floors(base, {}, 50e12, 4096)
     everything = bench_gpu.twostage_floors(base, {**rates, 1024: dict(rates[4096])}, 50e12, 1024)
     assert everything["one_stage_eig_s"] == 0 and everything["stage1_s"] > out["stage1_s"]
+
+
+def test_end_to_end_saves_every_measurement_before_the_next_runs(tmp_path, monkeypatch):
+    """The device call may be cut at any step: each measurement is saved as soon as it exists, a failing floor
+    or two-stage scan is recorded as an error, and what came before it stands (stand-ins for the GPU parts)."""
+    import numpy as np
+
+    import spectrum_fast
+    from spectrum_fast.result import MatrixRecord, ScanResult
+
+    def build(path, layers):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "model-00001.safetensors").write_bytes(b"x" * 64)
+        return 64
+
+    records = [MatrixRecord(f"model.layers.{i}.mlp.up_proj", "mlp.up_proj", float(i + 1)) for i in range(4)]
+    monkeypatch.setattr(bench_gpu, "build_mistral", build)
+    monkeypatch.setattr(spectrum_fast, "scan", lambda *a, **k: ScanResult("m", "m", records))
+    loops = []
+
+    def loop(path, fp64_svd=False, layers=None, fp64_gram=False):
+        loops.append((fp64_svd, fp64_gram))
+        if fp64_svd:
+            raise KeyboardInterrupt  # the call's time limit, in the reference method
+        return 2.0, {r.module: r.snr for r in records}
+
+    monkeypatch.setattr(bench_gpu, "torch_loop", loop)
+    saved = []
+    with pytest.raises(KeyboardInterrupt):
+        bench_gpu.end_to_end(tmp_path, 1, engines=False, save=lambda d: saved.append(dict(d)))
+    last = saved[-1]
+    assert last["checkpoint_gb"] == 64e-9 and last["ours_s"] > 0 and last["torch_gram_eigvalsh_loop_s"] == 2.0
+    assert last["torch_gram64_eigvalsh_loop_s"] == 2.0 and "speedup_vs_reference" not in last
+    assert last["twostage"] == {"error": "not finished"} and len(saved) == 4
+
+    monkeypatch.setattr(bench_gpu, "torch_loop", lambda *a, **k: (2.0, {r.module: r.snr for r in records}))
+    monkeypatch.setattr(bench_gpu, "floors", lambda *a: 1 / 0)
+
+    def twostage(*a):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench_gpu, "twostage_scan", twostage)
+    saved.clear()
+    out = bench_gpu.end_to_end(tmp_path, 1, engines=False, save=lambda d: saved.append(dict(d)))
+    assert out["floors"] == {"error": "ZeroDivisionError: division by zero"}
+    assert out["twostage"]["error"].startswith("RuntimeError: CUDA error: an illegal memory access")
+    assert out["selections_equal_to_torch_loop"] == {"0.25": True, "0.5": True}
+    assert math.isclose(out["speedup_vs_reference"], 32 * 2.0 / out["ours_s"]) and saved[-1] == out
+    assert np.isfinite(out["speedup_vs_torch_loop"])

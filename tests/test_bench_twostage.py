@@ -63,18 +63,54 @@ def test_a_variant_that_fails_is_recorded_and_never_chosen(tmp_path, monkeypatch
     assert doc["best_variant"] == 0 and [e["variant"] for e in doc["rows"][1]["gpu"]] == [0]
 
 
+def test_every_entry_is_written_as_measured_and_a_broken_size_stops_the_run(tmp_path, monkeypatch):
+    """The step's time limit may kill the bench inside any launch: the variants measured before it are in
+    the JSON already. A CUDA error that outlives its variant (the reference's eigensolve at the next size
+    fails) is recorded for that size and ends the run instead of crashing it."""
+    real = bench_twostage.solve_bands
+
+    def hangs_at_7(storage, b, device, variant=0, threads=None):
+        if variant == 7:
+            raise KeyboardInterrupt  # what the step's `timeout` does to a hung launch
+        return real(storage, b, device, variant, threads)
+
+    out = tmp_path / "cut.json"
+    args = ["--device", "cpu", "--sizes", "64", "96", "--bands", "32", "--variants", "0", "1", "7", "--launch", "2",
+            "--repeats", "1", "--json", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(bench_twostage, "solve_bands", hangs_at_7)
+        with pytest.raises(KeyboardInterrupt):
+            bench_twostage.main(args)
+    entries = json.loads(out.read_text())["rows"][0]["gpu"]
+    assert [e["variant"] for e in entries] == [0, 1] and all(e["max_err"] < 1e-12 for e in entries)
+
+    gram = bench_twostage.gram_batch
+
+    def poisoned(k, count, device):
+        if k == 96:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return gram(k, count, device)
+
+    monkeypatch.setattr(bench_twostage, "gram_batch", poisoned)
+    assert bench_twostage.main(args[:3] + ["64", "96", "128"] + args[5:]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["k"] for r in doc["rows"]] == [64, 96] and "illegal memory access" in doc["rows"][1]["error"]
+    assert len(doc["rows"][0]["gpu"]) == 3 and "best_variant" in doc
+
+
 def test_pairs_per_size_and_a_failing_band(tmp_path, monkeypatch):
     """Every pair at the first size; then the engine's band with its best variant, plus the best pair overall
     except at the largest size; a band whose stage 1 fails is recorded for each of its variants."""
     calls: list[tuple[int, int, tuple]] = []
     speed = {(32, 0): 3.0, (32, 7): 2.0, (64, 0): 1.5, (64, 7): 1.0}  # seconds per matrix: (64, 7) is best
 
-    def fake_gpu_mode(k, b, variants, launch, device, repeats):
+    def fake_gpu_mode(k, b, variants, launch, device, repeats, record):
         calls.append((k, b, tuple(variants)))
         if k == 32 and b == 64:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return [{"b": b, "variant": v, "s_per_matrix": speed[b, v], "stage1_s_per_matrix": 0.1,
-                 "stage23_s_per_matrix": speed[b, v] - 0.1, "max_err": 1e-15} for v in variants]
+        for v in variants:
+            record({"b": b, "variant": v, "s_per_matrix": speed[b, v], "stage1_s_per_matrix": 0.1,
+                    "stage23_s_per_matrix": speed[b, v] - 0.1, "max_err": 1e-15})
 
     monkeypatch.setattr(bench_twostage, "gpu_mode", fake_gpu_mode)
     monkeypatch.setattr(bench_twostage, "stage3_launch", lambda k, launch, device: 0.5)
