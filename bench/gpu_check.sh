@@ -83,7 +83,7 @@ if ! timeout 60 $PY -c "import spectrum_fast._C" 2>>"$OUT/env.txt"; then echo "t
 
 if [[ $STAGE == all || $STAGE == core ]]; then
   # warnings stay warnings here: the device's newer torch/transformers may deprecate things the CPU CI pins
-  step 150 tests.log $PY -m pytest -q -rs -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::FutureWarning \
+  step 150 tests.log $PY -m pytest -q -rfEs -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::FutureWarning \
     tests/test_native.py tests/test_cuda_orchestration.py tests/test_band_solver.py tests/test_twostage.py
   GIT_COMMIT=$commit; export GIT_COMMIT
   if [[ ${GUARD:-0} == 1 ]]; then
@@ -120,4 +120,6 @@ if [[ $STAGE == all || $STAGE == scale ]]; then
     echo "no compute-sanitizer on this machine" | tee -a "$OUT/sanitize.log"
   fi
 fi
+# the verdicts, for the call's output tail (no file: at most 8 come back)
+timeout 30 $PY bench/gpu_summary.py "$OUT"
 echo "results in $OUT after $SECONDS s"

@@ -1,0 +1,170 @@
+"""What a device run decided, from the files `bench/gpu_check.sh` leaves in its results folder: tests, the
+two-stage solver against `Dsyevd` per size, the fastest chase variant, bands per multiprocessor and crews,
+the Mistral-shaped scan against the issue's goals, the 100B+ extrapolations, the disk read-ahead and the
+sanitizers. Every line names the file and field it comes from; a missing file or field says so.
+
+    python bench/gpu_summary.py /tmp/gpu_check_out
+
+`gpu_check.sh` prints it at the end of each call, so the call's output tail carries the verdicts. The settings
+it suggests are the defaults to change in the source (`twostage.CHASE_VARIANT`, `DeviceBands.BLOCKS_PER_SM`,
+`twostage.CREWS`, `cuda_engine.WARM_THREADS`, `cuda_engine.twostage_mode`'s default).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+GOOD_ERR = 1e-10  # an entry less accurate than this never counts (as in bench_twostage.py)
+
+
+def _load(folder: Path, name: str) -> dict | None:
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def tests(folder: Path) -> list[str]:
+    try:
+        text = (folder / "tests.log").read_text(errors="replace")
+    except OSError:
+        return ["tests: no tests.log"]
+    lines = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+    # the short summary's FAILED lines, or the failures' headers (`-rs` alone leaves FAILED lines out)
+    failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", text, flags=re.MULTILINE))
+                    | set(re.findall(r"^_{3,} (\S+) _{3,}$", text, flags=re.MULTILINE)))
+    return [f"tests: {lines[-1].strip('= ') if lines else 'no pytest summary (cut short?)'}"] + \
+        [f"  failed: {name}" for name in failed]
+
+
+def twostage(doc: dict | None, band: int = 32) -> tuple[list[str], dict]:
+    """Lines, and the settings it suggests (empty where the data does not decide)."""
+    if doc is None:
+        return ["two-stage: no twostage_gpu.json"], {}
+    out, settings = [], {}
+    for row in doc.get("rows", []):
+        k = row.get("k")
+        if "error" in row:
+            out.append(f"k={k}: {row['error']}")
+            continue
+        good = [e for e in row.get("gpu", []) if "error" not in e and e.get("max_err", 1.0) < GOOD_ERR]
+        bad = [e for e in row.get("gpu", []) if e not in good]
+        syevd = row.get("syevd_fp64_s")
+        for e in bad:
+            why = e.get("error") or f"max_err {e.get('max_err'):.1e}"
+            out.append(f"k={k} b={e.get('b')} variant {e.get('variant')}: not usable ({why})")
+        if not good or not syevd:
+            out.append(f"k={k}: no usable two-stage entry (Dsyevd {syevd} s)")
+            continue
+        best = min(good, key=lambda e: e["s_per_matrix"])
+        out.append(f"k={k}: Dsyevd {syevd:.4f} s; best two-stage b={best['b']} variant {best['variant']} "
+                   f"{best['s_per_matrix']:.4f} s/matrix (stage 1 {best['stage1_s_per_matrix']:.4f}, stages 2-3 "
+                   f"{best['stage23_s_per_matrix']:.4f}; a launch of {best['launch']}: {best['stage23_launch_s']:.2f} s), "
+                   f"{syevd / best['s_per_matrix']:.1f}x, err {best['max_err']:.1e}")
+        settings.setdefault("twostage_wins", {})[k] = syevd / best["s_per_matrix"] > 1.0
+        if len(good) > 1:
+            out.append("  variants: " + ", ".join(f"b={e['b']}/v{e['variant']} {e['s_per_matrix']:.4f}"
+                                                  for e in sorted(good, key=lambda e: e["s_per_matrix"])))
+        sweep = [s for s in row.get("launch_sweep", []) if isinstance(s, dict) and "s_per_matrix" in s]
+        if sweep:
+            fastest = min(sweep, key=lambda s: s["s_per_matrix"])
+            out.append("  bands per launch: " + ", ".join(f"{s['launch']}: {s['launch_s']:.2f} s" for s in sweep)
+                       + f" (held per SM {sweep[0].get('held_per_sm')})")
+            settings["launch_per_sm_fastest"] = fastest["launch"]
+        crews = [c for c in row.get("crews_sweep", []) if isinstance(c, dict) and "s_per_matrix" in c]
+        if crews:
+            out.append("  crews: " + ", ".join(f"{c['crews']}: {c['s_per_matrix']:.5f} s/matrix" for c in crews))
+            settings["crews_sweep"] = {c["crews"]: c["s_per_matrix"] for c in crews}
+        if isinstance(row.get("stage3_launch_s"), float):
+            out.append(f"  bisection alone, one launch: {row['stage3_launch_s']:.2f} s")
+    if "best_variant" in doc:
+        settings["chase_variant"] = doc["best_variant"]
+        out.append(f"fastest chase variant at b={band}: {doc['best_variant']} (twostage.CHASE_VARIANT)")
+    return out, settings
+
+
+def mistral(doc: dict | None) -> list[str]:
+    if doc is None or "end_to_end" not in doc:
+        return ["Mistral-7B shapes: no gpu_check.json end_to_end"]
+    e = doc["end_to_end"]
+    ref = e.get("reference_svdvals_scaled_to_32_layers_s")
+    loop = e.get("torch_gram_eigvalsh_loop_s")
+    out = [f"Mistral-7B shapes, syevd route: {e.get('ours_s')} s; reference {ref} s; torch loop {loop} s"]
+    two = e.get("twostage", {})
+    if "s" not in two:
+        return out + [f"  two-stage route: {two.get('error', 'not measured')}"]
+    s = two["s"]
+    goals = [("under 10 s", s < 10)]
+    if ref:
+        goals.append((f">= 20x reference ({ref / s:.1f}x)", ref / s >= 20))
+    if loop:
+        goals.append((f">= 2x torch loop ({loop / s:.2f}x)", loop / s >= 2))
+    out.append(f"  two-stage route: {s:.2f} s, SNRs within {two.get('max_snr_rel_diff_vs_syevd_route')} of the syevd "
+               f"route, selections equal {two.get('selections_equal')}, x floor {two.get('vs_floor')}")
+    out += [f"  goal {name}: {'met' if ok else 'NOT met'}" for name, ok in goals]
+    return out
+
+
+def scale(doc: dict | None) -> tuple[list[str], dict]:
+    if doc is None:
+        return ["100B+: no scale_gpu.json"], {}
+    rates = doc.get("rates", {})
+    out, settings = [], {}
+    seq, ahead = rates.get("disk_sequential_Bps"), rates.get("disk_readahead_Bps")
+    if seq and ahead:
+        out.append(f"disk: {seq / 1e9:.2f} GB/s one stream, {ahead / 1e9:.2f} GB/s as the read-ahead reads "
+                   f"({ahead / seq:.2f}x; WARM_THREADS {'stays' if ahead >= seq else 'back to 1'})")
+        settings["warm_threads_help"] = ahead >= seq
+    for m in doc.get("models", []):
+        if "error" in m:
+            out.append(f"{m.get('model')}: {m['error']}")
+            continue
+        goal = f", goal {m['goal_s']:.0f} s {'met' if m.get('meets_goal') else 'NOT met'}" if "goal_s" in m else ""
+        e2e = m.get("e2e", {})
+        e2e_text = (f"; end to end over {m.get('layers_generated')} layers {e2e['measured_s']:.1f} s against "
+                    f"{e2e['predicted_s']:.1f} s predicted" if "measured_s" in e2e else
+                    f"; end to end: {e2e['error']}" if "error" in e2e else "")
+        floor = m.get("floors", {}).get("floor_s")
+        out.append(f"{m.get('model')}: extrapolated {m.get('extrapolated_s', float('nan')):.0f} s (floor "
+                   f"{floor if floor is None else round(floor)} s){goal}{e2e_text}")
+    return out, settings
+
+
+def sanitizers(folder: Path) -> list[str]:
+    try:
+        text = (folder / "sanitize.log").read_text(errors="replace")
+    except OSError:
+        return ["sanitizers: no sanitize.log"]
+    verdicts: dict[str, str] = {}  # tool -> verdict, from the step's header, its summary and its exit status
+    tool = None
+    for line in text.splitlines():
+        header = re.match(r"== .*--tool (\w+)", line)
+        if header:
+            tool = header.group(1)
+            verdicts[tool] = "no summary"
+        elif tool is not None and (summary := re.search(r"ERROR SUMMARY: (\d+) error", line)):
+            verdicts[tool] = f"{summary.group(1)} errors"
+        elif tool is not None and re.match(r"== rc 124\b", line) and verdicts[tool] == "no summary":
+            verdicts[tool] = "no verdict (out of time?)"
+    out = [f"sanitizer {name}: {verdict}" for name, verdict in verdicts.items()]
+    return out or ["sanitizers: none ran"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    folder = Path(args[0] if args else "/tmp/gpu_check_out")
+    lines = tests(folder)
+    two_lines, settings = twostage(_load(folder, "twostage_gpu.json"))
+    lines += two_lines + mistral(_load(folder, "gpu_check.json"))
+    scale_lines, scale_settings = scale(_load(folder, "scale_gpu.json"))
+    lines += scale_lines + sanitizers(folder)
+    settings.update(scale_settings)
+    print("\n".join(["== summary (bench/gpu_summary.py)"] + lines + [f"settings: {json.dumps(settings, default=str)}"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""bench/gpu_summary.py: the verdicts of a device run, read from a results folder as gpu_check.sh leaves it
+(here: bench_twostage.py's real output on the CPU, and the other files as the GPU benches write them)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+gpu_summary = pytest.importorskip("gpu_summary")
+
+
+def _run(folder: Path, capsys) -> str:
+    assert gpu_summary.main([str(folder)]) == 0
+    return capsys.readouterr().out
+
+
+def test_an_empty_folder_says_what_is_missing(tmp_path, capsys):
+    out = _run(tmp_path, capsys)
+    for missing in ("no tests.log", "no twostage_gpu.json", "no gpu_check.json", "no scale_gpu.json", "no sanitize.log"):
+        assert missing in out
+
+
+def test_a_full_run_gives_verdicts_and_settings(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    _C = pytest.importorskip("spectrum_fast._C", reason="the native extension is not built here")
+    if not hasattr(_C, "band_eigenvalues_host"):
+        pytest.skip("this build of the extension has no band solver")
+    bench_twostage = pytest.importorskip("bench_twostage")
+    assert bench_twostage.main(["--device", "cpu", "--sizes", "64", "--bands", "32", "--variants", "0", "7",
+                                "--launch", "2", "--repeats", "1", "--json", str(tmp_path / "twostage_gpu.json")]) == 0
+    (tmp_path / "tests.log").write_text(
+        "..F.\n=================================== FAILURES ===================================\n"
+        "_____________ test_gpu_band_solver_twins _____________\nassert False\n"
+        "FAILED tests/test_native.py::test_gpu_band_solver_twins - assert False\n"
+        "1 failed, 40 passed, 2 skipped in 30.00s\n")
+    e2e = {"ours_s": 20.0, "reference_svdvals_scaled_to_32_layers_s": 170.0, "torch_gram_eigvalsh_loop_s": 19.0,
+           "twostage": {"s": 8.0, "max_snr_rel_diff_vs_syevd_route": 1e-12, "selections_equal": {"0.25": True},
+                        "vs_floor": 1.6}}
+    (tmp_path / "gpu_check.json").write_text(json.dumps({"end_to_end": e2e}))
+    scale = {"rates": {"disk_sequential_Bps": 1.3e9, "disk_readahead_Bps": 2.0e9},
+             "models": [{"model": "Qwen1.5-110B", "extrapolated_s": 175.0, "goal_s": 180.0, "meets_goal": True,
+                         "floors": {"floor_s": 111.0}, "layers_generated": 1,
+                         "e2e": {"measured_s": 3.0, "predicted_s": 3.5}},
+                        {"model": "Llama-3.1-405B", "extrapolated_s": 950.0, "goal_s": 900.0, "meets_goal": False,
+                         "floors": {"floor_s": 620.0}, "e2e": {"error": "RuntimeError: cut"}}]}
+    (tmp_path / "scale_gpu.json").write_text(json.dumps(scale))
+    (tmp_path / "sanitize.log").write_text(
+        "== env X compute-sanitizer --tool memcheck python bench/sanitize_band.py (limit 35 s)\n"
+        "========= ERROR SUMMARY: 0 errors\n== rc 0 after 20 s\n"
+        "== env X compute-sanitizer --tool racecheck python bench/sanitize_band.py (limit 35 s)\n== rc 124 after 35 s\n")
+    out = _run(tmp_path, capsys)
+    doc = json.loads((tmp_path / "twostage_gpu.json").read_text())
+    assert "tests: 1 failed, 40 passed" in out and "failed: test_gpu_band_solver_twins" in out
+    assert f"fastest chase variant at b=32: {doc['best_variant']}" in out
+    assert "k=64: Dsyevd" in out and "best two-stage b=32" in out
+    assert "goal under 10 s: met" in out and "goal >= 20x reference (21.2x): met" in out
+    assert "goal >= 2x torch loop (2.38x): met" in out
+    assert "Qwen1.5-110B: extrapolated 175 s (floor 111 s), goal 180 s met" in out
+    assert "Llama-3.1-405B: extrapolated 950 s (floor 620 s), goal 900 s NOT met; end to end: RuntimeError: cut" in out
+    assert "1.54x; WARM_THREADS stays" in out
+    assert "sanitizer memcheck: 0 errors" in out and "sanitizer racecheck: no verdict (out of time?)" in out
+    settings = json.loads(out.split("settings: ", 1)[1])
+    assert settings["chase_variant"] == doc["best_variant"] and settings["warm_threads_help"] is True
+    assert set(settings["twostage_wins"]) == {"64"}
