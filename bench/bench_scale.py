@@ -253,7 +253,15 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict, publish=lambd
         gen = scanned(tensor_list(dict(config, num_hidden_layers=layers)))
         gen = [s for s in gen if s.layer is not None and s.layer < layers]
         predicted = sum(per_shape[shape_key(s)]["s_per_matrix"] for s in gen)
-        row["e2e"] = {"measured_s": measured, "predicted_s": predicted, "ratio": measured / predicted}
+        # the overlap the real scan measured (reads beside compute, launches beside stage 1), applied to the
+        # per-shape extrapolation, which times each shape's samples alone; conservative: over one generated
+        # layer the pipeline's start and the band solver's last launch are paid once per layer, over a whole
+        # model once
+        ratio = measured / predicted
+        row["e2e"] = {"measured_s": measured, "predicted_s": predicted, "ratio": ratio,
+                      "full_scan_estimate_s": total * ratio}
+        if "goal_s" in row:
+            row["meets_goal_with_measured_overlap"] = total * ratio <= row["goal_s"]
     return row
 
 
@@ -361,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
               + (f"   goal {r['goal_s']:.0f} s: {'met' if r['meets_goal'] else 'NOT met'}" if "goal_s" in r else ""))
         if "measured_s" in r.get("e2e", {}):
             print(f"{'':<16} end to end over {r['layers_generated']} layers: {r['e2e']['measured_s']:.1f} s "
-                  f"measured, {r['e2e']['predicted_s']:.1f} s predicted ({r['e2e']['ratio']:.2f}x)")
+                  f"measured, {r['e2e']['predicted_s']:.1f} s predicted ({r['e2e']['ratio']:.2f}x); the whole "
+                  f"model at that overlap: {fmt(r['e2e']['full_scan_estimate_s'])}")
     write_result(args.json, doc)
     print(f"wrote {args.json}")
     return 0

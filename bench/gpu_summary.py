@@ -124,8 +124,11 @@ def scale(doc: dict | None) -> tuple[list[str], dict]:
             continue
         goal = f", goal {m['goal_s']:.0f} s {'met' if m.get('meets_goal') else 'NOT met'}" if "goal_s" in m else ""
         e2e = m.get("e2e", {})
+        at_overlap = (f"; the whole model at that overlap {e2e['full_scan_estimate_s']:.0f} s" +
+                      (f", goal {'met' if m.get('meets_goal_with_measured_overlap') else 'NOT met'}"
+                       if "goal_s" in m else "") if "full_scan_estimate_s" in e2e else "")
         e2e_text = (f"; end to end over {m.get('layers_generated')} layers {e2e['measured_s']:.1f} s against "
-                    f"{e2e['predicted_s']:.1f} s predicted" if "measured_s" in e2e else
+                    f"{e2e['predicted_s']:.1f} s predicted{at_overlap}" if "measured_s" in e2e else
                     f"; end to end: {e2e['error']}" if "error" in e2e else "")
         floor = m.get("floors", {}).get("floor_s")
         out.append(f"{m.get('model')}: extrapolated {m.get('extrapolated_s', float('nan')):.0f} s (floor "

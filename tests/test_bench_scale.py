@@ -49,3 +49,4 @@ def test_a_failing_end_to_end_scan_or_model_keeps_the_rest(tmp_path, monkeypatch
     assert bench_scale.main(args[:1] + ["Tiny"] + args[3:]) == 0
     (tiny,) = json.loads(out.read_text())["models"]
     assert tiny["e2e"]["measured_s"] > 0 and tiny["e2e"]["ratio"] > 0
+    assert tiny["e2e"]["full_scan_estimate_s"] == pytest.approx(tiny["extrapolated_s"] * tiny["e2e"]["ratio"])
