@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (the whole session has 15 device minutes, at most 10 per call; a machine starts in ~30 s):
-#   bash bench/gpu_check.sh core     (timeout_s ~560: ~470 s of work)
-#   BUDGET=240 bash bench/gpu_check.sh scale  (timeout_s ~265: BUDGET, plus 10 s of a step's kill grace, plus
-#                                               margin; on the same warm machine the build is kept)
+#   BUDGET=500 bash bench/gpu_check.sh core   (timeout_s ~520; ~300-440 s of work)
+#   BUDGET=B bash bench/gpu_check.sh scale    (B = the device status's budget_left_s minus ~25, at most ~300;
+#                                              timeout_s = B + 15: a step's kill grace is 10 s. Call it at
+#                                              once: a machine idle for 30 s is given back, and a fresh one
+#                                              rebuilds and re-measures the two-stage rates first)
+# The machine's start counts against the session's 15 device minutes too, so `core` is kept near 500 s.
 #   bash bench/gpu_check.sh all      (both, cut at BUDGET)
 # builds the CUDA engine there (skipped when the same sources already import), then, each step bounded by
 # what is left of BUDGET seconds (default 540; GPU_PARTS picks bench_gpu.py's parts, SCALE_MODELS the
