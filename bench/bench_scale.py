@@ -19,6 +19,13 @@ For each model (a config in bench/configs/):
 ``--e2e`` also scans the whole generated checkpoint end to end and reports measured / predicted, a check
 of the per-shape model. Goals (one H100): Qwen1.5-110B under 3 minutes, Llama-3.1-405B under 15.
 
+``--e2e-copies C`` (with ``--e2e``) then scans the generated layers C times over (copies of their shards
+with the layer numbers shifted in the header, page cache dropped): the difference between the two
+end-to-end times is what C - 1 more layers' worth of bytes cost in a running scan, reads overlapped with
+compute. The whole model is estimated from it, ``e2e.steady.full_scan_estimate_s = measured + (bytes of the
+model - bytes generated) x that cost per byte``: the pipeline's start and the band solver's last launch are
+paid once, as in a real scan, not once per sampled shape (the per-shape extrapolation) or per layer.
+
 With ``SPECTRUM_FAST_TWOSTAGE=gpu`` the float64 pass runs through the GPU two-stage solver, whose band
 solver launches many matrices at once (four per multiprocessor): a few sampled matrices measure its
 latency, not its throughput. ``--twostage JSON`` (bench/bench_twostage.py's output from the same run)
@@ -31,6 +38,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -193,6 +203,96 @@ def time_shapes(ckpt_dir: Path, device: str, samples: int) -> dict[tuple[int, in
     return out
 
 
+def shift_layer(name: str, by: int) -> str | None:
+    """``name`` with its decoder layer number moved by ``by`` (``model.layers.3.x`` -> ``model.layers.5.x``);
+    None for a tensor outside the numbered layers (the final norm, embeddings)."""
+    new, found = re.subn(r"\.layers\.(\d+)\.", lambda m: f".layers.{int(m.group(1)) + by}.", name, count=1)
+    return new if found else None
+
+
+def _copy_range(src, dst, offset: int, count: int) -> None:
+    """``count`` bytes of ``src`` from ``offset`` appended to ``dst`` (in the kernel where the file system allows)."""
+    end = offset + count
+    while offset < end:
+        try:
+            done = os.copy_file_range(src.fileno(), dst.fileno(), end - offset, offset)
+        except (AttributeError, OSError):  # no copy_file_range here: through user space
+            src.seek(offset)
+            while offset < end:
+                chunk = src.read(min(64 << 20, end - offset))
+                if not chunk:
+                    raise OSError(f"{src.name} ends early") from None
+                dst.write(chunk)
+                offset += len(chunk)
+            return
+        if done == 0:
+            raise OSError(f"{src.name} ends early")
+        offset += done
+
+
+def _copy_shifted(src: Path, dst: Path, by: int) -> list[str]:
+    """``src`` (safetensors) as ``dst``: its layer tensors, each layer number moved by ``by``, with the same bytes
+    (the others left out); returns the new names."""
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        tensors = sorted(((shift_layer(k, by), v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
+        tensors = [(k, v) for k, v in tensors if k is not None]
+        new, at = {}, 0
+        for name, v in tensors:
+            size = v["data_offsets"][1] - v["data_offsets"][0]
+            new[name] = dict(v, data_offsets=[at, at + size])
+            at += size
+        text = json.dumps(new, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the format's alignment of the data
+        out.write(len(text).to_bytes(8, "little") + text)
+        out.flush()
+        for _, v in tensors:
+            begin, stop = v["data_offsets"]
+            _copy_range(f, out, 8 + length + begin, stop - begin)
+    return [name for name, _ in tensors]
+
+
+def replicate(ckpt: Path, copies: int) -> Path:
+    """The generated checkpoint's layers ``copies`` times over, as a checkpoint of its own next to it (copy j's
+    layer i is layer i + j * generated layers; copy 0 is hard links to the original shards, tensors outside the
+    layers included)."""
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    config = json.loads((ckpt / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    out = ckpt.with_name(f"{ckpt.name}-x{copies}")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    for j in range(copies):
+        for f in sorted(set(index["weight_map"].values())):
+            dst = out / (f if j == 0 else f"copy{j}-{f}")
+            if j == 0:  # the originals, whole
+                try:
+                    os.link(ckpt / f, dst)
+                except OSError:
+                    shutil.copyfile(ckpt / f, dst)
+                weight_map.update({n: f for n, v in index["weight_map"].items() if v == f})
+            else:
+                weight_map.update(dict.fromkeys(_copy_shifted(ckpt / f, dst, j * layers), dst.name))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": index.get("metadata", {}),
+                                                                  "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=layers * copies)))
+    return out
+
+
+def _scan_cold(ckpt: Path, device: str) -> float:
+    """Seconds for a whole scan of ``ckpt`` with its shards' page cache dropped first."""
+    import spectrum_fast
+
+    for f in sorted(ckpt.glob("*.safetensors")):
+        drop_cache(f)
+    t0 = time.perf_counter()
+    spectrum_fast.scan(ckpt, device=device, progress=False)
+    return time.perf_counter() - t0
+
+
 def bench_model(model: str, args: argparse.Namespace, rates: dict, publish=lambda row: None) -> dict:
     """The model's per-shape timings, extrapolation and floors; ``publish(row)`` gets them before the end-to-end
     scan runs (the longest part: a run cut short there keeps the rest), and the row is completed after it."""
@@ -242,14 +342,8 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict, publish=lambd
         row["goal_s"] = GOALS_S[model]
         row["meets_goal"] = total <= GOALS_S[model]
     if args.e2e:
-        import spectrum_fast
-
         publish(row)
-        for f in sorted(ckpt.glob("*.safetensors")):
-            drop_cache(f)
-        t0 = time.perf_counter()
-        spectrum_fast.scan(ckpt, device=args.device, progress=False)
-        measured = time.perf_counter() - t0
+        measured = _scan_cold(ckpt, args.device)
         gen = scanned(tensor_list(dict(config, num_hidden_layers=layers)))
         gen = [s for s in gen if s.layer is not None and s.layer < layers]
         predicted = sum(per_shape[shape_key(s)]["s_per_matrix"] for s in gen)
@@ -262,6 +356,21 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict, publish=lambd
                       "full_scan_estimate_s": total * ratio}
         if "goal_s" in row:
             row["meets_goal_with_measured_overlap"] = total * ratio <= row["goal_s"]
+        if args.e2e_copies > 1:
+            publish(row)
+            copies = replicate(ckpt, args.e2e_copies)
+            try:
+                longer = _scan_cold(copies, args.device)
+            finally:
+                shutil.rmtree(copies, ignore_errors=True)
+            gen_bytes = sum(s.nbytes for s in gen)
+            per_byte = (longer - measured) / ((args.e2e_copies - 1) * gen_bytes)
+            steady = {"copies": args.e2e_copies, "measured_s": longer, "s_per_gb": per_byte * 1e9,
+                      "gb_per_s": 1e-9 / per_byte if per_byte > 0 else None,
+                      "full_scan_estimate_s": measured + (nbytes - gen_bytes) * per_byte}
+            row["e2e"]["steady"] = steady
+            if "goal_s" in row:
+                row["meets_goal_steady"] = steady["full_scan_estimate_s"] <= row["goal_s"]
     return row
 
 
@@ -301,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-eig-max-k", type=int, default=8192,
                     help="on the CPU, eigensolver floors above this k are scaled from it by k^3")
     ap.add_argument("--e2e", action="store_true", help="also scan the generated layers end to end")
+    ap.add_argument("--e2e-copies", type=int, default=1,
+                    help="with --e2e, also scan the generated layers this many times over (see above)")
     ap.add_argument("--twostage", type=Path, help="bench_twostage.py's JSON from this device (see above)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -371,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':<16} end to end over {r['layers_generated']} layers: {r['e2e']['measured_s']:.1f} s "
                   f"measured, {r['e2e']['predicted_s']:.1f} s predicted ({r['e2e']['ratio']:.2f}x); the whole "
                   f"model at that overlap: {fmt(r['e2e']['full_scan_estimate_s'])}")
+        if "steady" in r.get("e2e", {}):
+            st = r["e2e"]["steady"]
+            print(f"{'':<16} {st['copies']}x the generated layers: {st['measured_s']:.1f} s, {st['s_per_gb']:.2f} s "
+                  f"per more GB; the whole model at that rate: {fmt(st['full_scan_estimate_s'])}")
     write_result(args.json, doc)
     print(f"wrote {args.json}")
     return 0

@@ -18,7 +18,9 @@
 #          route last, so that a failure there cannot cost the other numbers; GPU_PARTS=matrix,batched,e2e,engines
 #          for everything run 3 measured)
 #   scale: bench/bench_scale.py --e2e on Qwen1.5-110B and Llama-3.1-405B shapes with SPECTRUM_FAST_TWOSTAGE=gpu,
-#          sampled shapes corrected by bench_twostage's rates (run 3 measured the syevd route there); then
+#          sampled shapes corrected by bench_twostage's rates (run 3 measured the syevd route there), and the
+#          generated layer scanned again twice over (SCALE_COPIES=2): the whole-model estimate at the rate a
+#          running scan adds bytes, start and last launch paid once (~20 s more); then
 #          bench/sanitize_band.py under compute-sanitizer's memcheck, racecheck and synccheck (35 s each: the
 #          band solver's kernels on small bands, every variant). Run it right after `core`, on the same warm
 #          machine (it is released after 30 s idle), so that neither the build nor bench_twostage repeats.
@@ -110,6 +112,7 @@ if [[ $STAGE == all || $STAGE == scale ]]; then
   left=$((DEADLINE - SECONDS - ${SANITIZE_S:-105}))
   step $((left < 220 ? left : 220)) scale.log env SPECTRUM_FAST_TWOSTAGE=gpu $PY bench/bench_scale.py --device cuda \
     --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 --workdir /tmp/sf_scale --e2e \
+    --e2e-copies "${SCALE_COPIES:-2}" \
     --twostage /tmp/sf_twostage.json --json "$OUT/scale_gpu.json"
   # the band solver's kernels under compute-sanitizer (out-of-bounds accesses, shared-memory races, barrier
   # misuse), torch's caching allocator off so that every tensor is its own allocation; each part of

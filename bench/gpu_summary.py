@@ -130,6 +130,11 @@ def scale(doc: dict | None) -> tuple[list[str], dict]:
         e2e_text = (f"; end to end over {m.get('layers_generated')} layers {e2e['measured_s']:.1f} s against "
                     f"{e2e['predicted_s']:.1f} s predicted{at_overlap}" if "measured_s" in e2e else
                     f"; end to end: {e2e['error']}" if "error" in e2e else "")
+        if "full_scan_estimate_s" in e2e.get("steady", {}):
+            st = e2e["steady"]
+            e2e_text += (f"; {st['copies']}x the generated layers {st['measured_s']:.1f} s: the whole model at that "
+                         f"rate {st['full_scan_estimate_s']:.0f} s" +
+                         (f", goal {'met' if m.get('meets_goal_steady') else 'NOT met'}" if "goal_s" in m else ""))
         floor = m.get("floors", {}).get("floor_s")
         out.append(f"{m.get('model')}: extrapolated {m.get('extrapolated_s', float('nan')):.0f} s (floor "
                    f"{floor if floor is None else round(floor)} s){goal}{e2e_text}")

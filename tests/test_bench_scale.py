@@ -50,3 +50,54 @@ def test_a_failing_end_to_end_scan_or_model_keeps_the_rest(tmp_path, monkeypatch
     (tiny,) = json.loads(out.read_text())["models"]
     assert tiny["e2e"]["measured_s"] > 0 and tiny["e2e"]["ratio"] > 0
     assert tiny["e2e"]["full_scan_estimate_s"] == pytest.approx(tiny["extrapolated_s"] * tiny["e2e"]["ratio"])
+
+
+def test_replicated_layers_are_a_checkpoint_whose_copies_scan_like_the_originals(tmp_path):
+    """``replicate`` copies the generated layers with shifted layer numbers (new headers, the same data):
+    the copy scans as a checkpoint of twice the layers, each copy's matrices with the originals' SNRs."""
+    from synth_checkpoint import write
+
+    import spectrum_fast
+
+    ckpt = tmp_path / "tiny"
+    write(dict(TINY, num_hidden_layers=2), ckpt, 2, shard_bytes=40_000)  # several shards, layers across them
+    assert len(list(ckpt.glob("*.safetensors"))) > 1
+    copies = bench_scale.replicate(ckpt, 3)
+    original = {r.module: r.snr for r in spectrum_fast.scan(ckpt, progress=False).records}
+    result = spectrum_fast.scan(copies, progress=False)
+    got = {r.module: r.snr for r in result.records}
+    assert len(got) == 3 * len(original) == 3 * 2 * 7
+    for j in range(3):
+        for module, snr in original.items():
+            assert got[bench_scale.shift_layer(module, 2 * j)] == snr
+    assert json.loads((copies / "config.json").read_text())["num_hidden_layers"] == 6
+    assert bench_scale.shift_layer("model.layers.12.mlp.up_proj.weight", 30) == "model.layers.42.mlp.up_proj.weight"
+    assert bench_scale.shift_layer("model.norm.weight", 2) is None  # copied once, with the originals
+    index = json.loads((copies / "model.safetensors.index.json").read_text())["weight_map"]
+    assert list(index).count("model.norm.weight") == 1 and "model.layers.5.input_layernorm.weight" in index
+
+
+def test_steady_state_estimate_from_a_longer_end_to_end_scan(tmp_path, monkeypatch):
+    """``--e2e-copies``: the whole-model estimate is the generated layers' scan plus the rest of the model's
+    bytes at the cost per byte that the longer scan added; the copies are deleted afterwards."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "Tiny.json").write_text(json.dumps(TINY))
+    monkeypatch.setattr(bench_scale, "CONFIGS", configs)
+    scans = []
+
+    def timed_scan(ckpt, device):  # 2 s for the generated layer, 2 + 3 s for three copies of it
+        scans.append(ckpt)
+        return 2.0 + 1.5 * (json.loads((ckpt / "config.json").read_text())["num_hidden_layers"] - 1)
+
+    monkeypatch.setattr(bench_scale, "_scan_cold", timed_scan)
+    out = tmp_path / "scale.json"
+    assert bench_scale.main(["--models", "Tiny", "--device", "cpu", "--layers", "1", "--samples", "1", "--workdir",
+                             str(tmp_path / "work"), "--e2e", "--e2e-copies", "3", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["models"]
+    steady = row["e2e"]["steady"]
+    layer_bytes = row["bytes"] / TINY["num_hidden_layers"]
+    assert steady["copies"] == 3 and steady["measured_s"] == 5.0
+    assert steady["s_per_gb"] == pytest.approx(3.0 / (2 * layer_bytes) * 1e9)
+    assert steady["full_scan_estimate_s"] == pytest.approx(2.0 + 3 * 1.5)  # 3 more layers at 1.5 s each
+    assert [p.name for p in scans] == ["Tiny-1L", "Tiny-1L-x3"] and not scans[1].exists()

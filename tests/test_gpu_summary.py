@@ -44,8 +44,9 @@ def test_a_full_run_gives_verdicts_and_settings(tmp_path, capsys, monkeypatch):
     scale = {"rates": {"disk_sequential_Bps": 1.3e9, "disk_readahead_Bps": 2.0e9},
              "models": [{"model": "Qwen1.5-110B", "extrapolated_s": 175.0, "goal_s": 180.0, "meets_goal": True,
                          "floors": {"floor_s": 111.0}, "layers_generated": 1,
-                         "e2e": {"measured_s": 3.0, "predicted_s": 3.5, "full_scan_estimate_s": 150.0},
-                         "meets_goal_with_measured_overlap": True},
+                         "e2e": {"measured_s": 3.0, "predicted_s": 3.5, "full_scan_estimate_s": 150.0,
+                                 "steady": {"copies": 2, "measured_s": 5.2, "full_scan_estimate_s": 178.4}},
+                         "meets_goal_with_measured_overlap": True, "meets_goal_steady": True},
                         {"model": "Llama-3.1-405B", "extrapolated_s": 950.0, "goal_s": 900.0, "meets_goal": False,
                          "floors": {"floor_s": 620.0}, "e2e": {"error": "RuntimeError: cut"}}]}
     (tmp_path / "scale_gpu.json").write_text(json.dumps(scale))
@@ -61,7 +62,8 @@ def test_a_full_run_gives_verdicts_and_settings(tmp_path, capsys, monkeypatch):
     assert "goal under 10 s: met" in out and "goal >= 20x reference (21.2x): met" in out
     assert "goal >= 2x torch loop (2.38x): met" in out
     assert "Qwen1.5-110B: extrapolated 175 s (floor 111 s), goal 180 s met" in out
-    assert "3.0 s against 3.5 s predicted; the whole model at that overlap 150 s, goal met" in out
+    assert "3.0 s against 3.5 s predicted; the whole model at that overlap 150 s, goal met; 2x the generated " \
+           "layers 5.2 s: the whole model at that rate 178 s, goal met" in out
     assert "Llama-3.1-405B: extrapolated 950 s (floor 620 s), goal 900 s NOT met; end to end: RuntimeError: cut" in out
     assert "1.54x; WARM_THREADS stays" in out
     assert "sanitizer memcheck: 0 errors" in out and "sanitizer racecheck: no verdict (out of time?)" in out
