@@ -213,6 +213,7 @@ def shift_layer(name: str, by: int) -> str | None:
 def _copy_range(src, dst, offset: int, count: int) -> None:
     """``count`` bytes of ``src`` from ``offset`` appended to ``dst`` (in the kernel where the file system allows)."""
     end = offset + count
+    dst.flush()  # copy_file_range writes at the file's position: nothing may wait in Python's buffer
     while offset < end:
         try:
             done = os.copy_file_range(src.fileno(), dst.fileno(), end - offset, offset)
@@ -224,6 +225,7 @@ def _copy_range(src, dst, offset: int, count: int) -> None:
                     raise OSError(f"{src.name} ends early") from None
                 dst.write(chunk)
                 offset += len(chunk)
+            dst.flush()
             return
         if done == 0:
             raise OSError(f"{src.name} ends early")
@@ -293,6 +295,34 @@ def _scan_cold(ckpt: Path, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def launches_left(full: list[Spec], bands: dict[int, dict], big: int) -> float:
+    """Seconds of band-solver launches a whole-model scan makes beyond those of a scan of the generated layers
+    (one final launch per size either way): ``(ceil(matrices of size k / launch) - 1) x one launch`` per k,
+    from bench_twostage.py's rates; 0 without them. Counted in full: a launch fills every multiprocessor, so
+    stage 1 of the next matrices waits for it."""
+    counts = Counter(min(s.shape) for s in full if min(s.shape) in bands and min(s.shape) >= big)
+    return sum((math.ceil(c / bands[k]["launch"]) - 1) * bands[k]["stage23_launch_s"] for k, c in counts.items())
+
+
+def steady_estimate(ckpt: Path, args: argparse.Namespace, measured: float, gen_bytes: int, nbytes: int,
+                    launches_s: float) -> dict:
+    """The generated layers scanned ``--e2e-copies`` times over; the whole model at the cost per byte that
+    added, plus the band-solver launches only a whole model makes (:func:`launches_left`)."""
+    copies = replicate(ckpt, args.e2e_copies)
+    try:
+        longer = _scan_cold(copies, args.device)
+    finally:
+        shutil.rmtree(copies, ignore_errors=True)
+    out = {"copies": args.e2e_copies, "measured_s": longer, "short_s": measured, "more_launches_s": launches_s}
+    per_byte = (longer - measured) / ((args.e2e_copies - 1) * gen_bytes)
+    if per_byte <= 0:  # noise or a warm cache: no rate to extrapolate with
+        out["error"] = f"the longer scan ({longer:.2f} s) was not slower than the short one ({measured:.2f} s)"
+        return out
+    out.update(s_per_gb=per_byte * 1e9, gb_per_s=1e-9 / per_byte,
+               full_scan_estimate_s=measured + (nbytes - gen_bytes) * per_byte + launches_s)
+    return out
+
+
 def bench_model(model: str, args: argparse.Namespace, rates: dict, publish=lambda row: None) -> dict:
     """The model's per-shape timings, extrapolation and floors; ``publish(row)`` gets them before the end-to-end
     scan runs (the longest part: a run cut short there keeps the rest), and the row is completed after it."""
@@ -358,19 +388,13 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict, publish=lambd
             row["meets_goal_with_measured_overlap"] = total * ratio <= row["goal_s"]
         if args.e2e_copies > 1:
             publish(row)
-            copies = replicate(ckpt, args.e2e_copies)
-            try:
-                longer = _scan_cold(copies, args.device)
-            finally:
-                shutil.rmtree(copies, ignore_errors=True)
-            gen_bytes = sum(s.nbytes for s in gen)
-            per_byte = (longer - measured) / ((args.e2e_copies - 1) * gen_bytes)
-            steady = {"copies": args.e2e_copies, "measured_s": longer, "s_per_gb": per_byte * 1e9,
-                      "gb_per_s": 1e-9 / per_byte if per_byte > 0 else None,
-                      "full_scan_estimate_s": measured + (nbytes - gen_bytes) * per_byte}
-            row["e2e"]["steady"] = steady
-            if "goal_s" in row:
-                row["meets_goal_steady"] = steady["full_scan_estimate_s"] <= row["goal_s"]
+            try:  # its own failure (a full disk) is recorded beside the numbers above, which stand
+                row["e2e"]["steady"] = steady_estimate(ckpt, args, measured, sum(s.nbytes for s in gen), nbytes,
+                                                       launches_left(full, bands, big))
+            except Exception as e:  # noqa: BLE001 - recorded in the result
+                row["e2e"]["steady"] = {"error": f"{type(e).__name__}: {e}"}
+            if "goal_s" in row and "full_scan_estimate_s" in row["e2e"]["steady"]:
+                row["meets_goal_steady"] = row["e2e"]["steady"]["full_scan_estimate_s"] <= row["goal_s"]
     return row
 
 
@@ -446,16 +470,17 @@ def main(argv: list[str] | None = None) -> int:
                 config = json.loads((CONFIGS / f"{model}.json").read_text())
                 layers = min(args.layers or _default_layers(config), config["num_hidden_layers"])
                 ckpt = ensure_checkpoint(model, config, layers, args.workdir)
-                first_shard = max(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size)
-                rates["disk_sequential_Bps"] = disk_bandwidth(first_shard)
-                rates["disk_readahead_Bps"] = disk_bandwidth_readahead(first_shard)
+                shard = max(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+                rates["disk_sequential_Bps"] = disk_bandwidth(shard)
+                rates["disk_readahead_Bps"] = disk_bandwidth_readahead(shard)
                 rates["disk_Bps"] = max(rates["disk_sequential_Bps"], rates["disk_readahead_Bps"])  # the floor's
+                first_shard = shard  # only once the rates are in: else the next model measures them
             publish(bench_model(model, args, rates, publish))
         except Exception as e:  # noqa: BLE001 - keep the other models' numbers; the JSON says what failed
             error = f"{type(e).__name__}: {e}"
             print(f"{model}: FAILED: {error}", file=sys.stderr)
             if rows and rows[-1].get("model") == model:  # its timings stand; the end-to-end scan failed
-                rows[-1]["e2e"] = {"error": error}
+                rows[-1].setdefault("e2e", {})["error"] = error
             else:
                 rows.append({"model": model, "error": error})
             write_result(args.json, doc)
@@ -482,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':<16} end to end over {r['layers_generated']} layers: {r['e2e']['measured_s']:.1f} s "
                   f"measured, {r['e2e']['predicted_s']:.1f} s predicted ({r['e2e']['ratio']:.2f}x); the whole "
                   f"model at that overlap: {fmt(r['e2e']['full_scan_estimate_s'])}")
-        if "steady" in r.get("e2e", {}):
+        if "full_scan_estimate_s" in r.get("e2e", {}).get("steady", {}):
             st = r["e2e"]["steady"]
             print(f"{'':<16} {st['copies']}x the generated layers: {st['measured_s']:.1f} s, {st['s_per_gb']:.2f} s "
                   f"per more GB; the whole model at that rate: {fmt(st['full_scan_estimate_s'])}")

@@ -35,7 +35,7 @@ OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-DEADLINE=$((SECONDS + ${BUDGET:-540}))
+DEADLINE=$((SECONDS + ${BUDGET:-540} - 20))  # the last 20 s: a step's kill grace and the summary
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 
 # step CAP LOG CMD...: run CMD for at most min(CAP, seconds left), output appended to $OUT/LOG and shown;
@@ -119,7 +119,7 @@ if [[ $STAGE == all || $STAGE == scale ]]; then
   # sanitize.log ends "ERROR SUMMARY: 0 errors" when clean (rc 124 with no summary: out of time, not clean)
   if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
-      step 35 sanitize.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
+      step 35 sanitize.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 3 --tool "$tool" \
         $PY bench/sanitize_band.py
     done
   else

@@ -80,9 +80,12 @@ def twostage(doc: dict | None, band: int = 32) -> tuple[list[str], dict]:
             settings["crews_sweep"] = {c["crews"]: c["s_per_matrix"] for c in crews}
         if isinstance(row.get("stage3_launch_s"), float):
             out.append(f"  bisection alone, one launch: {row['stage3_launch_s']:.2f} s")
-    if "best_variant" in doc:
+    compared = {e.get("variant") for row in doc.get("rows", []) for e in row.get("gpu", []) if e.get("b") == band}
+    if "best_variant" in doc and len(compared) > 1:
         settings["chase_variant"] = doc["best_variant"]
         out.append(f"fastest chase variant at b={band}: {doc['best_variant']} (twostage.CHASE_VARIANT)")
+    elif "best_variant" in doc:  # a fresh machine's scale stage measures one variant only
+        out.append(f"chase variant {doc['best_variant']} at b={band} (the only one measured: no comparison)")
     return out, settings
 
 
@@ -146,17 +149,28 @@ def sanitizers(folder: Path) -> list[str]:
         text = (folder / "sanitize.log").read_text(errors="replace")
     except OSError:
         return ["sanitizers: no sanitize.log"]
-    verdicts: dict[str, str] = {}  # tool -> verdict, from the step's header, its summary and its exit status
+    # tool -> verdict, from the step's header, the tool's summary (memcheck and synccheck: ERROR SUMMARY;
+    # racecheck: RACECHECK SUMMARY) and the step's exit status (a summary of 0 with a failing program is no pass)
+    verdicts: dict[str, str] = {}
     tool = None
     for line in text.splitlines():
         header = re.match(r"== .*--tool (\w+)", line)
+        rc = re.match(r"== rc (\d+)\b", line)
+        errors = re.search(r"ERROR SUMMARY: (\d+) errors?", line)
+        races = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", line)
         if header:
             tool = header.group(1)
             verdicts[tool] = "no summary"
-        elif tool is not None and (summary := re.search(r"ERROR SUMMARY: (\d+) error", line)):
-            verdicts[tool] = f"{summary.group(1)} errors"
-        elif tool is not None and re.match(r"== rc 124\b", line) and verdicts[tool] == "no summary":
+        elif tool is None:
+            continue
+        elif errors:
+            verdicts[tool] = f"{errors.group(1)} errors"
+        elif races:
+            verdicts[tool] = f"{races.group(1)} hazards ({races.group(2)} errors, {races.group(3)} warnings)"
+        elif rc and rc.group(1) in ("124", "137") and verdicts[tool] == "no summary":
             verdicts[tool] = "no verdict (out of time?)"
+        elif rc and rc.group(1) != "0":
+            verdicts[tool] += f", exit status {rc.group(1)}"
     out = [f"sanitizer {name}: {verdict}" for name, verdict in verdicts.items()]
     return out or ["sanitizers: none ran"]
 

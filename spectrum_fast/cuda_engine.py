@@ -172,6 +172,11 @@ def twostage_threads() -> int:
 
 _TWOSTAGE_BAND = 64  # the CPU stage 2's bandwidth (run 3)
 _DEVICE_BAND = 32  # the GPU band solver's: its steps cost ~b^2 each, n^2 / 2b of them in a row
+#: Raised whenever a change moves the last bits of any GPU result (a kernel's rounding, how matrices are
+#: grouped into batched calls): a scan journal written before it then starts over instead of mixing both.
+#: 2: the band solver's explicit roundings (rank2_entry) and two-stage units kept out of batched units.
+SOLVER_REVISION = 2
+
 #: Float64 bytes the GPU two-stage solver reduces at once: Gram matrices of one unit and stage 1's copy.
 BAND_BATCH_BYTES = 4 << 30
 
@@ -353,9 +358,9 @@ def _bands_done(solver, done: Callable[[TensorInfo, MatrixStats], None], wait: b
 
     try:
         finished = [(info, lam, float(amax)) for (info, amax), lam in solver.finished(wait)]
-    except LaunchError as e:
+    except LaunchError as e:  # a CUDA fault is sticky: the first launch waited for reports it, whoever caused it
         raise SpectrumError(f"two-stage eigensolver on {solver.device} failed on "
-                            f"{_which([info for info, _ in e.keys])}: {e}") from None
+                            f"{_which([info for info, _ in e.keys])} (or on GPU work queued before it): {e}") from None
     except RuntimeError as e:
         raise SpectrumError(f"two-stage eigensolver on {solver.device} failed: {e}") from None
     for info, lam, amax in finished:

@@ -202,9 +202,10 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         # what fixes the numbers' last bits too: a journal from another backend or GPU setting starts over
         engine: dict = {"backend": "cuda" if on_gpu else "cpu"}
         if on_gpu:
-            from .cuda_engine import chase_variant, fp64_min_k, twostage_mode
+            from .cuda_engine import SOLVER_REVISION, chase_variant, fp64_min_k, twostage_mode
 
-            engine.update(batched_max_k=max_k, fp64_min_k=fp64_min_k(), twostage=twostage_mode())
+            engine.update(revision=SOLVER_REVISION, batched_max_k=max_k, fp64_min_k=fp64_min_k(),
+                          twostage=twostage_mode())
             if engine["twostage"] == "gpu":
                 engine["chase"] = chase_variant()
         header = {"sources": [s.to_json() for s in ckpt.sources], "settings": settings, "engine": engine}

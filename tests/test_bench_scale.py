@@ -101,3 +101,41 @@ def test_steady_state_estimate_from_a_longer_end_to_end_scan(tmp_path, monkeypat
     assert steady["s_per_gb"] == pytest.approx(3.0 / (2 * layer_bytes) * 1e9)
     assert steady["full_scan_estimate_s"] == pytest.approx(2.0 + 3 * 1.5)  # 3 more layers at 1.5 s each
     assert [p.name for p in scans] == ["Tiny-1L", "Tiny-1L-x3"] and not scans[1].exists()
+
+
+def test_steady_estimate_refuses_a_longer_scan_that_was_not_slower_and_keeps_the_rest_on_failure(tmp_path,
+                                                                                                 monkeypatch):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "Tiny.json").write_text(json.dumps(TINY))
+    monkeypatch.setattr(bench_scale, "CONFIGS", configs)
+    args = ["--models", "Tiny", "--device", "cpu", "--layers", "1", "--samples", "1", "--workdir",
+            str(tmp_path / "work"), "--e2e", "--e2e-copies", "2", "--json", str(tmp_path / "scale.json")]
+    monkeypatch.setattr(bench_scale, "_scan_cold", lambda ckpt, device: 3.0)  # both scans alike: no rate
+    assert bench_scale.main(args) == 0
+    (row,) = json.loads((tmp_path / "scale.json").read_text())["models"]
+    assert "was not slower" in row["e2e"]["steady"]["error"] and "full_scan_estimate_s" not in row["e2e"]["steady"]
+    assert "meets_goal_steady" not in row and row["e2e"]["measured_s"] == 3.0
+
+    def no_space(ckpt, copies):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench_scale, "replicate", no_space)
+    assert bench_scale.main(args) == 0
+    (row,) = json.loads((tmp_path / "scale.json").read_text())["models"]
+    assert "No space left" in row["e2e"]["steady"]["error"] and row["e2e"]["measured_s"] == 3.0
+    assert row["e2e"]["full_scan_estimate_s"] > 0  # the one-layer estimate stands
+
+
+def test_launches_left_counts_the_whole_models_extra_band_solver_launches():
+    from synth_checkpoint import Spec
+
+    def spec(m, n):
+        return Spec("model.layers.0.x.weight", (m, n), "BF16", 0)
+
+    full = [spec(4096, 4096)] * 1000 + [spec(8192, 8192)] * 10 + [spec(1024, 4096)] * 50
+    bands = {4096: {"launch": 528, "stage23_launch_s": 0.4}, 8192: {"launch": 528, "stage23_launch_s": 1.5}}
+    # 1000 bands of 4096: 2 launches, one more than the generated layers' scan made; 10 of 8192: none more;
+    # k = 1024 is under the float64 cut-off (and has no rates)
+    assert bench_scale.launches_left(full, bands, 4096) == pytest.approx(0.4)
+    assert bench_scale.launches_left(full, {}, 4096) == 0

@@ -828,7 +828,8 @@ def test_gpu_twostage_batches_are_units_so_resumed_and_multi_gpu_scans_are_bit_i
     import json
 
     assert variants == {twostage.CHASE_VARIANT}
-    assert json.loads(journal.read_text().split("\n")[0])["engine"]["chase"] == twostage.CHASE_VARIANT
+    engine = json.loads(journal.read_text().split("\n")[0])["engine"]
+    assert engine["chase"] == twostage.CHASE_VARIANT and engine["revision"] == cuda_engine.SOLVER_REVISION
     monkeypatch.setenv("SPECTRUM_FAST_CHASE", "0")
     batches.clear()
     variants.clear()

@@ -53,7 +53,11 @@ def test_a_full_run_gives_verdicts_and_settings(tmp_path, capsys, monkeypatch):
     (tmp_path / "sanitize.log").write_text(
         "== env X compute-sanitizer --tool memcheck python bench/sanitize_band.py (limit 35 s)\n"
         "========= ERROR SUMMARY: 0 errors\n== rc 0 after 20 s\n"
-        "== env X compute-sanitizer --tool racecheck python bench/sanitize_band.py (limit 35 s)\n== rc 124 after 35 s\n")
+        "== env X compute-sanitizer --tool racecheck python bench/sanitize_band.py (limit 35 s)\n== rc 124 after 35 s\n"
+        "== env X compute-sanitizer --tool racecheck python bench/sanitize_band.py (limit 35 s)\n"
+        "========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\n== rc 0 after 30 s\n"
+        "== env X compute-sanitizer --tool synccheck python bench/sanitize_band.py (limit 35 s)\n"
+        "========= ERROR SUMMARY: 0 errors\n== rc 1 after 30 s\n")
     out = _run(tmp_path, capsys)
     doc = json.loads((tmp_path / "twostage_gpu.json").read_text())
     assert "tests: 1 failed, 40 passed" in out and "failed: test_gpu_band_solver_twins" in out
@@ -66,7 +70,22 @@ def test_a_full_run_gives_verdicts_and_settings(tmp_path, capsys, monkeypatch):
            "layers 5.2 s: the whole model at that rate 178 s, goal met" in out
     assert "Llama-3.1-405B: extrapolated 950 s (floor 620 s), goal 900 s NOT met; end to end: RuntimeError: cut" in out
     assert "1.54x; WARM_THREADS stays" in out
-    assert "sanitizer memcheck: 0 errors" in out and "sanitizer racecheck: no verdict (out of time?)" in out
+    assert "sanitizer memcheck: 0 errors\n" in out
+    assert "sanitizer racecheck: 2 hazards (1 errors, 1 warnings)" in out  # the later run of the tool
+    assert "sanitizer synccheck: 0 errors, exit status 1" in out  # the program failed: no pass
     settings = json.loads(out.split("settings: ", 1)[1])
     assert settings["chase_variant"] == doc["best_variant"] and settings["warm_threads_help"] is True
     assert set(settings["twostage_wins"]) == {"64"}
+
+
+def test_a_sanitizer_cut_by_its_time_limit_has_no_verdict_and_one_variant_suggests_nothing(tmp_path, capsys):
+    (tmp_path / "sanitize.log").write_text(
+        "== env X compute-sanitizer --tool racecheck python bench/sanitize_band.py (limit 35 s)\n== rc 124 after 35 s\n")
+    row = {"k": 8192, "syevd_fp64_s": 0.9, "gpu": [{"b": 32, "variant": 7, "s_per_matrix": 0.05, "max_err": 1e-15,
+                                                     "stage1_s_per_matrix": 0.04, "stage23_s_per_matrix": 0.01,
+                                                     "launch": 528, "stage23_launch_s": 5.3}]}
+    (tmp_path / "twostage_gpu.json").write_text(json.dumps({"rows": [row], "best_variant": 7}))
+    out = _run(tmp_path, capsys)
+    assert "sanitizer racecheck: no verdict (out of time?)" in out
+    assert "chase variant 7 at b=32 (the only one measured: no comparison)" in out
+    assert "chase_variant" not in out.split("settings: ", 1)[1]
