@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 import spectrum_fast
-from spectrum_fast.cuda_engine import fp64_min_k
+from spectrum_fast.cuda_engine import fp64_min_k, gram_flops
 from spectrum_fast.snr import snr_from_singular_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -241,7 +241,8 @@ def mistral_shapes() -> list[tuple[int, int]]:
 
 def twostage_floors(base: dict, rates: dict[int, dict], dgemm_flops: float, big: int) -> dict:
     """Where the two-stage route's time must go on the Mistral shapes: the reads and copies of :func:`floors`
-    (``base``); the float64 Gram products (torch matmul, 2 m k^2 each) at the measured DGEMM rate; for
+    (``base``); the float64 Gram products (``cuda_engine.gram_flops``: 9/16 of 2 m k^2 at k = 4096) at the
+    measured DGEMM rate; for
     k >= ``big``, stage 1 per matrix and the band solver's launches from bench_twostage.py's ``rates`` (k ->
     entry): a chase is latency-bound, so a launch of up to ``launch`` bands takes ``stage23_launch_s``; below
     ``big``, the one-stage eigensolve of ``base``. Serial sums: the scan overlaps some of it."""
@@ -252,7 +253,7 @@ def twostage_floors(base: dict, rates: dict[int, dict], dgemm_flops: float, big:
     if missing:
         return {"error": f"no two-stage rates for k = {missing}"}
     out = {"read_page_cache_s": base["read_page_cache_s"], "h2d_copy_s": base["h2d_copy_s"],
-           "gram_fp64_s": layers * sum(2 * max(s) * min(s) ** 2 for s in two) / dgemm_flops,
+           "gram_fp64_s": layers * sum(gram_flops(max(s), min(s)) for s in two) / dgemm_flops,
            "stage1_s": sum(layers * c * rates[k]["stage1_s_per_matrix"] for k, c in count.items()),
            "band_solver_s": sum(math.ceil(layers * c / rates[k]["launch"]) * rates[k]["stage23_launch_s"]
                                 for k, c in count.items()),
@@ -268,6 +269,17 @@ def dgemm_rate() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float64)
     a @ a
     return 3 * 2 * 8192**3 / sync_time(lambda: [a @ a for _ in range(3)])
+
+
+def gram_split_speedup(rows: int = 14336, k: int = 4096) -> dict:
+    """The route's symmetric Gram split (``cuda_engine._gram``) against one ``x.T @ x``, float64, on the GPU."""
+    from spectrum_fast.cuda_engine import _gram
+
+    x = torch.randn(rows, k, device="cuda", dtype=torch.float64)
+    x.T @ x, _gram(x)  # warm-up
+    full = sync_time(lambda: [x.T @ x for _ in range(3)]) / 3
+    split = sync_time(lambda: [_gram(x) for _ in range(3)]) / 3
+    return {"shape": [rows, k], "full_s": full, "split_s": split, "speedup": full / split}
 
 
 def twostage_scan(ckpt: Path, ours, ours_s: float, baselines: dict[str, float], base_floors: dict | None = None,
@@ -307,6 +319,7 @@ def twostage_scan(ckpt: Path, ours, ours_s: float, baselines: dict[str, float], 
             finally:
                 del os.environ["SPECTRUM_FAST_TWOSTAGE"]
             out["floors"] = twostage_floors(base_floors, rates, dgemm_rate(), fp64_min_k())
+            out["floors"]["gram_split"] = gram_split_speedup()
             out["vs_floor"] = elapsed / out["floors"]["floor_s"] if "floor_s" in out["floors"] else None
         except Exception as e:  # noqa: BLE001 - recorded in the result
             out["floors"] = {"error": f"{type(e).__name__}: {e}"}

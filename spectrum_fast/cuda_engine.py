@@ -174,7 +174,8 @@ _TWOSTAGE_BAND = 64  # the CPU stage 2's bandwidth (run 3)
 _DEVICE_BAND = 32  # the GPU band solver's: its steps cost ~b^2 each, n^2 / 2b of them in a row
 #: Raised whenever a change moves the last bits of any GPU result (a kernel's rounding, how matrices are
 #: grouped into batched calls): a scan journal written before it then starts over instead of mixing both.
-#: 2: the band solver's explicit roundings (rank2_entry) and two-stage units kept out of batched units.
+#: 2: the band solver's explicit roundings (rank2_entry), two-stage units kept out of batched units, and the
+#: two-stage route's symmetric Gram split (:func:`_gram`).
 SOLVER_REVISION = 2
 
 #: Float64 bytes the GPU two-stage solver reduces at once: Gram matrices of one unit and stage 1's copy.
@@ -239,11 +240,49 @@ def _device_matrix(info: TensorInfo, dev, raw=None):
     return t.to(torch.float64).reshape(info.shape)
 
 
+#: Levels of the symmetric split in :func:`_gram`: each halves the columns of the diagonal blocks, whose
+#: upper halves are then mirrored instead of computed; 3 levels do 9/16 of a full product's flops.
+GRAM_LEVELS = 3
+_GRAM_MIN_COLUMNS = 256  # narrower blocks are one product: a GEMM that small runs far below peak
+
+
 def _gram(w, out=None):
-    """The Gram matrix on ``w``'s smaller side (into ``out`` when given)."""
+    """The Gram matrix on ``w``'s smaller side (into ``out`` when given), symmetric to the bit: the diagonal
+    blocks recursively (:data:`GRAM_LEVELS`), each lower off-diagonal block by one matrix product and
+    mirrored into the upper one (the smallest diagonal blocks too). Every entry is still one dot product of
+    two columns, as in ``w.T @ w``; torch has no SYRK, and this does 9/16 of its flops."""
     import torch
 
-    return torch.matmul(w.T, w, out=out) if w.shape[0] >= w.shape[1] else torch.matmul(w, w.T, out=out)
+    x = w if w.shape[0] >= w.shape[1] else w.T  # G = x^T x, x tall
+    k = x.shape[1]
+    g = out if out is not None else torch.empty(k, k, dtype=w.dtype, device=w.device)
+    _gram_into(x, g, GRAM_LEVELS)
+    return g
+
+
+def gram_flops(rows: int, k: int, levels: int | None = None) -> int:
+    """Floating-point operations of :func:`_gram`'s products for a ``rows x k`` (tall) matrix: ``2 rows k^2``
+    for a plain product, 9/16 of it at 3 levels once k is wide enough."""
+    levels = GRAM_LEVELS if levels is None else levels
+    if levels <= 0 or k < 2 * _GRAM_MIN_COLUMNS:
+        return 2 * rows * k * k
+    h = k // 2
+    return gram_flops(rows, h, levels - 1) + gram_flops(rows, k - h, levels - 1) + 2 * rows * h * (k - h)
+
+
+def _gram_into(x, g, levels: int) -> None:
+    import torch
+
+    k = x.shape[1]
+    if levels <= 0 or k < 2 * _GRAM_MIN_COLUMNS:
+        torch.matmul(x.T, x, out=g)
+        g.copy_(torch.tril(g) + torch.tril(g, -1).mT)  # a GEMM's x^T x need not be symmetric to the bit
+        return
+    h = k // 2
+    _gram_into(x[:, :h], g[:h, :h], levels - 1)
+    _gram_into(x[:, h:], g[h:, h:], levels - 1)
+    torch.matmul(x[:, h:].T, x[:, :h], out=g[h:, :h])
+    g[:h, h:].copy_(g[h:, :h].T)
 
 
 def _amax(w):
