@@ -363,3 +363,24 @@ def test_no_driver_is_found_without_loading_the_cuda_libraries():
             "print(r()); print('spectrum_fast._C' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == ["no usable GPU: no NVIDIA driver (libcuda.so.1 cannot be loaded)", "False"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(14336, 1024), (700, 1537)])
+def test_gpu_gram_split_is_the_float64_product(shape):
+    """The two-stage route's symmetric Gram split on the GPU (cuBLAS writing into strided blocks of the
+    result, the upper blocks mirrored): float64 x^T x to rounding, exactly symmetric, also into a batch."""
+    import torch
+
+    from spectrum_fast import cuda_engine
+
+    w = np.random.default_rng(shape[1]).standard_normal(shape)
+    x = w if shape[0] >= shape[1] else w.T
+    want = x.T @ x
+    got = cuda_engine._gram(torch.from_numpy(w).cuda())
+    assert torch.equal(got, got.T)
+    assert np.abs(got.cpu().numpy() - want).max() <= 1e-13 * np.abs(want).max()
+    batch = torch.zeros(2, *want.shape, dtype=torch.float64, device="cuda")
+    cuda_engine._gram(torch.from_numpy(w).cuda(), out=batch[1])
+    assert np.abs(batch[1].cpu().numpy() - want).max() <= 1e-13 * np.abs(want).max()
+    assert not batch[0].any()
