@@ -260,25 +260,29 @@ def _gram(w, out=None):
     return g
 
 
+def _gram_split(k: int, levels: int) -> int:
+    """Where :func:`_gram` splits ``k`` columns at this level: the width of the first half, 0 for one product."""
+    return 0 if levels <= 0 or k < 2 * _GRAM_MIN_COLUMNS else k // 2
+
+
 def gram_flops(rows: int, k: int, levels: int | None = None) -> int:
     """Floating-point operations of :func:`_gram`'s products for a ``rows x k`` (tall) matrix: ``2 rows k^2``
     for a plain product, 9/16 of it at 3 levels once k is wide enough."""
     levels = GRAM_LEVELS if levels is None else levels
-    if levels <= 0 or k < 2 * _GRAM_MIN_COLUMNS:
+    h = _gram_split(k, levels)
+    if not h:
         return 2 * rows * k * k
-    h = k // 2
     return gram_flops(rows, h, levels - 1) + gram_flops(rows, k - h, levels - 1) + 2 * rows * h * (k - h)
 
 
 def _gram_into(x, g, levels: int) -> None:
     import torch
 
-    k = x.shape[1]
-    if levels <= 0 or k < 2 * _GRAM_MIN_COLUMNS:
+    h = _gram_split(x.shape[1], levels)
+    if not h:
         torch.matmul(x.T, x, out=g)
         g.copy_(torch.tril(g) + torch.tril(g, -1).mT)  # a GEMM's x^T x need not be symmetric to the bit
         return
-    h = k // 2
     _gram_into(x[:, :h], g[:h, :h], levels - 1)
     _gram_into(x[:, h:], g[h:, h:], levels - 1)
     torch.matmul(x[:, h:].T, x[:, :h], out=g[h:, :h])
