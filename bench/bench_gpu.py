@@ -242,10 +242,10 @@ def mistral_shapes() -> list[tuple[int, int]]:
 def twostage_floors(base: dict, rates: dict[int, dict], dgemm_flops: float, big: int) -> dict:
     """Where the two-stage route's time must go on the Mistral shapes: the reads and copies of :func:`floors`
     (``base``); the float64 Gram products (``cuda_engine.gram_flops``: 9/16 of 2 m k^2 at k = 4096) at the
-    measured DGEMM rate; for
-    k >= ``big``, stage 1 per matrix and the band solver's launches from bench_twostage.py's ``rates`` (k ->
-    entry): a chase is latency-bound, so a launch of up to ``launch`` bands takes ``stage23_launch_s``; below
-    ``big``, the one-stage eigensolve of ``base``. Serial sums: the scan overlaps some of it."""
+    measured DGEMM rate; for k >= ``big``, stage 1 per matrix and the band solver's launches from
+    bench_twostage.py's ``rates`` (k -> entry): a chase is latency-bound, so a launch of up to ``launch`` bands
+    takes ``stage23_launch_s``; below ``big``, the one-stage eigensolve of ``base``. Serial sums: the scan
+    overlaps some of it."""
     layers, shapes = MISTRAL["layers"], mistral_shapes()
     two = [s for s in shapes if min(s) >= big]
     count: dict[int, int] = Counter(min(s) for s in two)

@@ -50,7 +50,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import drop_cache, machine_info, read_rate, write_result
+from bench_twostage import usable
 from synth_checkpoint import Spec, tensor_list, write
+
+from spectrum_fast.checkpoint import read_header
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 GOALS_S = {"Qwen1.5-110B": 180.0, "Llama-3.1-405B": 900.0}  # one H100 (issue #5)
@@ -235,9 +238,9 @@ def _copy_range(src, dst, offset: int, count: int) -> None:
 def _copy_shifted(src: Path, dst: Path, by: int) -> list[str]:
     """``src`` (safetensors) as ``dst``: its layer tensors, each layer number moved by ``by``, with the same bytes
     (the others left out); returns the new names."""
+    _, raw = read_header(src)
+    header = json.loads(raw)
     with open(src, "rb") as f, open(dst, "wb") as out:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
         tensors = sorted(((shift_layer(k, by), v) for k, v in header.items() if k != "__metadata__"),
                          key=lambda kv: kv[1]["data_offsets"][0])
         tensors = [(k, v) for k, v in tensors if k is not None]
@@ -252,7 +255,7 @@ def _copy_shifted(src: Path, dst: Path, by: int) -> list[str]:
         out.flush()
         for _, v in tensors:
             begin, stop = v["data_offsets"]
-            _copy_range(f, out, 8 + length + begin, stop - begin)
+            _copy_range(f, out, 8 + len(raw) + begin, stop - begin)
     return [name for name, _ in tensors]
 
 
@@ -411,7 +414,7 @@ def twostage_rates(path: Path | None) -> dict[int, dict]:
     doc = json.loads(path.read_text())
     out: dict[int, dict] = {}
     for row in doc["rows"]:  # the scan's band and chase variant; another variant only if that one is missing
-        ours = [e for e in row["gpu"] if e["b"] == _DEVICE_BAND and "error" not in e and e.get("max_err", 1) < 1e-10]
+        ours = [e for e in row["gpu"] if e["b"] == _DEVICE_BAND and usable(e)]
         same = [e for e in ours if e.get("variant", chase_variant()) == chase_variant()]
         if same or ours:
             out[row["k"]] = (same or ours)[0]
@@ -459,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         doc["gpu"] = torch.cuda.get_device_name(0)
+
     def publish(row: dict) -> None:  # the JSON is rewritten whenever a model's row grows
         if not any(r is row for r in rows):
             rows.append(row)

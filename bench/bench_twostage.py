@@ -14,7 +14,7 @@ Per k (Gram matrices of k x 3.5k Gaussian weights, float64):
   estimate (no overlap between the two assumed), and ``speedup_vs_syevd``. Per bandwidth and chase
   variant (``--variants``, csrc/band_solver.h) at the first size; at the larger ones the engine's
   bandwidth with the best variant there (``best_variant``), and the best pair overall. The JSON is
-  rewritten after every size. ``launch_sweep`` (first size, GPU): launches of 1, 2 and 8 bands per
+  rewritten after every entry. ``launch_sweep`` (first size, GPU): launches of 1, 2 and 8 bands per
   multiprocessor beside the default 4, to show how many chases one holds; ``crews_sweep`` (the same, if the
   best variant has kCrews): 2 and 8 warps per block beside twostage.CREWS = 4. ``stage3_launch_s`` (per k): the
   same launch of already tridiagonal matrices (nothing to chase), i.e. the bisection alone.
@@ -40,6 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info, write_result
 
 from spectrum_fast import twostage
+
+#: An entry whose eigenvalues are further than this from float64 ``eigvalsh`` (relative to each matrix's
+#: largest) is wrong: it never wins, and bench_scale.py and gpu_summary.py never use its rates.
+ACCURATE = 1e-10
+
+
+def usable(entry: dict) -> bool:
+    """A measured entry that ran and was accurate (:data:`ACCURATE`)."""
+    return "error" not in entry and entry.get("max_err", 1.0) < ACCURATE
 
 
 def timed(fn, device: str, repeats: int) -> float:
@@ -255,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 for v in variants:
                     if v not in seen:
                         record({"b": b, "variant": v, "error": f"{type(e).__name__}: {e}"})
-        good = [e for e in row["gpu"] if e.get("max_err", 1.0) < 1e-10]  # a failed or wrong one never wins
+        good = [e for e in row["gpu"] if usable(e)]  # a failed or wrong one never wins
         for entry in good:
             entry["speedup_vs_syevd"] = row["syevd_fp64_s"] / entry["s_per_matrix"]
         ours = [e for e in good if e["b"] == _DEVICE_BAND]

@@ -116,7 +116,8 @@ if [[ $STAGE == all || $STAGE == scale ]]; then
     --twostage /tmp/sf_twostage.json --json "$OUT/scale_gpu.json"
   # the band solver's kernels under compute-sanitizer (out-of-bounds accesses, shared-memory races, barrier
   # misuse), torch's caching allocator off so that every tensor is its own allocation; each part of
-  # sanitize.log ends "ERROR SUMMARY: 0 errors" when clean (rc 124 with no summary: out of time, not clean)
+  # sanitize.log ends "ERROR SUMMARY: 0 errors" (racecheck: "RACECHECK SUMMARY: 0 hazards displayed ...") and
+  # rc 0 when clean (rc 124 with no summary: out of time, not clean)
   if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
       step 35 sanitize.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 3 --tool "$tool" \

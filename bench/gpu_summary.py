@@ -17,7 +17,18 @@ import re
 import sys
 from pathlib import Path
 
-GOOD_ERR = 1e-10  # an entry less accurate than this never counts (as in bench_twostage.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_twostage import usable
+
+
+def _goal(row: dict, met_key: str, seconds: bool = False) -> str:
+    """", goal met" (or NOT met; with ``seconds``, ", goal N s met") by ``row[met_key]``, for a model with a
+    goal; else nothing."""
+    if "goal_s" not in row:
+        return ""
+    goal = f"goal {row['goal_s']:.0f} s" if seconds else "goal"
+    return f", {goal} {'met' if row.get(met_key) else 'NOT met'}"
 
 
 def _load(folder: Path, name: str) -> dict | None:
@@ -50,7 +61,7 @@ def twostage(doc: dict | None, band: int = 32) -> tuple[list[str], dict]:
         if "error" in row:
             out.append(f"k={k}: {row['error']}")
             continue
-        good = [e for e in row.get("gpu", []) if "error" not in e and e.get("max_err", 1.0) < GOOD_ERR]
+        good = [e for e in row.get("gpu", []) if usable(e)]
         bad = [e for e in row.get("gpu", []) if e not in good]
         syevd = row.get("syevd_fp64_s")
         for e in bad:
@@ -125,22 +136,23 @@ def scale(doc: dict | None) -> tuple[list[str], dict]:
         if "error" in m:
             out.append(f"{m.get('model')}: {m['error']}")
             continue
-        goal = f", goal {m['goal_s']:.0f} s {'met' if m.get('meets_goal') else 'NOT met'}" if "goal_s" in m else ""
         e2e = m.get("e2e", {})
-        at_overlap = (f"; the whole model at that overlap {e2e['full_scan_estimate_s']:.0f} s" +
-                      (f", goal {'met' if m.get('meets_goal_with_measured_overlap') else 'NOT met'}"
-                       if "goal_s" in m else "") if "full_scan_estimate_s" in e2e else "")
-        e2e_text = (f"; end to end over {m.get('layers_generated')} layers {e2e['measured_s']:.1f} s against "
-                    f"{e2e['predicted_s']:.1f} s predicted{at_overlap}" if "measured_s" in e2e else
-                    f"; end to end: {e2e['error']}" if "error" in e2e else "")
-        if "full_scan_estimate_s" in e2e.get("steady", {}):
-            st = e2e["steady"]
-            e2e_text += (f"; {st['copies']}x the generated layers {st['measured_s']:.1f} s: the whole model at that "
-                         f"rate {st['full_scan_estimate_s']:.0f} s" +
-                         (f", goal {'met' if m.get('meets_goal_steady') else 'NOT met'}" if "goal_s" in m else ""))
+        steady = e2e.get("steady", {})
+        e2e_text = ""
+        if "measured_s" in e2e:
+            e2e_text = (f"; end to end over {m.get('layers_generated')} layers {e2e['measured_s']:.1f} s against "
+                        f"{e2e['predicted_s']:.1f} s predicted")
+            if "full_scan_estimate_s" in e2e:
+                e2e_text += (f"; the whole model at that overlap {e2e['full_scan_estimate_s']:.0f} s"
+                             + _goal(m, "meets_goal_with_measured_overlap"))
+        elif "error" in e2e:
+            e2e_text = f"; end to end: {e2e['error']}"
+        if "full_scan_estimate_s" in steady:
+            e2e_text += (f"; {steady['copies']}x the generated layers {steady['measured_s']:.1f} s: the whole model "
+                         f"at that rate {steady['full_scan_estimate_s']:.0f} s" + _goal(m, "meets_goal_steady"))
         floor = m.get("floors", {}).get("floor_s")
         out.append(f"{m.get('model')}: extrapolated {m.get('extrapolated_s', float('nan')):.0f} s (floor "
-                   f"{floor if floor is None else round(floor)} s){goal}{e2e_text}")
+                   f"{floor if floor is None else round(floor)} s){_goal(m, 'meets_goal', seconds=True)}{e2e_text}")
     return out, settings
 
 
