@@ -19,14 +19,20 @@ TINY = {"_name_or_path": "tiny/llama", "architectures": ["LlamaForCausalLM"], "m
         "num_key_value_heads": 2, "vocab_size": 128, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
 
 
-def test_a_failing_end_to_end_scan_or_model_keeps_the_rest(tmp_path, monkeypatch):
+@pytest.fixture
+def configs(tmp_path, monkeypatch) -> Path:
+    """bench_scale's config folder, holding the tiny Llama as ``Tiny``."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "Tiny.json").write_text(json.dumps(TINY))
+    monkeypatch.setattr(bench_scale, "CONFIGS", folder)
+    return folder
+
+
+def test_a_failing_end_to_end_scan_or_model_keeps_the_rest(tmp_path, monkeypatch, configs):
     import spectrum_fast
 
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    (configs / "Tiny.json").write_text(json.dumps(TINY))
     (configs / "Broken.json").write_text("{not json")
-    monkeypatch.setattr(bench_scale, "CONFIGS", configs)
     scan = spectrum_fast.scan
 
     def e2e_fails(path, **kw):
@@ -77,13 +83,9 @@ def test_replicated_layers_are_a_checkpoint_whose_copies_scan_like_the_originals
     assert list(index).count("model.norm.weight") == 1 and "model.layers.5.input_layernorm.weight" in index
 
 
-def test_steady_state_estimate_from_a_longer_end_to_end_scan(tmp_path, monkeypatch):
+def test_steady_state_estimate_from_a_longer_end_to_end_scan(tmp_path, monkeypatch, configs):
     """``--e2e-copies``: the whole-model estimate is the generated layers' scan plus the rest of the model's
     bytes at the cost per byte that the longer scan added; the copies are deleted afterwards."""
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    (configs / "Tiny.json").write_text(json.dumps(TINY))
-    monkeypatch.setattr(bench_scale, "CONFIGS", configs)
     scans = []
 
     def timed_scan(ckpt, device):  # 2 s for the generated layer, 2 + 3 s for three copies of it
@@ -104,11 +106,7 @@ def test_steady_state_estimate_from_a_longer_end_to_end_scan(tmp_path, monkeypat
 
 
 def test_steady_estimate_refuses_a_longer_scan_that_was_not_slower_and_keeps_the_rest_on_failure(tmp_path,
-                                                                                                 monkeypatch):
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    (configs / "Tiny.json").write_text(json.dumps(TINY))
-    monkeypatch.setattr(bench_scale, "CONFIGS", configs)
+                                                                                                 monkeypatch, configs):
     args = ["--models", "Tiny", "--device", "cpu", "--layers", "1", "--samples", "1", "--workdir",
             str(tmp_path / "work"), "--e2e", "--e2e-copies", "2", "--json", str(tmp_path / "scale.json")]
     monkeypatch.setattr(bench_scale, "_scan_cold", lambda ckpt, device: 3.0)  # both scans alike: no rate
