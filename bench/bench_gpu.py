@@ -271,17 +271,6 @@ def dgemm_rate() -> float:
     return 3 * 2 * 8192**3 / sync_time(lambda: [a @ a for _ in range(3)])
 
 
-def gram_split_speedup(rows: int = 14336, k: int = 4096) -> dict:
-    """The route's symmetric Gram split (``cuda_engine._gram``) against one ``x.T @ x``, float64, on the GPU."""
-    from spectrum_fast.cuda_engine import _gram
-
-    x = torch.randn(rows, k, device="cuda", dtype=torch.float64)
-    x.T @ x, _gram(x)  # warm-up
-    full = sync_time(lambda: [x.T @ x for _ in range(3)]) / 3
-    split = sync_time(lambda: [_gram(x) for _ in range(3)]) / 3
-    return {"shape": [rows, k], "full_s": full, "split_s": split, "speedup": full / split}
-
-
 def twostage_scan(ckpt: Path, ours, ours_s: float, baselines: dict[str, float], base_floors: dict | None = None,
                   rates_json: Path | None = None) -> dict:
     """The same scan with SPECTRUM_FAST_TWOSTAGE=gpu: the float64 pass by the GPU two-stage solver
@@ -319,7 +308,9 @@ def twostage_scan(ckpt: Path, ours, ours_s: float, baselines: dict[str, float], 
             finally:
                 del os.environ["SPECTRUM_FAST_TWOSTAGE"]
             out["floors"] = twostage_floors(base_floors, rates, dgemm_rate(), fp64_min_k())
-            out["floors"]["gram_split"] = gram_split_speedup()
+            from bench_gram import gram_split_speedup
+
+            out["floors"]["gram_split"] = gram_split_speedup(device="cuda")
             out["vs_floor"] = elapsed / out["floors"]["floor_s"] if "floor_s" in out["floors"] else None
         except Exception as e:  # noqa: BLE001 - recorded in the result
             out["floors"] = {"error": f"{type(e).__name__}: {e}"}

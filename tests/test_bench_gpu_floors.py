@@ -79,3 +79,15 @@ def test_end_to_end_saves_every_measurement_before_the_next_runs(tmp_path, monke
     assert out["selections_equal_to_torch_loop"] == {"0.25": True, "0.5": True}
     assert math.isclose(out["speedup_vs_reference"], 32 * 2.0 / out["ours_s"]) and saved[-1] == out
     assert np.isfinite(out["speedup_vs_torch_loop"])
+
+
+def test_bench_gram_times_both_ways_and_reports_the_flops_it_saves(tmp_path):
+    """bench/bench_gram.py on the CPU, small: both timings, their ratio, and the split's share of the flops."""
+    import json
+
+    bench_gram = pytest.importorskip("bench_gram")
+    out = tmp_path / "gram.json"
+    assert bench_gram.main(["--device", "cpu", "--rows", "700", "--k", "600", "--repeats", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["full_s"] > 0 and doc["split_s"] > 0 and math.isclose(doc["speedup"], doc["full_s"] / doc["split_s"])
+    assert doc["flops_ratio"] == (2 * 700 * 300**2 * 2 + 2 * 700 * 300 * 300) / (2 * 700 * 600**2)  # one split
