@@ -11,8 +11,6 @@ Not a GPU figure: the GPU runs one chase per warp, hundreds at once (bench_twost
 from __future__ import annotations
 
 import argparse
-import ctypes
-import glob
 import os
 import sys
 import time
@@ -26,17 +24,15 @@ from _machine import machine_info, write_result
 
 
 def lapack_dsbev_2stage():
-    import scipy
+    from ctypes import c_char, c_int, c_void_p
 
-    site = os.path.dirname(os.path.dirname(scipy.__file__))
-    for path in sorted(glob.glob(os.path.join(site, "scipy.libs", "libscipy_openblas*.so*"))):
-        fn = getattr(ctypes.CDLL(path), "scipy_LAPACKE_dsbev_2stage", None)
-        if fn is not None:
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                           ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            return fn
-    raise SystemExit("no LAPACKE dsbev_2stage in scipy's OpenBLAS here")
+    from spectrum_fast import lapack
+
+    fn, where = lapack.routine("dsbev_2stage", c_int, c_char, c_char, c_int, c_int, c_void_p, c_int, c_void_p,
+                               c_void_p, c_int)
+    if fn is None:
+        raise SystemExit(where)
+    return fn
 
 
 def main(argv: list[str] | None = None) -> int:

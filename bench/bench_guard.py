@@ -69,8 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192])
     ap.add_argument("--count", type=int, default=2, help="matrices of each shape per size")
+    ap.add_argument("--cpu-two-stage-min-k", type=int,
+                    help="CPU: order from which LAPACK's two-stage solver runs (default: the engine's)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
+    from spectrum_fast import cpu_engine
+
+    if args.cpu_two_stage_min_k is not None:
+        cpu_engine.TWO_STAGE_MIN_K = args.cpu_two_stage_min_k
     from spectrum_fast.checkpoint import open_checkpoint
     from spectrum_fast.cpu_engine import _GRAM_C_FRO, _GRAM_C_REL, stats_from_gram
     from spectrum_fast.cuda_engine import GPU_ERROR_SCALE
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 snr32 = snr_from_singular_values(np.sqrt(lam)[::-1], m, n).snr
                 snr64 = snr_from_singular_values(np.sqrt(np.maximum(l64, 0.0))[::-1], m, n).snr
                 row = {"k": k, "shape": [m, n], "max_ratio": float(ratio.max()),
+                       "solver": "cuSOLVER" if args.device == "cuda" else
+                       ("syevd_2stage" if k >= cpu_engine.TWO_STAGE_MIN_K else "syevr"),
                        "median_ratio": float(np.median(ratio)), "guard_scale": scale,
                        "snr_rel_err": abs(snr32 - snr64) / abs(snr64),
                        "guard_accepts": stats_from_gram(l32, fro32, eps32 * scale, m, n) is not None}
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
             (d / "model.safetensors").unlink()
     doc = {"bench": "guard", "device": args.device, "rows": rows}
+    if args.device == "cpu":
+        doc["cpu_eigensolver"] = cpu_engine.eigensolver()
     if args.device == "cuda":
         import torch
 

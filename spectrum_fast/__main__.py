@@ -25,6 +25,9 @@ def main() -> int:
     from . import hub
 
     print(f"Hugging Face Hub: {hub.endpoint()}, cache {hub.cache_dir()}" + (" (offline)" if hub.offline() else ""))
+    from .cpu_engine import eigensolver
+
+    print(f"CPU: Gram eigenvalues by LAPACK {eigensolver()}")
     from .cuda_engine import batched_max_k, fp64_min_k
 
     if batched_max_k():

@@ -1,7 +1,8 @@
 """Singular values and SNR of one matrix on the CPU, fast where that is exact enough, exact elsewhere.
 
 The fast path forms the Gram matrix on the smaller side in float32 (a BLAS SYRK) and takes its
-eigenvalues with LAPACK's MRRR solver (values only): 2-4x faster than an SVD. It loses the small
+eigenvalues with LAPACK (values only; MRRR, or the two-stage solver from ``TWO_STAGE_MIN_K``): 2-4x
+faster than an SVD. It loses the small
 singular values of ill-conditioned matrices, and it can move a value across the Marchenko-Pastur
 threshold ``tau``, where the SNR jumps. So every matrix goes through a guard (SPEC.md §1, see
 :func:`stats_from_gram`); a matrix that fails it is recomputed with a float64 Gram matrix, and if that
@@ -28,8 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from . import lapack
 from .snr import SnrStats, snr_from_singular_values, snr_interval
 
+#: Gram matrices of at least this order take LAPACK's two-stage eigensolver (``?syevd_2stage``), the
+#: smaller ones MRRR (``?syevr``). Measured on one core (bench/bench_cpu_eigensolver.py): the two-stage
+#: solver is slower below this order and faster above it, increasingly with k.
+TWO_STAGE_MIN_K = 3072
 #: Relative width of the SNR enclosure under which a fast result is accepted.
 REL_TOL = 1e-4
 _GRAM_C_REL = 8.0
@@ -61,12 +67,28 @@ class MatrixStats:
         return self.stats.snr if self.stats is not None else math.nan
 
 
+def eigvalsh(a: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of the symmetric float32/float64 matrix ``a`` in its precision, by the solver
+    :func:`eigensolver` names for its order; ``a`` is overwritten."""
+    if a.shape[0] >= TWO_STAGE_MIN_K:
+        lam = lapack.syevd_2stage(a)
+        if lam is not None:
+            return lam
+    return scipy.linalg.eigh(a, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False)
+
+
+def eigensolver() -> str:
+    """The eigensolvers :func:`eigvalsh` uses here (recorded in scan journals: they fix the last bits)."""
+    if lapack.syevd_2stage_available(np.float32) and lapack.syevd_2stage_available(np.float64):
+        return f"syevr below k={TWO_STAGE_MIN_K}, syevd_2stage from it"
+    return "syevr"
+
+
 def _gram_eigenvalues(w: np.ndarray) -> tuple[np.ndarray, float]:
     """Ascending eigenvalues of the Gram matrix on the smaller side, and ``‖W‖_F²``."""
     gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T  # numpy runs SYRK for x.T @ x
     fro2 = float(gram.diagonal().sum(dtype=np.float64))
-    lam = scipy.linalg.eigh(gram, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False)
-    return np.asarray(lam, dtype=np.float64), fro2
+    return np.asarray(eigvalsh(gram), dtype=np.float64), fro2
 
 
 def stats_from_gram(lam: np.ndarray, fro2: float, eps: float, m: int, n: int) -> SnrStats | None:

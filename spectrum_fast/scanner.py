@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__, distributed
 from .checkpoint import TensorInfo, dtype_supported, fp8_problem, is_unscaled_fp8, open_checkpoint, read_matrix
-from .cpu_engine import STATUS_OK, MatrixStats, matrix_stats
+from .cpu_engine import STATUS_OK, MatrixStats, eigensolver, matrix_stats
 from .errors import SpectrumError
 from .journal import Journal
 from .naming import is_embedding, is_head, module_name, module_type, wants
@@ -200,7 +200,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     log = None
     if journal is not None:
         # what fixes the numbers' last bits too: a journal from another backend or GPU setting starts over
-        engine: dict = {"backend": "cuda" if on_gpu else "cpu"}
+        # (the CPU's eigensolvers too: the GPU route sends some matrices there)
+        engine: dict = {"backend": "cuda" if on_gpu else "cpu", "cpu": eigensolver()}
         if on_gpu:
             from .cuda_engine import SOLVER_REVISION, chase_variant, fp64_min_k, twostage_mode
 

@@ -23,7 +23,6 @@ update is ``A - V Z^T - Z V^T``, ``Z = X - V (T^T V^T X) / 2``.
 
 from __future__ import annotations
 
-import functools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -105,58 +104,25 @@ def native_geqrf(panels):
     return cols.transpose(1, 2), tau
 
 
-_LAPACKE_NAMES = ("scipy_LAPACKE_dsbevd", "LAPACKE_dsbevd")
-
-
-@functools.cache
-def _lapacke() -> tuple[object | None, str]:
-    """``LAPACKE_dsbevd`` from scipy's bundled OpenBLAS (or a system LAPACKE) through ctypes, which releases
-    the GIL during the call, so a thread pool runs several at once; ``(None, why)`` where none is found."""
-    import ctypes
-    import ctypes.util
-    import glob
-    import os
-
-    import scipy
-
-    site = os.path.dirname(os.path.dirname(scipy.__file__))
-    paths = sorted(glob.glob(os.path.join(site, "scipy.libs", "libscipy_openblas*.so*")))
-    paths += [p for p in (ctypes.util.find_library("lapacke"),) if p]
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _LAPACKE_NAMES:
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-                return fn, f"{name} in {os.path.basename(path)}"
-    return None, "no LAPACKE_dsbevd found: scipy's eig_banded, one at a time"
-
-
 def stage2_backend() -> str:
     """What computes stage 2 here (for benchmarks and diagnostics)."""
-    return _lapacke()[1]
+    from . import lapack
+
+    fn, where = lapack.sbevd_routine()
+    return where if fn is not None else f"{where}: scipy's eig_banded, one at a time"
 
 
 def band_eigenvalues(band: np.ndarray) -> np.ndarray:
     """Ascending eigenvalues of a symmetric band matrix in lower band storage (stage 2: LAPACK ``dsbevd``,
     values only, on the CPU). Raises ``numpy.linalg.LinAlgError`` if it does not converge."""
-    fn, _ = _lapacke()
-    if fn is None:
+    from . import lapack
+
+    w = lapack.sbevd(band)
+    if w is None:
         from scipy.linalg import eig_banded
 
         return eig_banded(np.ascontiguousarray(band, dtype=np.float64), lower=True, eigvals_only=True,
                           overwrite_a_band=True, check_finite=False)
-    ab = np.array(band, dtype=np.float64, order="F")  # (kd + 1, n), column-major, as LAPACK stores bands
-    kd, n = ab.shape[0] - 1, ab.shape[1]
-    w = np.empty(n, dtype=np.float64)
-    info = fn(102, b"N", b"L", n, kd, ab.ctypes.data, kd + 1, w.ctypes.data, None, 1)  # 102: column-major
-    if info != 0:
-        raise np.linalg.LinAlgError(f"dsbevd failed (info {info})")
     return w
 
 

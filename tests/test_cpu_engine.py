@@ -1,4 +1,5 @@
-"""CPU engine against the independent float64 reference: real weights and adversarial matrices."""
+"""CPU engine against the independent float64 reference: real weights and adversarial matrices, with each
+of its eigensolvers (MRRR, and LAPACK's two-stage solver that it uses from ``TWO_STAGE_MIN_K``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from spectrum_fast import cpu_engine, lapack
 from spectrum_fast.cpu_engine import (
     METHOD_GRAM32,
     METHOD_SVD64,
@@ -20,6 +22,19 @@ from spectrum_fast.cpu_engine import (
 from .conftest import assert_snr_matches, noise_is_roundoff, ref_snr, rel_err
 
 TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, params=["syevr", "syevd_2stage"])
+def eigensolver(request, monkeypatch):
+    """Every test here runs with each eigensolver at every order (the test matrices are small)."""
+    if request.param == "syevr":
+        monkeypatch.setattr(cpu_engine, "TWO_STAGE_MIN_K", 1 << 62)
+    else:
+        if not (lapack.syevd_2stage_available(np.float32) and lapack.syevd_2stage_available(np.float64)):
+            pytest.skip("no LAPACKE ?syevd_2stage in this scipy's OpenBLAS")
+        monkeypatch.setattr(cpu_engine, "TWO_STAGE_MIN_K", 1)
+    assert request.param in cpu_engine.eigensolver()
+    return request.param
 
 
 def _check(w: np.ndarray) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from spectrum_fast import twostage
+from spectrum_fast import lapack, twostage
 
 
 def _sym(rng, n):
@@ -70,9 +70,9 @@ def test_stage2_through_lapacke_and_through_scipy_agree(monkeypatch):
     """dsbevd through ctypes (threads run at once) and scipy's eig_banded (the fallback) give the same values."""
     rng = np.random.default_rng(7)
     band = twostage.band_reduce(torch.from_numpy(_sym(rng, 300)), 16).numpy()
-    fn, where = twostage._lapacke()
+    fn, where = lapack.sbevd_routine()
     got = twostage.band_eigenvalues(band)
-    monkeypatch.setattr(twostage, "_lapacke", lambda: (None, "none"))
+    monkeypatch.setattr(lapack, "sbevd_routine", lambda: (None, "none"))
     fallback = twostage.band_eigenvalues(band)
     np.testing.assert_allclose(got, fallback, rtol=0, atol=1e-12 * np.abs(fallback).max())
     assert isinstance(twostage.stage2_backend(), str)
