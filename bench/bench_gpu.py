@@ -1,5 +1,7 @@
 """GPU benchmark of the CUDA engine (run on a lent H100/H200 by bench/gpu_check.sh).
 
+0. cuSOLVER's Xsyevd algorithms (default, one-stage, two-stage; cuSOLVER 12.3.4+) per k, float64 and fp32,
+   through the engine; the fastest accurate one is used by the parts after it (``syevd_alg_used``).
 1. Engine per matrix: singular values of a k x N fp32 matrix (k = 1024 ... 16384) through our engine
    (read from a page-cached safetensors file, fp32 Gram + cusolverDnXsyevd) against
    ``torch.linalg.svdvals`` and ``torch.linalg.eigvalsh(W^T W)`` on the same GPU.
@@ -82,6 +84,73 @@ def engine_per_matrix(workdir: Path, sizes: list[int]) -> list[dict]:
         del w
         path.unlink()
     return rows
+
+
+def syevd_algorithms(workdir: Path, sizes: list[int]) -> dict:
+    """cuSOLVER's ``Xsyevd`` algorithms through the engine (``set_syevd_algorithm``: 0 its default, 1 one-stage,
+    2 two-stage; cuSOLVER 12.3.4 or newer), per k on a k x k bf16 matrix, float64 (the pass k >= 4096 takes)
+    and fp32 (not at 16384): seconds per matrix (Gram included, file in the page cache) and the largest
+    eigenvalue difference from algorithm 0's float64 result, relative to the largest eigenvalue."""
+    from spectrum_fast import _C
+
+    out: dict = {"cusolver": _C.cusolver_version(), "cusolver_built": _C.cusolver_header_version(), "rows": []}
+    engine = _C.GramEngine(0)
+    for k in sizes:
+        path = workdir / f"syevd{k}.safetensors"
+        save_file({"w": (torch.randn(k, k) / math.sqrt(k)).bfloat16()}, str(path))
+        from spectrum_fast.checkpoint import read_tensor_table
+
+        info = read_tensor_table(path)[0]["w"]
+        task = [(str(path), info.offset, info.nbytes, "BF16", k, k)]
+        ref = None
+        for fp64 in (True, False):
+            if not fp64 and k > 8192:
+                continue
+            for alg in (0, 1, 2):
+                row: dict = {"k": k, "fp64": fp64, "alg": alg}
+                try:
+                    engine.set_syevd_algorithm(alg, 0)
+                    (lam, _, code), = engine.run(task, fp64=fp64)  # warm-up: this algorithm's workspace
+                    reps = 2 if k <= 8192 else 1
+                    row["s"] = min(sync_time(lambda task=task, fp64=fp64: engine.run(task, fp64=fp64))
+                                   for _ in range(reps))
+                    lam = np.asarray(lam, dtype=np.float64)
+                    if ref is None:
+                        ref = lam  # algorithm 0, float64: the first one run
+                    row["info"] = code
+                    row["max_rel_diff_vs_alg0_fp64"] = float(np.abs(lam - ref).max() / ref.max())
+                except Exception as e:  # noqa: BLE001 - an algorithm this cuSOLVER lacks: recorded, the rest go on
+                    row["error"] = f"{type(e).__name__}: {e}"
+                print(json.dumps(row), flush=True)
+                out["rows"].append(row)
+        path.unlink()
+    engine.set_syevd_algorithm(0, 0)
+    out["choice"] = syevd_choice(out["rows"])
+    print(f"syevd algorithm choice: {out['choice']}", flush=True)
+    return out
+
+
+def syevd_choice(rows: list[dict], accurate: float = 1e-10) -> str:
+    """``SPECTRUM_FAST_SYEVD_ALG`` from :func:`syevd_algorithms`' float64 rows: the algorithm that is fastest
+    (by 5% or more over algorithm 0) at every measured k from some k on, with that k as ``:MIN_K``, and
+    accurate there (float64 results within ``accurate`` of algorithm 0's); ``"0"`` when none is."""
+    ks = sorted({r["k"] for r in rows if r["fp64"]})
+    time = {(r["k"], r["alg"]): r["s"] for r in rows if r["fp64"] and "s" in r and r.get("info") == 0
+            and r["max_rel_diff_vs_alg0_fp64"] <= accurate}
+    best, best_gain = "0", 0.0
+    for alg in (1, 2):
+        start = None
+        for k in reversed(ks):
+            if (k, alg) in time and (k, 0) in time and time[(k, alg)] < 0.95 * time[(k, 0)]:
+                start = k
+            else:
+                break
+        if start is None:
+            continue
+        total = sum(time[(k, 0)] - time[(k, alg)] for k in ks if k >= start)
+        if total > best_gain:
+            best, best_gain = f"{alg}:{start}", total
+    return best
 
 
 def batched_vs_looped(workdir: Path, sizes: tuple[int, ...] = (256, 512, 1024, 2048), count: int = 32) -> list[dict]:
@@ -189,7 +258,22 @@ def end_to_end(workdir: Path, ref_layers: int, engines: bool = True, rates_json:
     t = time.perf_counter()
     ours = spectrum_fast.scan(ckpt, device="cuda", progress=False)
     ours_s = time.perf_counter() - t
-    note(ours_s=ours_s, methods=dict(Counter(r.method or r.status for r in ours.records)))
+    note(ours_s=ours_s, methods=dict(Counter(r.method or r.status for r in ours.records)),
+         syevd_alg=os.environ.get("SPECTRUM_FAST_SYEVD_ALG", "0"))
+    if os.environ.get("SPECTRUM_FAST_SYEVD_ALG", "0") != "0":  # the same scan with cuSOLVER's default, same run
+        chosen = os.environ.pop("SPECTRUM_FAST_SYEVD_ALG")
+        try:
+            t = time.perf_counter()
+            default = spectrum_fast.scan(ckpt, device="cuda", progress=False)
+            default_s = time.perf_counter() - t
+        finally:
+            os.environ["SPECTRUM_FAST_SYEVD_ALG"] = chosen
+        diffs = [abs(a.snr - b.snr) / abs(b.snr) for a, b in zip(ours.records, default.records)
+                 if math.isfinite(a.snr) and math.isfinite(b.snr) and b.snr]
+        note(ours_default_syevd_s=default_s, speedup_vs_default_syevd=default_s / ours_s,
+             max_snr_rel_diff_vs_default_syevd=max(diffs, default=float("nan")),
+             selections_equal_to_default_syevd={str(top): ours.select(top).modules == default.select(top).modules
+                                                for top in (0.25, 0.5)})
     loop_s, loop_snr = torch_loop(ckpt)
     note(torch_gram_eigvalsh_loop_s=loop_s, speedup_vs_torch_loop=loop_s / ours_s)
     # the loop at the precision our guard ends up using for k >= 4096 (float64 Gram + eigvalsh)
@@ -343,8 +427,10 @@ def main() -> int:
     ap.add_argument("--sizes", default="1024,4096,8192,16384")
     ap.add_argument("--ref-layers", type=int, default=1)
     ap.add_argument("--twostage", type=Path, help="bench_twostage.py's JSON from this device: the two-stage floors")
-    ap.add_argument("--parts", default="matrix,batched,e2e,engines",
-                    help="which of matrix,batched,e2e,engines (several engines on one GPU, within e2e) to run")
+    ap.add_argument("--parts", default="syevd,matrix,batched,e2e,engines",
+                    help="which of syevd,matrix,batched,e2e,engines (several engines on one GPU, within e2e) to run; "
+                         "with syevd, the later parts run with the Xsyevd algorithm it found fastest")
+    ap.add_argument("--syevd-sizes", default="2048,4096,8192,16384")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "python": platform.python_version(),
@@ -352,6 +438,17 @@ def main() -> int:
                                     check=False).stdout.strip() or os.environ.get("GIT_COMMIT", "unknown"),
            "sources": os.environ.get("SF_SOURCES")}
     parts = set(args.parts.split(","))
+    if "syevd" in parts:
+        try:
+            out["syevd"] = syevd_algorithms(args.workdir, [int(s) for s in args.syevd_sizes.split(",")])
+        except Exception as e:  # noqa: BLE001 - record it; the other parts still run, with the default
+            out["syevd"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"syevd algorithms failed: {e}", flush=True)
+        choice = out["syevd"].get("choice", "0")
+        if choice != "0" and not os.environ.get("SPECTRUM_FAST_SYEVD_ALG"):
+            os.environ["SPECTRUM_FAST_SYEVD_ALG"] = choice  # the scans below (spectrum_fast reads it per scan)
+        out["syevd_alg_used"] = os.environ.get("SPECTRUM_FAST_SYEVD_ALG", "0")
+        write_result(args.json, out)
     if "matrix" in parts:
         out["per_matrix"] = engine_per_matrix(args.workdir, [int(s) for s in args.sizes.split(",")])
         write_result(args.json, out)

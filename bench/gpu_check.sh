@@ -11,14 +11,17 @@
 # what is left of BUDGET seconds (default 540; GPU_PARTS picks bench_gpu.py's parts, SCALE_MODELS the
 # scale bench's models, GUARD=1 adds bench_guard.py):
 #   core:  GPU tests (tests/test_native.py, test_cuda_orchestration.py, test_band_solver.py, test_twostage.py);
-#          bench/bench_twostage.py (the GPU two-stage solver: batched band reduction, native panel QR and
+#          bench/bench_gpu.py --parts syevd,e2e (cuSOLVER's Xsyevd algorithms per k, default / one-stage /
+#          two-stage, the fastest accurate one then used by every scan after it through
+#          SPECTRUM_FAST_SYEVD_ALG; the Mistral-7B-shaped scan end to end: the syevd route with that algorithm
+#          and with the default, torch loops, reference, then the band-solver route last, so that a failure
+#          there cannot cost the other numbers; GPU_PARTS=syevd,matrix,batched,e2e,engines for everything);
+#          bench/bench_twostage.py (our GPU two-stage solver: batched band reduction, native panel QR and
 #          band solver, against Dsyevd at k = 4096, 8192, 16384; every chase variant at 4096, the fastest
-#          then used by the scans below through SPECTRUM_FAST_CHASE); bench/bench_gpu.py --parts e2e (the
-#          Mistral-7B-shaped scan end to end: the syevd route, torch loops, reference, then the two-stage
-#          route last, so that a failure there cannot cost the other numbers; GPU_PARTS=matrix,batched,e2e,engines
-#          for everything run 3 measured)
-#   scale: bench/bench_scale.py --e2e on Qwen1.5-110B and Llama-3.1-405B shapes with SPECTRUM_FAST_TWOSTAGE=gpu,
-#          sampled shapes corrected by bench_twostage's rates (run 3 measured the syevd route there), and the
+#          then used by the scans below through SPECTRUM_FAST_CHASE)
+#   scale: bench/bench_scale.py --e2e on Qwen1.5-110B and Llama-3.1-405B shapes on the float64 route that was
+#          faster per matrix at the largest k (gpu_summary.py --route: our band solver, SPECTRUM_FAST_TWOSTAGE=gpu,
+#          its sampled shapes corrected by bench_twostage's rates; or Xsyevd with the chosen algorithm), and the
 #          generated layer scanned again twice over (SCALE_COPIES=2): the whole-model estimate at the rate a
 #          running scan adds bytes, start and last launch paid once (~20 s more); then
 #          bench/sanitize_band.py under compute-sanitizer's memcheck, racecheck and synccheck (35 s each: the
@@ -62,6 +65,16 @@ use_best_chase() {
   fi
 }
 
+# the Xsyevd algorithm bench_gpu.py's syevd part chose (cuSOLVER 12.3.4+), for the scans after it
+use_best_syevd() {
+  local best
+  best=$($PY -c "import json; print(json.load(open('/tmp/sf_gpu_check.json'))['syevd'].get('choice', '0'))" 2>/dev/null)
+  if [[ -n $best && $best != 0 && -z ${SPECTRUM_FAST_SYEVD_ALG:-} ]]; then
+    export SPECTRUM_FAST_SYEVD_ALG=$best
+    echo "Xsyevd algorithm $best (fastest in bench_gpu.py's syevd part)" | tee -a "$OUT/env.txt"
+  fi
+}
+
 sources=$(cat csrc/* spectrum_fast/*.py bench/*.py setup.py CMakeLists.txt | sha1sum | cut -c1-12)
 native=$(cat csrc/* setup.py CMakeLists.txt | sha1sum | cut -c1-12)  # what the build depends on
 export SF_SOURCES=$sources  # the bench JSONs record it: the device's .git can be stale
@@ -94,12 +107,14 @@ if [[ $STAGE == all || $STAGE == core ]]; then
   if [[ ${GUARD:-0} == 1 ]]; then
     step 60 bench.log $PY bench/bench_guard.py --device cuda --sizes 1024 4096 8192 --json "$OUT/guard_gpu.json"
   fi
+  # cuSOLVER's own Xsyevd algorithms first (its two-stage one is the likeliest way to the goals), the
+  # Mistral-shaped scan with the fastest of them; then our band solver's rates
+  step 300 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-syevd,e2e}" --twostage /tmp/sf_twostage.json \
+    --json "$OUT/gpu_check.json"
+  cp "$OUT/gpu_check.json" /tmp/sf_gpu_check.json 2>/dev/null  # for a later `scale` call on this machine
   step 150 bench.log $PY bench/bench_twostage.py --device cuda --sizes 4096 8192 16384 --bands 32 64 \
     --json "$OUT/twostage_gpu.json"
   cp "$OUT/twostage_gpu.json" /tmp/sf_twostage.json 2>/dev/null  # for a later `scale` call on this machine
-  use_best_chase
-  step 260 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-e2e}" --twostage /tmp/sf_twostage.json \
-    --json "$OUT/gpu_check.json"
 fi
 if [[ $STAGE == all || $STAGE == scale ]]; then
   if [[ ! -f /tmp/sf_twostage.json ]]; then  # a fresh machine: only what the scale bench needs
@@ -107,10 +122,17 @@ if [[ $STAGE == all || $STAGE == scale ]]; then
       --per-sm --json "$OUT/twostage_gpu.json"
     cp "$OUT/twostage_gpu.json" /tmp/sf_twostage.json 2>/dev/null
   fi
+  if [[ ! -f /tmp/sf_gpu_check.json ]]; then  # a fresh machine: cuSOLVER's algorithms at the scale sizes
+    step 80 scale.log $PY bench/bench_gpu.py --parts syevd --syevd-sizes 8192,16384 --json /tmp/sf_gpu_check.json
+  fi
   use_best_chase
+  use_best_syevd
+  # the float64 route that was faster per matrix at the largest k: the band solver (gpu) or Xsyevd (0)
+  route=$($PY bench/gpu_summary.py --route /tmp/sf_gpu_check.json /tmp/sf_twostage.json 2>/dev/null || echo gpu)
+  echo "scale route: SPECTRUM_FAST_TWOSTAGE=$route" | tee -a "$OUT/scale.log"
   # the scale bench, leaving SANITIZE_S (default 105) seconds for the sanitizers after it
   left=$((DEADLINE - SECONDS - ${SANITIZE_S:-105}))
-  step $((left < 220 ? left : 220)) scale.log env SPECTRUM_FAST_TWOSTAGE=gpu $PY bench/bench_scale.py --device cuda \
+  step $((left < 220 ? left : 220)) scale.log env SPECTRUM_FAST_TWOSTAGE="$route" $PY bench/bench_scale.py --device cuda \
     --models ${SCALE_MODELS:-Qwen1.5-110B Llama-3.1-405B} --samples 2 --workdir /tmp/sf_scale --e2e \
     --e2e-copies "${SCALE_COPIES:-2}" \
     --twostage /tmp/sf_twostage.json --json "$OUT/scale_gpu.json"

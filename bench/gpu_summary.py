@@ -7,7 +7,9 @@ sanitizers. Every line names the file and field it comes from; a missing file or
 
 `gpu_check.sh` prints it at the end of each call, so the call's output tail carries the verdicts. The settings
 it suggests are the defaults to change in the source (`twostage.CHASE_VARIANT`, `DeviceBands.BLOCKS_PER_SM`,
-`twostage.CREWS`, `cuda_engine.WARM_THREADS`, `cuda_engine.twostage_mode`'s default).
+`twostage.CREWS`, `cuda_engine.WARM_THREADS`, `cuda_engine.twostage_mode`'s and `cuda_engine.syevd_algorithm`'s
+defaults). `python bench/gpu_summary.py --route GPU_CHECK_JSON TWOSTAGE_JSON` prints the float64 route the
+scale stage takes (SPECTRUM_FAST_TWOSTAGE: `gpu` or `0`).
 """
 
 from __future__ import annotations
@@ -100,26 +102,73 @@ def twostage(doc: dict | None, band: int = 32) -> tuple[list[str], dict]:
     return out, settings
 
 
+def syevd(doc: dict | None) -> tuple[list[str], dict]:
+    """cuSOLVER's Xsyevd algorithms per k (bench_gpu.py's syevd part), and the choice it made."""
+    part = (doc or {}).get("syevd")
+    if part is None:
+        return ["Xsyevd algorithms: no gpu_check.json syevd"], {}
+    if "error" in part:
+        return [f"Xsyevd algorithms: {part['error']}"], {}
+    out = [f"Xsyevd algorithms (cuSOLVER {part.get('cusolver')}, built with {part.get('cusolver_built')}):"]
+    by_k: dict = {}
+    for r in part.get("rows", []):
+        key = (r["k"], "fp64" if r["fp64"] else "fp32")
+        by_k.setdefault(key, []).append(f"alg {r['alg']} " + (f"{r['s']:.4f} s (diff {r['max_rel_diff_vs_alg0_fp64']:.1e})"
+                                                              if "s" in r else r.get("error", "?")))
+    out += [f"  k={k} {prec}: " + "; ".join(v) for (k, prec), v in sorted(by_k.items())]
+    out.append(f"  choice: SPECTRUM_FAST_SYEVD_ALG={part.get('choice')} (cuda_engine.syevd_algorithm's default if not 0)")
+    return out, ({"syevd_alg": part["choice"]} if part.get("choice", "0") != "0" else {})
+
+
+def _mistral_goals(s: float, ref: float | None, loop: float | None) -> list[str]:
+    goals = [("under 10 s", s < 10)]
+    if ref:
+        goals.append((f">= 20x reference ({ref / s:.1f}x)", ref / s >= 20))
+    if loop:
+        goals.append((f">= 2x torch loop ({loop / s:.2f}x)", loop / s >= 2))
+    return [f"  goal {name}: {'met' if ok else 'NOT met'}" for name, ok in goals]
+
+
 def mistral(doc: dict | None) -> list[str]:
     if doc is None or "end_to_end" not in doc:
         return ["Mistral-7B shapes: no gpu_check.json end_to_end"]
     e = doc["end_to_end"]
     ref = e.get("reference_svdvals_scaled_to_32_layers_s")
     loop = e.get("torch_gram_eigvalsh_loop_s")
-    out = [f"Mistral-7B shapes, syevd route: {e.get('ours_s')} s; reference {ref} s; torch loop {loop} s"]
+    out = [(f"Mistral-7B shapes, syevd route (SPECTRUM_FAST_SYEVD_ALG={e.get('syevd_alg', '0')}): {e.get('ours_s')} s; "
+           f"reference {ref} s; torch loop {loop} s")]
+    if "ours_default_syevd_s" in e:
+        out.append(f"  with cuSOLVER's default algorithm: {e['ours_default_syevd_s']:.2f} s "
+                   f"({e.get('speedup_vs_default_syevd', 0):.2f}x), SNRs within {e.get('max_snr_rel_diff_vs_default_syevd')}, "
+                   f"selections equal {e.get('selections_equal_to_default_syevd')}")
+    if isinstance(e.get("ours_s"), (int, float)):
+        out += _mistral_goals(e["ours_s"], ref, loop)
     two = e.get("twostage", {})
     if "s" not in two:
         return out + [f"  two-stage route: {two.get('error', 'not measured')}"]
     s = two["s"]
-    goals = [("under 10 s", s < 10)]
-    if ref:
-        goals.append((f">= 20x reference ({ref / s:.1f}x)", ref / s >= 20))
-    if loop:
-        goals.append((f">= 2x torch loop ({loop / s:.2f}x)", loop / s >= 2))
     out.append(f"  two-stage route: {s:.2f} s, SNRs within {two.get('max_snr_rel_diff_vs_syevd_route')} of the syevd "
                f"route, selections equal {two.get('selections_equal')}, x floor {two.get('vs_floor')}")
-    out += [f"  goal {name}: {'met' if ok else 'NOT met'}" for name, ok in goals]
-    return out
+    return out + _mistral_goals(s, ref, loop)
+
+
+def route(gpu_check: dict | None, twostage_doc: dict | None) -> str:
+    """The float64 route for the 100B+ scans: ``"gpu"`` (SPECTRUM_FAST_TWOSTAGE=gpu, the native band solver) or
+    ``"0"`` (the engine's Xsyevd with the chosen algorithm), whichever took less per matrix at the largest k
+    both measured; the band solver where the Xsyevd algorithms were not compared (as before they existed)."""
+    part = (gpu_check or {}).get("syevd") or {}
+    choice = part.get("choice", "0")
+    alg = int(choice.split(":")[0])
+    syevd_s = {r["k"]: r["s"] for r in part.get("rows", []) if r.get("fp64") and r.get("alg") == alg and "s" in r}
+    band_s = {}
+    for row in (twostage_doc or {}).get("rows", []):
+        good = [e for e in row.get("gpu", []) if usable(e)]
+        if good:
+            band_s[row["k"]] = min(e["s_per_matrix"] for e in good)
+    both = sorted(set(syevd_s) & set(band_s))
+    if not both:
+        return "0" if syevd_s and not band_s and choice != "0" else "gpu"
+    return "gpu" if band_s[both[-1]] < syevd_s[both[-1]] else "0"
 
 
 def scale(doc: dict | None) -> tuple[list[str], dict]:
@@ -189,10 +238,16 @@ def sanitizers(folder: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
+    if args[:1] == ["--route"]:  # gpu_check.sh: SPECTRUM_FAST_TWOSTAGE for the scale stage
+        gpu_check, twostage_json = (Path(a) for a in args[1:3])
+        print(route(_load(gpu_check.parent, gpu_check.name), _load(twostage_json.parent, twostage_json.name)))
+        return 0
     folder = Path(args[0] if args else "/tmp/gpu_check_out")
     lines = tests(folder)
     two_lines, settings = twostage(_load(folder, "twostage_gpu.json"))
-    lines += two_lines + mistral(_load(folder, "gpu_check.json"))
+    syevd_lines, syevd_settings = syevd(_load(folder, "gpu_check.json"))
+    settings.update(syevd_settings)
+    lines += two_lines + syevd_lines + mistral(_load(folder, "gpu_check.json"))
     scale_lines, scale_settings = scale(_load(folder, "scale_gpu.json"))
     lines += scale_lines + sanitizers(folder)
     settings.update(scale_settings)

@@ -172,9 +172,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_count", &spectrum_fast::device_count,
         "Number of CUDA devices; raises RuntimeError naming the failed call.");
   m.def("runtime_version", &spectrum_fast::runtime_version, "CUDA runtime version the extension was built against.");
+  m.def("cusolver_version", &spectrum_fast::cusolver_version,
+        "cuSOLVER's version at run time (major * 1000 + minor * 100 + patch); needs no GPU.");
+  m.def("cusolver_header_version", &spectrum_fast::cusolver_header_version,
+        "cuSOLVER's version in the headers the extension was built with (CUSOLVER_VERSION).");
   py::class_<GramEngine>(m, "GramEngine")
       .def(py::init<int>(), py::arg("device") = 0)
       .def_property_readonly("device", &GramEngine::device)
+      .def("set_syevd_algorithm", &GramEngine::set_syevd_algorithm, py::arg("alg"), py::arg("min_k") = 0,
+           "cusolverDnXsyevd's algorithm for matrices with k >= min_k: 0 cuSOLVER's default, 1 one-stage, "
+           "2 two-stage (cuSOLVER 12.3.4 or newer; cusolverDnSetAdvOptions with CUSOLVERDN_SYEVD).")
       .def("run", &run, py::arg("tasks"), py::arg("fp64") = false, py::arg("should_stop") = py::none(),
            "tasks: list of (path, offset, nbytes, dtype, rows, cols[, scale]), scale None or (path, offset, "
            "nbytes, dtype, 'scalar'|'row'|'block', block, scale_cols) for FP8. Returns, per task and in order, "

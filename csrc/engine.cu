@@ -200,6 +200,8 @@ struct GramEngine::Impl {
   cublasHandle_t cublas = nullptr;
   cusolverDnHandle_t solver = nullptr;
   cusolverDnParams_t params = nullptr;
+  cusolverDnParams_t alg_params = nullptr;  // Xsyevd with a chosen algorithm, for k >= alg_min_k
+  int64_t alg_min_k = 0;
   cudaEvent_t copied[kSlots] = {};
   cudaEvent_t widened[kSlots] = {};
   cudaEvent_t finished[kSlots] = {};
@@ -243,6 +245,7 @@ void GramEngine::release() noexcept {
   if (impl_->compute_stream) cudaStreamSynchronize(impl_->compute_stream);
   if (impl_->copy_stream) cudaStreamSynchronize(impl_->copy_stream);
   if (impl_->params) cusolverDnDestroyParams(impl_->params);
+  if (impl_->alg_params) cusolverDnDestroyParams(impl_->alg_params);
   if (impl_->solver) cusolverDnDestroy(impl_->solver);
   if (impl_->cublas) cublasDestroy(impl_->cublas);
   for (int s = 0; s < kSlots; ++s) {
@@ -254,6 +257,33 @@ void GramEngine::release() noexcept {
   if (impl_->compute_stream) cudaStreamDestroy(impl_->compute_stream);
   delete impl_;
   impl_ = nullptr;
+}
+
+void GramEngine::set_syevd_algorithm(int alg, int64_t min_k) {
+  if (alg < 0 || alg > 2) throw std::invalid_argument("syevd algorithm must be 0, 1 or 2, got " + std::to_string(alg));
+  if (min_k < 0) throw std::invalid_argument("min_k must be >= 0, got " + std::to_string(min_k));
+  Impl& im = *impl_;
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaStreamSynchronize(im.compute_stream), "cudaStreamSynchronize");  // no call uses it now
+  if (im.alg_params) {
+    cusolverDnDestroyParams(im.alg_params);
+    im.alg_params = nullptr;
+  }
+  im.alg_min_k = min_k;
+  if (alg == 0) return;
+#if CUSOLVER_VERSION >= 12304
+  cusolverDnParams_t p = nullptr;
+  check_cusolver(cusolverDnCreateParams(&p), "cusolverDnCreateParams");
+  const cusolverStatus_t st = cusolverDnSetAdvOptions(p, CUSOLVERDN_SYEVD, static_cast<cusolverAlgMode_t>(alg));
+  if (st != CUSOLVER_STATUS_SUCCESS) {
+    cusolverDnDestroyParams(p);
+    check_cusolver(st, "cusolverDnSetAdvOptions(CUSOLVERDN_SYEVD)");
+  }
+  im.alg_params = p;
+#else
+  throw std::runtime_error("syevd algorithm " + std::to_string(alg) + " needs cuSOLVER 12.3.4 (CUDA 13.4 Update 1) "
+                           "or newer; this extension was built with cuSOLVER " + std::to_string(CUSOLVER_VERSION));
+#endif
 }
 
 std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, const StopCheck& stop) {
@@ -405,7 +435,8 @@ std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, c
                                  static_cast<float*>(im.gram.ptr), nk), "cublasSsyrk");
       }
       size_t dev_ws = 0, host_ws = 0;
-      check_cusolver(cusolverDnXsyevd_bufferSize(im.solver, im.params, CUSOLVER_EIG_MODE_NOVECTOR,
+      cusolverDnParams_t params = im.alg_params && k >= im.alg_min_k ? im.alg_params : im.params;
+      check_cusolver(cusolverDnXsyevd_bufferSize(im.solver, params, CUSOLVER_EIG_MODE_NOVECTOR,
                                                  CUBLAS_FILL_MODE_LOWER, k, dt, im.gram.ptr, k, dt, im.eig.ptr,
                                                  dt, &dev_ws, &host_ws), "cusolverDnXsyevd_bufferSize");
       if (dev_ws > im.work.bytes || host_ws > im.host_work.size()) {
@@ -413,7 +444,7 @@ std::vector<Result> GramEngine::run(const std::vector<Task>& tasks, bool fp64, c
       }
       im.work.reserve(std::max<size_t>(dev_ws, 1));
       if (im.host_work.size() < host_ws) im.host_work.resize(host_ws);
-      check_cusolver(cusolverDnXsyevd(im.solver, im.params, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_LOWER, k,
+      check_cusolver(cusolverDnXsyevd(im.solver, params, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_LOWER, k,
                                       dt, im.gram.ptr, k, dt, im.eig.ptr, dt, im.work.ptr, dev_ws,
                                       host_ws ? im.host_work.data() : nullptr, host_ws,
                                       static_cast<int*>(im.info.ptr)), "cusolverDnXsyevd");
@@ -582,5 +613,15 @@ int runtime_version() {
   check_cuda(cudaRuntimeGetVersion(&v), "cudaRuntimeGetVersion");
   return v;
 }
+
+int cusolver_version() {
+  int major = 0, minor = 0, patch = 0;
+  check_cusolver(cusolverGetProperty(MAJOR_VERSION, &major), "cusolverGetProperty(MAJOR_VERSION)");
+  check_cusolver(cusolverGetProperty(MINOR_VERSION, &minor), "cusolverGetProperty(MINOR_VERSION)");
+  check_cusolver(cusolverGetProperty(PATCH_LEVEL, &patch), "cusolverGetProperty(PATCH_LEVEL)");
+  return major * 1000 + minor * 100 + patch;
+}
+
+int cusolver_header_version() { return CUSOLVER_VERSION; }
 
 }  // namespace spectrum_fast

@@ -76,6 +76,13 @@ class GramEngine {
   // solver call per matrix is dominated by launch and synchronisation costs.
   std::vector<Result> run_batched(const std::vector<Task>& tasks, bool fp64, int64_t batch, const StopCheck& stop);
 
+  // The algorithm cusolverDnXsyevd uses for matrices with k >= min_k (cusolverDnSetAdvOptions with
+  // CUSOLVERDN_SYEVD): 0 = cuSOLVER's default (from cuSOLVER 12.3.4 its own choice by size and
+  // architecture), 1 = one-stage tridiagonal reduction, 2 = two-stage (dense to band with GEMMs, then
+  // band to tridiagonal; cuSOLVER 12.3.4, CUDA 13.4 Update 1, or newer). Smaller matrices keep the default.
+  // Throws std::invalid_argument for another alg, std::runtime_error where cuSOLVER lacks the option.
+  void set_syevd_algorithm(int alg, int64_t min_k);
+
   int device() const { return device_; }
 
  private:
@@ -87,5 +94,9 @@ class GramEngine {
 
 int device_count();
 int runtime_version();
+// cuSOLVER's version as major * 1000 + minor * 100 + patch: of the library loaded at run time, and of the
+// headers the extension was built with (CUSOLVER_VERSION).
+int cusolver_version();
+int cusolver_header_version();
 
 }  // namespace spectrum_fast

@@ -49,8 +49,19 @@ def main() -> int:
             from .twostage import stage2_backend
 
             print(f"GPU: two-stage float64 pass, band eigenvalues on {band_threads} threads ({stage2_backend()})")
+    from .cuda_engine import syevd_algorithm
+
+    try:
+        alg, min_k = syevd_algorithm()
+    except SpectrumError as e:
+        print(f"GPU: {e}")
+    else:
+        name = {0: "cuSOLVER's default", 1: "one-stage", 2: "two-stage"}[alg]
+        print(f"GPU: cusolverDnXsyevd algorithm {alg} ({name})" + (f" from k = {min_k}" if alg and min_k else ""))
     ext = native_extension()
     print(f"native extension: {'built (' + ext.__file__ + ')' if ext else 'not built'}")
+    if ext is not None and hasattr(ext, "cusolver_version"):
+        print(f"cuSOLVER: {ext.cusolver_version()} loaded, {ext.cusolver_header_version()} at build time")
     reason = cuda_unavailable_reason()
     if reason is None and ext is not None:
         print(f"CUDA: {ext.device_count()} GPU(s), runtime {ext.runtime_version()}")

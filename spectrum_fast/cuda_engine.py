@@ -119,6 +119,52 @@ def fp64_min_k() -> int:
     return max(0, k)
 
 
+#: The first cuSOLVER with ``CUSOLVERDN_SYEVD`` algorithm options (CUDA 13.4 Update 1).
+SYEVD_ALG_MIN_CUSOLVER = 12304
+
+
+def syevd_algorithm() -> tuple[int, int]:
+    """``(alg, min_k)``: the algorithm ``cusolverDnXsyevd`` runs for matrices with ``k >= min_k``
+    (``SPECTRUM_FAST_SYEVD_ALG``: ``ALG`` or ``ALG:MIN_K``; default ``0``, cuSOLVER's own choice).
+
+    ``1`` is the one-stage tridiagonal reduction, memory-bound (run 3 on an H100 measured ``Dsyevd`` at
+    0.118 s for k = 4096); ``2`` the two-stage one, dense to band with GEMMs, then band to tridiagonal, which
+    cuSOLVER offers from 12.3.4 (CUDA 13.4 Update 1), where ``0`` becomes its own choice by size and
+    architecture. Both change the last bits of the eigenvalues, so a journal records the setting. Off by
+    default until ``bench/bench_gpu.py`` measures them on a GPU (``per_matrix_syevd_alg``)."""
+    flag = os.environ.get("SPECTRUM_FAST_SYEVD_ALG", "0").strip()
+    alg_text, _, min_k_text = flag.partition(":")
+    try:
+        alg, min_k = int(alg_text or "0"), int(min_k_text or "0")
+    except ValueError:
+        alg, min_k = -1, 0
+    if alg not in (0, 1, 2) or min_k < 0:
+        raise SpectrumError(f"SPECTRUM_FAST_SYEVD_ALG must be 0, 1 or 2, optionally with :MIN_K (as 2:4096), "
+                            f"got {flag!r}")
+    return alg, min_k
+
+
+def _check_syevd(syevd: tuple[int, int]) -> None:
+    """Refuse an ``Xsyevd`` algorithm this cuSOLVER does not offer, before any engine starts."""
+    from . import _C  # type: ignore[attr-defined]
+
+    if syevd[0]:
+        built, loaded = _C.cusolver_header_version(), _C.cusolver_version()
+        if min(built, loaded) < SYEVD_ALG_MIN_CUSOLVER:
+            raise SpectrumError(f"SPECTRUM_FAST_SYEVD_ALG={syevd[0]} needs cuSOLVER 12.3.4 (CUDA 13.4 Update 1) or "
+                                f"newer; this one is {loaded} (the extension was built with {built})")
+
+
+def _engine(device: int, syevd: tuple[int, int]):
+    """The native engine on ``device``, its ``Xsyevd`` algorithm set (:func:`syevd_algorithm`)."""
+    from . import _C  # type: ignore[attr-defined]
+
+    engine = _C.GramEngine(device)
+    if syevd[0]:
+        engine.set_syevd_algorithm(*syevd)
+    return engine
+
+
 def twostage_mode() -> str:
     """Which eigensolver takes the float64 pass of F32/F16/BF16 matrices: ``"off"`` (the engine's ``Dsyevd``,
     the default), ``"gpu"`` or ``"cpu"`` (:mod:`spectrum_fast.twostage`).
@@ -587,8 +633,6 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
     """Compute every matrix on the GPUs; ``done`` is called (under a lock) as each one finishes. ``units``:
     the batched solver's calls (:func:`~spectrum_fast.scheduling.batch_units`), fixed by the caller for
     the whole scan, each one whole in ``infos``; by default formed from ``infos``."""
-    from . import _C  # type: ignore[attr-defined]
-
     lock = threading.Lock()
 
     def report(info: TensorInfo, out: MatrixStats) -> None:
@@ -602,17 +646,19 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
     # settings errors up front (scan_units reads the batching ones)
     big, mode, band_threads = fp64_min_k(), twostage_mode(), twostage_threads()
     chase = chase_variant() if mode == "gpu" else 0
+    syevd = syevd_algorithm()
+    _check_syevd(syevd)
     if units is None:
         units = scan_units(infos)
     work = plan(infos, len(devices), units)
     if len(devices) == 1:
-        _run_device(_C.GramEngine(devices[0]), work[0], report, big, units, band_threads, mode, chase)
+        _run_device(_engine(devices[0], syevd), work[0], report, big, units, band_threads, mode, chase)
         return
     errors: list[BaseException] = []
 
     def worker(device: int, items: list[TensorInfo]) -> None:
         try:
-            _run_device(_C.GramEngine(device), items, report, big, units, band_threads, mode, chase)
+            _run_device(_engine(device, syevd), items, report, big, units, band_threads, mode, chase)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 

@@ -203,10 +203,11 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         # (the CPU's eigensolvers too: the GPU route sends some matrices there)
         engine: dict = {"backend": "cuda" if on_gpu else "cpu", "cpu": eigensolver()}
         if on_gpu:
-            from .cuda_engine import SOLVER_REVISION, chase_variant, fp64_min_k, twostage_mode
+            from . import _C  # type: ignore[attr-defined]
+            from .cuda_engine import SOLVER_REVISION, chase_variant, fp64_min_k, syevd_algorithm, twostage_mode
 
             engine.update(revision=SOLVER_REVISION, batched_max_k=max_k, fp64_min_k=fp64_min_k(),
-                          twostage=twostage_mode())
+                          twostage=twostage_mode(), syevd_alg=list(syevd_algorithm()), cusolver=_C.cusolver_version())
             if engine["twostage"] == "gpu":
                 engine["chase"] = chase_variant()
         header = {"sources": [s.to_json() for s in ckpt.sources], "settings": settings, "engine": engine}

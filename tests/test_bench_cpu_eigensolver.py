@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 bench = pytest.importorskip("bench_cpu_eigensolver")
 bench_scale = pytest.importorskip("bench_scale")
 
-from spectrum_fast import cpu_engine, lapack  # noqa: E402
+from spectrum_fast import cpu_engine, lapack
 
-from .test_bench_scale import TINY  # noqa: E402
+from .test_bench_scale import TINY
 
 pytestmark = pytest.mark.skipif(not lapack.syevd_2stage_available("float32"),
                                 reason="no LAPACKE ?syevd_2stage in this scipy's OpenBLAS")

@@ -91,3 +91,25 @@ def test_bench_gram_times_both_ways_and_reports_the_flops_it_saves(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["full_s"] > 0 and doc["split_s"] > 0 and math.isclose(doc["speedup"], doc["full_s"] / doc["split_s"])
     assert doc["flops_ratio"] == (2 * 700 * 300**2 * 2 + 2 * 700 * 300 * 300) / (2 * 700 * 600**2)  # one split
+
+
+def _rows(times: dict[tuple[int, int], float], diff: float = 1e-14) -> list[dict]:
+    return [{"k": k, "fp64": True, "alg": alg, "s": t, "info": 0, "max_rel_diff_vs_alg0_fp64": 0.0 if alg == 0 else diff}
+            for (k, alg), t in times.items()]
+
+
+def test_syevd_choice_is_the_algorithm_that_wins_from_some_k_on():
+    base = {(2048, 0): 0.05, (4096, 0): 0.12, (8192, 0): 0.9, (16384, 0): 4.0}
+    two = {(2048, 2): 0.06, (4096, 2): 0.05, (8192, 2): 0.3, (16384, 2): 1.2}
+    one = {(2048, 1): 0.05, (4096, 1): 0.12, (8192, 1): 0.9, (16384, 1): 4.0}
+    assert bench_gpu.syevd_choice(_rows({**base, **two, **one})) == "2:4096"
+    assert bench_gpu.syevd_choice(_rows({**base, **one})) == "0"  # no algorithm 5% faster: the default stays
+    # a loss at the largest k: not a rule "from k on"
+    assert bench_gpu.syevd_choice(_rows({**base, **two, (16384, 2): 4.1})) == "0"
+    # inaccurate results never win; failed runs (no "s") are skipped
+    assert bench_gpu.syevd_choice(_rows({**base, **two}, diff=1e-6)) == "0"
+    rows = _rows(base) + [{"k": 4096, "fp64": True, "alg": 2, "error": "RuntimeError: ... INVALID_VALUE"}]
+    assert bench_gpu.syevd_choice(rows) == "0"
+    # fp32 rows do not count: the float64 pass is what k >= 4096 takes
+    fp32 = [dict(r, fp64=False) for r in _rows({**base, **two})]
+    assert bench_gpu.syevd_choice(fp32 + _rows(base)) == "0"

@@ -171,6 +171,9 @@ def test_diagnostics_show_the_gpu_settings():
     assert "float64 first for matrices with k >= 8192" in out
     assert "batched" not in out and "two-stage" not in out
     assert "two-stage float64 pass: SPECTRUM_FAST_TWOSTAGE must be 0, gpu or cpu" in run(SPECTRUM_FAST_TWOSTAGE="x")
+    assert "cusolverDnXsyevd algorithm 0 (cuSOLVER's default)" in out and "CPU: Gram eigenvalues by LAPACK" in out
+    assert "cusolverDnXsyevd algorithm 2 (two-stage) from k = 4096" in run(SPECTRUM_FAST_SYEVD_ALG="2:4096")
+    assert "SPECTRUM_FAST_SYEVD_ALG must be 0, 1 or 2" in run(SPECTRUM_FAST_SYEVD_ALG="9")
     if importlib.util.find_spec("torch") is not None:
         out = run(SPECTRUM_FAST_TWOSTAGE="cpu", SPECTRUM_FAST_TWOSTAGE_THREADS="3")
         assert "two-stage float64 pass, band eigenvalues on 3 threads" in out

@@ -4,6 +4,7 @@ itself is tested on a GPU by tests/test_native.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import types
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 import spectrum_fast
-from spectrum_fast import backends
+from spectrum_fast import backends, cuda_engine
 
 from .conftest import ref_select, ref_snr, rel_err, save_np
 
@@ -44,6 +45,10 @@ class FakeEngine:
 
     def __init__(self, device: int = 0):
         self.device = device
+        FakeEngine.syevd.append((device, 0, 0))
+
+    def set_syevd_algorithm(self, alg, min_k=0):
+        FakeEngine.syevd[-1] = (self.device, alg, min_k)
 
     def run(self, tasks, fp64=False, should_stop=None):
         out = []
@@ -96,6 +101,7 @@ FakeEngine.batched_calls = []
 def fake_gpu(monkeypatch):
     fake = types.ModuleType("spectrum_fast._C")
     fake.GramEngine = FakeEngine
+    fake.cusolver_version = fake.cusolver_header_version = lambda: 12401
     try:  # the two-stage solver's kernels run on host threads too: the real ones where the extension is built
         from spectrum_fast import _C as real  # type: ignore[attr-defined]
 
@@ -107,6 +113,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
     FakeEngine.calls = []
     FakeEngine.batched_calls = []
+    FakeEngine.syevd = []
     FakeEngine.fail_on = None
     FakeEngine.info_code = 0
     return FakeEngine
@@ -929,3 +936,33 @@ def test_read_stored_into_a_buffer_is_the_plain_read(tmp_path):
     short = TensorInfo("t", f, 12, 1600, "F32", (40, 10))
     with pytest.raises(CheckpointError, match="'t' is truncated"):
         read_stored(short, out=np.empty(1600, np.uint8))
+
+
+def test_syevd_algorithm_setting(fake_gpu, tmp_path, monkeypatch):
+    """SPECTRUM_FAST_SYEVD_ALG reaches every engine (ALG or ALG:MIN_K), is recorded in the journal, is refused
+    where cuSOLVER is older than 12.3.4, and a bad value is an error naming the variable."""
+    from spectrum_fast.errors import SpectrumError
+
+    path, _ = _checkpoint(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", spectrum_fast.DegenerateMatrixWarning)
+        spectrum_fast.scan(path, device="cuda", progress=False)
+        assert FakeEngine.syevd == [(0, 0, 0)]  # the default: cuSOLVER's own choice, no option set
+        monkeypatch.setenv("SPECTRUM_FAST_SYEVD_ALG", "2:4096")
+        FakeEngine.syevd = []
+        journal = tmp_path / "j"
+        spectrum_fast.scan(path, device="cuda", devices=[0, 1], progress=False, journal=journal)
+        assert sorted(FakeEngine.syevd) == [(0, 2, 4096), (1, 2, 4096)]
+        assert json.loads(journal.read_text().split("\n")[0])["engine"]["syevd_alg"] == [2, 4096]
+        monkeypatch.setenv("SPECTRUM_FAST_SYEVD_ALG", "1")
+        assert cuda_engine.syevd_algorithm() == (1, 0)
+        for bad in ("3", "two", "2:-1", "2:x"):
+            monkeypatch.setenv("SPECTRUM_FAST_SYEVD_ALG", bad)
+            with pytest.raises(SpectrumError, match="SPECTRUM_FAST_SYEVD_ALG must be 0, 1 or 2"):
+                spectrum_fast.scan(path, device="cuda", progress=False)
+        monkeypatch.setenv("SPECTRUM_FAST_SYEVD_ALG", "2")
+        monkeypatch.setattr(spectrum_fast._C, "cusolver_version", lambda: 12004)
+        FakeEngine.syevd = []
+        with pytest.raises(SpectrumError, match=r"needs cuSOLVER 12.3.4 .* this one is 12004"):
+            spectrum_fast.scan(path, device="cuda", progress=False)
+        assert FakeEngine.syevd == []  # refused before any engine started

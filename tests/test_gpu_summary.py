@@ -89,3 +89,44 @@ def test_a_sanitizer_cut_by_its_time_limit_has_no_verdict_and_one_variant_sugges
     assert "sanitizer racecheck: no verdict (out of time?)" in out
     assert "chase variant 7 at b=32 (the only one measured: no comparison)" in out
     assert "chase_variant" not in out.split("settings: ", 1)[1]
+
+
+def _syevd_part(choice="2:4096", band_16384=None):
+    rows = [{"k": k, "fp64": True, "alg": alg, "s": t, "info": 0, "max_rel_diff_vs_alg0_fp64": 0.0}
+            for k, times in ((4096, (0.12, 0.12, 0.05)), (16384, (4.0, 4.0, 1.2))) for alg, t in enumerate(times)]
+    rows.append({"k": 4096, "fp64": False, "alg": 2, "error": "RuntimeError: cusolverDnSetAdvOptions failed"})
+    return {"cusolver": 12401, "cusolver_built": 12401, "rows": rows, "choice": choice}
+
+
+def test_syevd_algorithms_and_the_mistral_goals_of_that_route(tmp_path, capsys):
+    e2e = {"ours_s": 9.0, "syevd_alg": "2:4096", "ours_default_syevd_s": 20.0, "speedup_vs_default_syevd": 2.22,
+           "max_snr_rel_diff_vs_default_syevd": 3e-9, "selections_equal_to_default_syevd": {"0.5": True},
+           "reference_svdvals_scaled_to_32_layers_s": 170.0, "torch_gram_eigvalsh_loop_s": 19.0}
+    (tmp_path / "gpu_check.json").write_text(json.dumps({"syevd": _syevd_part(), "end_to_end": e2e}))
+    out = _run(tmp_path, capsys)
+    assert "Xsyevd algorithms (cuSOLVER 12401, built with 12401):" in out
+    assert "k=16384 fp64: alg 0 4.0000 s (diff 0.0e+00); alg 1 4.0000 s (diff 0.0e+00); alg 2 1.2000 s" in out
+    assert "k=4096 fp32: alg 2 RuntimeError: cusolverDnSetAdvOptions failed" in out
+    assert "choice: SPECTRUM_FAST_SYEVD_ALG=2:4096" in out
+    assert "syevd route (SPECTRUM_FAST_SYEVD_ALG=2:4096): 9.0 s" in out and "default algorithm: 20.00 s (2.22x)" in out
+    assert "goal under 10 s: met" in out and "goal >= 20x reference (18.9x): NOT met" in out
+    assert "goal >= 2x torch loop (2.11x): met" in out
+    assert '"syevd_alg": "2:4096"' in out  # the suggested setting
+    (tmp_path / "gpu_check.json").write_text(json.dumps({"syevd": {"error": "RuntimeError: no GPU"}}))
+    assert "Xsyevd algorithms: RuntimeError: no GPU" in _run(tmp_path, capsys)
+
+
+def test_route_for_the_scale_stage(tmp_path, capsys):
+    def band(s):
+        return {"rows": [{"k": 16384, "gpu": [{"b": 32, "variant": 7, "s_per_matrix": s, "max_err": 1e-14}]}]}
+
+    assert gpu_summary.usable(band(1.0)["rows"][0]["gpu"][0])
+    assert gpu_summary.route({"syevd": _syevd_part()}, band(1.0)) == "gpu"   # the band solver is faster at 16384
+    assert gpu_summary.route({"syevd": _syevd_part()}, band(1.5)) == "0"     # Xsyevd's two-stage is
+    assert gpu_summary.route({"syevd": _syevd_part()}, None) == "0"          # only Xsyevd measured, and it won
+    assert gpu_summary.route({"syevd": _syevd_part(choice="0")}, None) == "gpu"  # nothing measured: as before
+    assert gpu_summary.route(None, None) == "gpu"
+    (tmp_path / "g.json").write_text(json.dumps({"syevd": _syevd_part()}))
+    (tmp_path / "t.json").write_text(json.dumps(band(1.5)))
+    assert gpu_summary.main(["--route", str(tmp_path / "g.json"), str(tmp_path / "t.json")]) == 0
+    assert capsys.readouterr().out == "0\n"

@@ -57,6 +57,15 @@ def test_engine_rejects_bad_tasks(task, match):
 
 
 @needs_ext
+def test_cusolver_versions_are_readable_without_a_gpu():
+    """The library's version at run time and the headers' at build time (SPECTRUM_FAST_SYEVD_ALG needs both
+    at 12.3.4 or newer); CUDA 13's cuSOLVER is 12.x."""
+    loaded, built = _C.cusolver_version(), _C.cusolver_header_version()
+    assert 11000 <= built < 100000 and 11000 <= loaded < 100000
+    assert loaded // 1000 == built // 1000  # the same major version: the soname the extension links
+
+
+@needs_ext
 @pytest.mark.skipif(cuda_unavailable_reason() is None, reason="a GPU is present")
 def test_engine_without_gpu_names_the_failed_call():
     with pytest.raises(RuntimeError, match=r"cuda\w+ failed: cudaError"):
@@ -103,6 +112,45 @@ def test_gpu_parity_with_float64_reference(tmp_path, monkeypatch, dtype, fp64_mi
             continue
         assert_snr_matches(r.snr, stored, what=(r.module, r.method))
     assert gpu.select(0.5).modules == cpu.select(0.5).modules
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("alg", ["1", "2"])
+def test_gpu_syevd_algorithms_parity_with_float64_reference(tmp_path, monkeypatch, alg):
+    """cuSOLVER's one-stage and two-stage Xsyevd (SPECTRUM_FAST_SYEVD_ALG) through both engine passes, on the
+    adversarial matrices in bf16: within 1e-4 of float64, the same selection as the CPU."""
+    import torch
+    from safetensors.torch import save_file
+
+    from spectrum_fast.cuda_engine import SYEVD_ALG_MIN_CUSOLVER
+
+    if min(_C.cusolver_version(), _C.cusolver_header_version()) < SYEVD_ALG_MIN_CUSOLVER:
+        pytest.skip(f"cuSOLVER {_C.cusolver_version()} has no Xsyevd algorithm option (12.3.4 or newer)")
+    monkeypatch.setenv("SPECTRUM_FAST_SYEVD_ALG", alg)
+    tensors = {f"model.layers.{i}.mlp.{name}.weight": torch.from_numpy(w).to(torch.bfloat16)
+               for i, (name, w) in enumerate(_adversarial())}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    for fp64_min_k in ("4096", "1"):
+        monkeypatch.setenv("SPECTRUM_FAST_FP64_MIN_K", fp64_min_k)
+        gpu = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+        for r in gpu.records:
+            assert_snr_matches(r.snr, tensors[r.module + ".weight"].double().numpy(), what=(r.module, r.method, alg))
+    assert gpu.select(0.5).modules == spectrum_fast.scan(tmp_path, device="cpu", progress=False).select(0.5).modules
+    # the engine itself: eigenvalues of one large Gram matrix against float64, both precisions
+    w = torch.randn(1536, 1024, dtype=torch.float64).float().double()  # exactly what the file stores
+    want = torch.linalg.eigvalsh(w.T @ w).numpy()
+    save_file({"w": w.float()}, str(tmp_path / "big.safetensors"))
+    engine = _C.GramEngine(0)
+    engine.set_syevd_algorithm(int(alg), 0)
+    header = 8 + int.from_bytes((tmp_path / "big.safetensors").read_bytes()[:8], "little")
+    task = (str(tmp_path / "big.safetensors"), header, 1536 * 1024 * 4, "F32", 1536, 1024)
+    for fp64, tol in ((False, 1e-4), (True, 1e-12)):
+        ((lam, _, code),) = engine.run([task], fp64=fp64)
+        assert code == 0
+        np.testing.assert_allclose(np.asarray(lam), want, rtol=0, atol=tol * want.max())
+    with pytest.raises(ValueError, match="must be 0, 1 or 2"):
+        engine.set_syevd_algorithm(3, 0)
 
 
 @needs_gpu
