@@ -3,7 +3,8 @@
 
 Opt-in for the GPU scan's float64 pass (``SPECTRUM_FAST_TWOSTAGE=gpu`` or ``cpu``, see
 :func:`spectrum_fast.cuda_engine.twostage_mode`) until a lent GPU shows it beats ``syevd``
-(bench/bench_twostage.py, bench/NOTES-gpu.md). The CPU stage 2 lost on an H100's host (run 3: 0.52x at
+(bench/bench_twostage.py, bench/NOTES-gpu.md), and cuSOLVER's own two-stage ``Xsyevd`` (12.3.4 and newer,
+:func:`spectrum_fast.cuda_engine.syevd_algorithm`), which the device call measures beside it. The CPU stage 2 lost on an H100's host (run 3: 0.52x at
 k = 4096): LAPACK's band reduction takes 2 s per matrix and core there. The GPU one (csrc/band_solver.h)
 chases the bulges of many matrices at once, one thread block each, and finds the eigenvalues of the
 tridiagonal matrices by bisection, one thread per eigenvalue.
