@@ -32,6 +32,26 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def seconds(fn, repeats: int = 1, device: str = "cpu", reduce=min) -> float:
+    """``reduce`` (``min``, or e.g. ``statistics.median``) of ``repeats`` timings of ``fn()``; on ``cuda`` the
+    GPU is synchronised before and after each, so that queued work is neither charged nor left out."""
+    sync = None
+    if device == "cuda":
+        import torch
+
+        sync = torch.cuda.synchronize
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t)
+    return reduce(times)
+
+
 def write_result(path: Path, doc: dict[str, Any]) -> None:
     """The benchmark's JSON, written atomically (a killed run never leaves a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)

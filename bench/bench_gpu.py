@@ -49,6 +49,15 @@ def sync_time(fn) -> float:
     return time.perf_counter() - t
 
 
+def _file_task(path: Path, w: torch.Tensor) -> list[tuple]:
+    """``w`` written to ``path`` as a one-tensor safetensors file, and the engine's task list that reads it."""
+    from spectrum_fast.checkpoint import read_tensor_table
+    from spectrum_fast.cuda_engine import _task
+
+    save_file({"w": w}, str(path))
+    return [_task(read_tensor_table(path)[0]["w"])]
+
+
 def engine_per_matrix(workdir: Path, sizes: list[int]) -> list[dict]:
     from spectrum_fast import _C
 
@@ -58,11 +67,7 @@ def engine_per_matrix(workdir: Path, sizes: list[int]) -> list[dict]:
         n = min(4 * k, 32768)
         w = torch.randn(n, k, device="cuda") / math.sqrt(k)
         path = workdir / f"m{k}.safetensors"
-        save_file({"w": w.cpu()}, str(path))
-        from spectrum_fast.checkpoint import read_tensor_table
-
-        info = read_tensor_table(path)[0]["w"]
-        task = [(str(path), info.offset, info.nbytes, "F32", n, k)]
+        task = _file_task(path, w.cpu())
         reps = 3 if k <= 4096 else 2  # the large sizes take seconds each: keep the device call short
         engine.run(task)  # warm-up: workspaces, page cache
         t_ours = min(sync_time(lambda task=task: engine.run(task)) for _ in range(reps))
@@ -97,11 +102,7 @@ def syevd_algorithms(workdir: Path, sizes: list[int]) -> dict:
     engine = _C.GramEngine(0)
     for k in sizes:
         path = workdir / f"syevd{k}.safetensors"
-        save_file({"w": (torch.randn(k, k) / math.sqrt(k)).bfloat16()}, str(path))
-        from spectrum_fast.checkpoint import read_tensor_table
-
-        info = read_tensor_table(path)[0]["w"]
-        task = [(str(path), info.offset, info.nbytes, "BF16", k, k)]
+        task = _file_task(path, (torch.randn(k, k) / math.sqrt(k)).bfloat16())
         ref = None
         for fp64 in (True, False):
             if not fp64 and k > 8192:

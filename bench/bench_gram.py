@@ -10,27 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_info, write_result
-
-
-def _seconds(fn, device: str, repeats: int) -> float:
-    import torch
-
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
+from _machine import machine_info, seconds, write_result
 
 
 def gram_split_speedup(rows: int = 14336, k: int = 4096, device: str = "cuda", repeats: int = 3) -> dict:
@@ -41,8 +25,8 @@ def gram_split_speedup(rows: int = 14336, k: int = 4096, device: str = "cuda", r
 
     x = torch.randn(rows, k, device=device, dtype=torch.float64)
     x.T @ x, _gram(x)  # warm-up
-    full = _seconds(lambda: x.T @ x, device, repeats)
-    split = _seconds(lambda: _gram(x), device, repeats)
+    full = seconds(lambda: x.T @ x, repeats, device)
+    split = seconds(lambda: _gram(x), repeats, device)
     return {"shape": [rows, k], "device": device, "full_s": full, "split_s": split, "speedup": full / split,
             "flops_ratio": gram_flops(rows, k) / (2 * rows * k * k)}
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_info, write_result
+from _machine import machine_info, seconds, write_result
 
 from spectrum_fast import twostage
 
@@ -49,21 +50,6 @@ ACCURATE = 1e-10
 def usable(entry: dict) -> bool:
     """A measured entry that ran and was accurate (:data:`ACCURATE`)."""
     return "error" not in entry and entry.get("max_err", 1.0) < ACCURATE
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    import torch
-
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return float(np.median(out))
 
 
 def gram_batch(k: int, count: int, device: str):
@@ -121,7 +107,7 @@ def gpu_mode(k: int, b: int, variants: list[int], launch: int, device: str, repe
         return twostage.band_reduce(g, b, qr=twostage.native_geqrf)
 
     bands = stage1()  # warm-up, and the bands the accuracy check solves
-    stage1_s = timed(stage1, device, repeats) / batch
+    stage1_s = seconds(stage1, repeats, device, statistics.median) / batch
     if k <= 2048:
         ref = np.linalg.eigvalsh((grams * scales[:, None, None]).cpu().numpy())
     else:
@@ -242,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             a = gram_batch(k, 1, args.device)[0]
             torch.linalg.eigvalsh(a)  # warm-up
-            row["syevd_fp64_s"] = timed(lambda a=a: torch.linalg.eigvalsh(a), args.device, args.repeats)
+            row["syevd_fp64_s"] = seconds(lambda a=a: torch.linalg.eigvalsh(a), args.repeats, args.device,
+                                          statistics.median)
             del a
         except (RuntimeError, ValueError) as e:  # a CUDA error left by an earlier size: nothing more can run
             row["error"] = f"{type(e).__name__}: {e}"

@@ -55,24 +55,23 @@ step() {
   return "$rc"
 }
 
-# the chase variant bench_twostage.py found fastest at the engine's bandwidth, for the scans after it
-use_best_chase() {
-  local best
-  best=$($PY -c "import json; print(json.load(open('/tmp/sf_twostage.json')).get('best_variant', ''))" 2>/dev/null)
-  if [[ -n $best && -z ${SPECTRUM_FAST_CHASE:-} ]]; then
-    export SPECTRUM_FAST_CHASE=$best
-    echo "chase variant $best (fastest in bench_twostage.py)" | tee -a "$OUT/env.txt"
+# use_setting VAR JSON EXPR WHAT: export VAR=EXPR(doc) for the scans after it, EXPR evaluated on JSON's
+# contents as `doc` in Python, unless VAR is set already or EXPR gives nothing ('')
+use_setting() {
+  local var=$1 json=$2 expr=$3 what=$4 value
+  value=$($PY -c "import json; doc = json.load(open('$json')); print($expr)" 2>/dev/null)
+  if [[ -n $value && -z ${!var:-} ]]; then
+    export "$var=$value"
+    echo "$var=$value ($what)" | tee -a "$OUT/env.txt"
   fi
 }
-
-# the Xsyevd algorithm bench_gpu.py's syevd part chose (cuSOLVER 12.3.4+), for the scans after it
+# the chase variant bench_twostage.py found fastest at the engine's bandwidth
+use_best_chase() { use_setting SPECTRUM_FAST_CHASE /tmp/sf_twostage.json "doc.get('best_variant', '')" "fastest in bench_twostage.py"; }
+# the Xsyevd algorithm bench_gpu.py's syevd part chose (cuSOLVER 12.3.4+)
+# ('0', cuSOLVER's default, is what an unset SPECTRUM_FAST_SYEVD_ALG means already)
 use_best_syevd() {
-  local best
-  best=$($PY -c "import json; print(json.load(open('/tmp/sf_gpu_check.json'))['syevd'].get('choice', '0'))" 2>/dev/null)
-  if [[ -n $best && $best != 0 && -z ${SPECTRUM_FAST_SYEVD_ALG:-} ]]; then
-    export SPECTRUM_FAST_SYEVD_ALG=$best
-    echo "Xsyevd algorithm $best (fastest in bench_gpu.py's syevd part)" | tee -a "$OUT/env.txt"
-  fi
+  use_setting SPECTRUM_FAST_SYEVD_ALG /tmp/sf_gpu_check.json \
+    "(lambda c: '' if c == '0' else c)(doc['syevd'].get('choice', '0'))" "chosen by bench_gpu.py's syevd part"
 }
 
 sources=$(cat csrc/* spectrum_fast/*.py bench/*.py setup.py CMakeLists.txt | sha1sum | cut -c1-12)

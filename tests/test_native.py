@@ -143,8 +143,10 @@ def test_gpu_syevd_algorithms_parity_with_float64_reference(tmp_path, monkeypatc
     save_file({"w": w.float()}, str(tmp_path / "big.safetensors"))
     engine = _C.GramEngine(0)
     engine.set_syevd_algorithm(int(alg), 0)
-    header = 8 + int.from_bytes((tmp_path / "big.safetensors").read_bytes()[:8], "little")
-    task = (str(tmp_path / "big.safetensors"), header, 1536 * 1024 * 4, "F32", 1536, 1024)
+    from spectrum_fast.checkpoint import read_tensor_table
+    from spectrum_fast.cuda_engine import _task
+
+    task = _task(read_tensor_table(tmp_path / "big.safetensors")[0]["w"])
     for fp64, tol in ((False, 1e-4), (True, 1e-12)):
         ((lam, _, code),) = engine.run([task], fp64=fp64)
         assert code == 0
