@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg.blas import dsyrk
 
 from . import lapack
 from .snr import SnrStats, snr_from_singular_values, snr_interval
@@ -36,6 +37,13 @@ from .snr import SnrStats, snr_from_singular_values, snr_interval
 #: smaller ones MRRR (``?syevr``). Measured on one core (bench/bench_cpu_eigensolver.py): the two-stage
 #: solver is slower below this order and faster above it, increasingly with k.
 TWO_STAGE_MIN_K = 3072
+#: The float64 Gram matrix is summed over blocks of the longer side of about this many bytes, each one
+#: widened to float64 on its own (BLAS ``dsyrk`` with ``beta = 1``): a float32 matrix is never copied whole
+#: into float64, which takes twice its own memory (7 GB for a 53248 x 16384 Llama-3.1-405B projection). On
+#: one core this is also 1.05-1.25x faster than the whole copy (bench/bench_cpu_memory.py).
+GRAM64_BLOCK_BYTES = 64 << 20
+#: Changes with anything that moves the CPU engine's last bits (scan journals record it).
+REVISION = 2
 #: Relative width of the SNR enclosure under which a fast result is accepted.
 REL_TOL = 1e-4
 _GRAM_C_REL = 8.0
@@ -69,11 +77,15 @@ class MatrixStats:
 
 def eigvalsh(a: np.ndarray) -> np.ndarray:
     """Ascending eigenvalues of the symmetric float32/float64 matrix ``a`` in its precision, by the solver
-    :func:`eigensolver` names for its order; ``a`` is overwritten."""
+    :func:`eigensolver` names for its order; ``a`` is overwritten. Only the lower triangle of a
+    column-major ``a`` is read (the upper one of a row-major ``a``, which is the same matrix)."""
     if a.shape[0] >= TWO_STAGE_MIN_K:
         lam = lapack.syevd_2stage(a)
         if lam is not None:
             return lam
+    # LAPACK works in column-major order: a row-major symmetric matrix goes as its transpose, a view,
+    # where scipy would otherwise copy it
+    a = a.T if a.flags.c_contiguous and not a.flags.f_contiguous else a
     return scipy.linalg.eigh(a, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False)
 
 
@@ -84,9 +96,32 @@ def eigensolver() -> str:
     return "syevr"
 
 
-def _gram_eigenvalues(w: np.ndarray) -> tuple[np.ndarray, float]:
-    """Ascending eigenvalues of the Gram matrix on the smaller side, and ``‖W‖_F²``."""
-    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T  # numpy runs SYRK for x.T @ x
+def gram64(w: np.ndarray) -> np.ndarray:
+    """The float64 Gram matrix on the smaller side of the float32/float64 matrix ``w`` (``WᵀW`` if ``w`` is
+    tall, else ``WWᵀ``), column-major, lower triangle only (the upper one is zero), summed over blocks of
+    :data:`GRAM64_BLOCK_BYTES` widened one at a time: no float64 copy of the whole of ``w``."""
+    m, n = w.shape
+    k, long = min(m, n), max(m, n)
+    g = np.zeros((k, k), dtype=np.float64, order="F")
+    step = max(1, GRAM64_BLOCK_BYTES // (8 * k))
+    for start in range(0, long, step):
+        if m >= n:  # rows of w: G += BᵀB for the row-major block B = w[rows]
+            block = np.ascontiguousarray(w[start:start + step], dtype=np.float64)
+            g = dsyrk(1.0, block.T, beta=1.0, c=g, trans=0, lower=1, overwrite_c=1)
+        else:  # columns of w: G += CCᵀ for C = w[:, cols], a row-major copy
+            block = np.ascontiguousarray(w[:, start:start + step], dtype=np.float64)
+            g = dsyrk(1.0, block.T, beta=1.0, c=g, trans=1, lower=1, overwrite_c=1)
+        del block  # before the next one is made
+    return g
+
+
+def _gram_eigenvalues(w: np.ndarray, fp64: bool) -> tuple[np.ndarray, float]:
+    """Ascending eigenvalues of the Gram matrix on the smaller side, in float32 (``w`` float32) or float64,
+    and ``‖W‖_F²``."""
+    if fp64:
+        gram = gram64(w)
+    else:
+        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T  # numpy runs SYRK for x.T @ x
     fro2 = float(gram.diagonal().sum(dtype=np.float64))
     return np.asarray(eigvalsh(gram), dtype=np.float64), fro2
 
@@ -160,14 +195,25 @@ def matrix_stats(w: np.ndarray, *, exact: bool = False) -> MatrixStats:
 
     if not exact:
         if w.dtype == np.float32:
-            lam, fro2 = _gram_eigenvalues(w)
+            lam, fro2 = _gram_eigenvalues(w, fp64=False)
             stats = stats_from_gram(lam, fro2, float(np.finfo(np.float32).eps), m, n)
             if stats is not None:
                 return rescaled(stats, METHOD_GRAM32)
-        w = w.astype(np.float64, copy=False)
-        lam, fro2 = _gram_eigenvalues(w)
+        lam, fro2 = _gram_eigenvalues(w, fp64=True)
         stats = stats_from_gram(lam, fro2, float(np.finfo(np.float64).eps), m, n)
         if stats is not None:
             return rescaled(stats, METHOD_GRAM64)
-    s = scipy.linalg.svdvals(w.astype(np.float64, copy=False), check_finite=False)
+    # our own float64 copy, which LAPACK may overwrite, column-major as its transpose (same singular values)
+    w64 = w.astype(np.float64, order="C")
+    s = scipy.linalg.svdvals(w64.T, overwrite_a=True, check_finite=False)
+    del w64
     return rescaled(snr_from_singular_values(s, m, n), METHOD_SVD64)
+
+
+def working_bytes(m: int, n: int) -> int:
+    """Memory :func:`matrix_stats` takes for an ``m x n`` matrix beyond the matrix itself, on its Gram
+    routes: the float32 Gram matrix, then the float64 one, the eigensolver's workspace (LAPACK's two-stage
+    solver needs less than one more k x k matrix) and one block being widened. The float64 SVD, for
+    the rare matrices that neither Gram route decides, needs ``8 m n`` instead."""
+    k = min(m, n)
+    return 16 * k * k + GRAM64_BLOCK_BYTES

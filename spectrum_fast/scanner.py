@@ -19,7 +19,7 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
-from . import __version__, distributed
+from . import __version__, cpu_engine, distributed
 from .checkpoint import TensorInfo, dtype_supported, fp8_problem, is_unscaled_fp8, open_checkpoint, read_matrix
 from .cpu_engine import STATUS_OK, MatrixStats, eigensolver, matrix_stats
 from .errors import SpectrumError
@@ -201,7 +201,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     if journal is not None:
         # what fixes the numbers' last bits too: a journal from another backend or GPU setting starts over
         # (the CPU's eigensolvers too: the GPU route sends some matrices there)
-        engine: dict = {"backend": "cuda" if on_gpu else "cpu", "cpu": eigensolver()}
+        engine: dict = {"backend": "cuda" if on_gpu else "cpu", "cpu": eigensolver(),
+                        "cpu_revision": cpu_engine.REVISION}
         if on_gpu:
             from . import _C  # type: ignore[attr-defined]
             from .cuda_engine import SOLVER_REVISION, chase_variant, fp64_min_k, syevd_algorithm, twostage_mode

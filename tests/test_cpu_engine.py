@@ -211,3 +211,69 @@ def test_zero_noise_sum_is_infinite_like_the_reference():
     w[:, 0] = 1.0  # one nonzero singular value, seven exact zeros <= tau = 0
     out = matrix_stats(w)
     assert out.status == STATUS_OK and out.snr == math.inf and not out.stats.noise_free
+
+
+@pytest.mark.parametrize("shape", [(300, 97), (97, 300), (128, 128), (1, 50), (50, 1), (1000, 3)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_gram64_is_the_float64_product(shape, dtype, layout, monkeypatch):
+    """The float64 Gram matrix summed block by block (blocks of 7 rows or columns here: the last one short)
+    equals the product of the float64 matrix with itself, lower triangle, column-major, for any input
+    layout."""
+    k = min(shape)
+    monkeypatch.setattr(cpu_engine, "GRAM64_BLOCK_BYTES", 8 * k * 7)
+    rng = np.random.default_rng(7)
+    if layout == "strided":
+        w = rng.standard_normal((shape[0], 2 * shape[1])).astype(dtype)[:, ::2]
+    else:
+        w = np.asarray(rng.standard_normal(shape).astype(dtype), order=layout)
+    x = w.astype(np.float64)
+    want = x.T @ x if shape[0] >= shape[1] else x @ x.T
+    got = cpu_engine.gram64(w)
+    assert got.shape == (k, k) and got.dtype == np.float64 and got.flags.f_contiguous
+    assert np.abs(np.tril(got) - np.tril(want)).max() <= 1e-13 * np.abs(want).max()
+    assert not np.triu(got, 1).any()
+
+
+def _peak_bytes(fn) -> int:
+    """Peak of the memory numpy allocates while ``fn`` runs (tracemalloc sees numpy's arrays)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("shape", [(20000, 64), (64, 20000)])
+def test_float64_gram_never_copies_the_whole_matrix(shape, monkeypatch):
+    """The float64 route widens one block at a time: its peak is a block and the Gram matrix, not the float64
+    copy of W (8 m n bytes, 10 MB here) that it used to make."""
+    monkeypatch.setattr(cpu_engine, "GRAM64_BLOCK_BYTES", 1 << 20)
+    w = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    peak = _peak_bytes(lambda: cpu_engine._gram_eigenvalues(w, fp64=True))
+    k = min(shape)
+    assert peak <= (1 << 20) + 4 * 8 * k * k + (64 << 10), peak
+    assert peak < 8 * w.size / 4
+
+
+def test_float64_svd_copies_the_matrix_once():
+    """The exact route's float64 SVD works in the one float64 copy it makes (LAPACK overwrites it)."""
+    w = np.random.default_rng(4).standard_normal((20000, 64)).astype(np.float32)
+    peak = _peak_bytes(lambda: matrix_stats(w, exact=True))
+    assert 8 * w.size <= peak < 1.5 * 8 * w.size, peak
+
+
+def test_working_bytes_covers_the_gram_routes(monkeypatch):
+    """working_bytes (what the scan's memory budget counts per matrix beyond the matrix) is at least what the
+    float32 and float64 Gram routes allocate."""
+    monkeypatch.setattr(cpu_engine, "GRAM64_BLOCK_BYTES", 1 << 20)
+    for shape in [(6000, 300), (300, 6000), (700, 700)]:
+        w = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+        for fp64 in (False, True):
+            peak = _peak_bytes(lambda w=w, fp64=fp64: cpu_engine._gram_eigenvalues(w, fp64=fp64))
+            assert peak <= cpu_engine.working_bytes(*shape), (shape, fp64, peak)

@@ -90,17 +90,22 @@ def test_journal_of_other_weights_is_not_mixed_in(model_dir, tmp_path, capsys):
     other.close()
 
 
-def test_journal_of_another_cpu_eigensolver_is_not_mixed_in(model_dir, tmp_path, capsys, monkeypatch):
-    """The CPU's eigensolvers fix the results' last bits, so a journal written with another one starts over."""
+@pytest.mark.parametrize(("setting", "before", "after"), [("TWO_STAGE_MIN_K", 1 << 62, 1), ("REVISION", 1, 2)])
+def test_journal_of_another_cpu_eigensolver_is_not_mixed_in(model_dir, tmp_path, capsys, monkeypatch, setting,
+                                                           before, after):
+    """The CPU's eigensolvers and the way it forms Gram matrices (its revision) fix the results' last bits, so
+    a journal written with others starts over."""
     from spectrum_fast import cpu_engine
 
     journal = tmp_path / "j"
-    monkeypatch.setattr(cpu_engine, "TWO_STAGE_MIN_K", 1 << 62)
+    monkeypatch.setattr(cpu_engine, setting, before)
     spectrum_fast.scan(model_dir, progress=False, journal=journal)
     header = json.loads(journal.read_bytes().split(b"\n")[0])
     assert header["engine"]["cpu"] == cpu_engine.eigensolver()
-    monkeypatch.setattr(cpu_engine, "TWO_STAGE_MIN_K", 1)
+    assert header["engine"]["cpu_revision"] == cpu_engine.REVISION
+    monkeypatch.setattr(cpu_engine, setting, after)
     spectrum_fast.scan(model_dir, progress=True, journal=journal)
     err = capsys.readouterr().err
     assert "belongs to other weights or settings: starting over" in err
-    assert json.loads(journal.read_bytes().split(b"\n")[0])["engine"]["cpu"] == cpu_engine.eigensolver()
+    header = json.loads(journal.read_bytes().split(b"\n")[0])
+    assert header["engine"]["cpu"] == cpu_engine.eigensolver() and header["engine"]["cpu_revision"] == after
