@@ -19,6 +19,7 @@ from . import scan as _scan_cli  # noqa: F401
 from .apply import FreezeReport, freeze, fsdp_auto_wrap_policy, lora_target_modules
 from .errors import CheckpointError, ResultFileError, SpectrumError
 from .lr import param_groups
+from .memory import MemoryBudgetWarning
 from .result import MatrixRecord, ScanResult
 from .retarget import RetargetReport, retarget, scan_live
 from .scanner import DegenerateMatrixWarning, scan
@@ -41,6 +42,7 @@ __all__ = [
     "DegenerateMatrixWarning",
     "FreezeReport",
     "MatrixRecord",
+    "MemoryBudgetWarning",
     "ResultFileError",
     "RetargetReport",
     "ScanResult",

@@ -28,6 +28,16 @@ def main() -> int:
     from .cpu_engine import eigensolver
 
     print(f"CPU: Gram eigenvalues by LAPACK {eigensolver()}")
+    from .errors import SpectrumError
+    from .memory import available_bytes
+
+    try:
+        budget = available_bytes()
+    except SpectrumError as e:
+        print(f"CPU: memory budget: {e}")
+    else:
+        print("CPU: memory budget: " + (f"{budget / 2**30:.1f} GiB of matrices in flight at once"
+                                         if budget is not None else "none (the available memory is unknown)"))
     from .cuda_engine import batched_max_k, fp64_min_k
 
     if batched_max_k():
@@ -35,7 +45,6 @@ def main() -> int:
     if fp64_min_k():
         print(f"GPU: float64 first for matrices with k >= {fp64_min_k()}")
     from .cuda_engine import chase_variant, twostage_mode, twostage_threads
-    from .errors import SpectrumError
 
     try:
         mode, band_threads = twostage_mode(), twostage_threads()

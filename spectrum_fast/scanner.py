@@ -2,7 +2,9 @@
 
 A reader thread reads the next tensors from disk while the engine works on the current one (LAPACK and
 ``pread`` both release the GIL), so disk and math overlap on the CPU path. At most ``_PREFETCH``
-tensors wait in memory, so peak memory is a small multiple of the largest tensor.
+tensors wait in memory, and a tensor is read only when what it will take fits in the memory budget beside
+those in flight (:mod:`spectrum_fast.memory`): a model too big for two matrices at once is scanned one at a
+time.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .checkpoint import TensorInfo, dtype_supported, fp8_problem, is_unscaled_fp
 from .cpu_engine import STATUS_OK, MatrixStats, eigensolver, matrix_stats
 from .errors import SpectrumError
 from .journal import Journal
+from .memory import Budget, MemoryBudgetWarning, available_bytes
 from .naming import is_embedding, is_head, module_name, module_type, wants
 from .result import MatrixRecord, ScanResult
 from .scheduling import group_units, plan, plan_files
@@ -56,13 +59,17 @@ def _resolve_device(device: str, devices: Sequence[int] | None) -> tuple[str, st
     return "cpu", f"using the CPU: {reason}"
 
 
-def _prefetch(infos: Sequence[TensorInfo], stop: threading.Event) -> Iterator[tuple[TensorInfo, object]]:
-    """Yield ``(info, array or exception)`` read by a background thread, in order."""
+def _prefetch(infos: Sequence[TensorInfo], stop: threading.Event,
+              budget: Budget | None = None) -> Iterator[tuple[TensorInfo, object]]:
+    """Yield ``(info, array or exception)`` read by a background thread, in order. With a ``budget``, each
+    matrix's :func:`_matrix_bytes` are taken from it before the matrix is read; the consumer gives them back."""
     q: queue.Queue = queue.Queue(maxsize=_PREFETCH)
 
     def reader() -> None:
         for info in infos:
             if stop.is_set():
+                return
+            if budget is not None and not budget.acquire(_matrix_bytes(info), stop):
                 return
             try:
                 item: object = read_matrix(info)
@@ -161,6 +168,7 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         raise SpectrumError(f"batch_bytes must be positive, got {batch_bytes}")
     if keep and fetch == "ranges":
         raise SpectrumError("keep applies to fetch='shards' (whole shards in the cache); fetch='ranges' keeps nothing")
+    available_bytes()  # a bad SPECTRUM_FAST_MEMORY_GB fails here, before anything is read
     ckpt = open_checkpoint(model, revision=revision, token=token)
     if ckpt.remote is not None:
         ckpt.remote.keep, ckpt.remote.lookahead = keep, lookahead
@@ -281,13 +289,39 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         backend=backend, elapsed_s=round(time.perf_counter() - t0, 3), tool_version=__version__)
 
 
+def _matrix_bytes(info: TensorInfo) -> int:
+    """Memory one matrix takes from when it is read until its statistics are done: its float32 values (float64
+    if stored so) and, on top, the larger of what reading it needs (the stored bytes, and a second copy for
+    an FP8 scale) and what computing it needs (:func:`~spectrum_fast.cpu_engine.working_bytes`)."""
+    m, n = info.shape
+    held = m * n * (8 if info.dtype == "F64" else 4)
+    reading = info.nbytes + (held if info.scale is not None else 0)
+    return held + max(reading, cpu_engine.working_bytes(m, n))
+
+
 def _cpu_stats(chosen: Sequence[TensorInfo], workers: int | None, exact: bool,
-               done: Callable[[TensorInfo, MatrixStats], None]) -> None:
-    """Compute every matrix on the CPU: read ahead in one thread, ``workers`` matrices at once."""
+               done: Callable[[TensorInfo, MatrixStats], None], budget: Budget | None = None) -> None:
+    """Compute every matrix on the CPU: read ahead in one thread, ``workers`` matrices at once, as many as
+    the memory ``budget`` holds (by default :func:`~spectrum_fast.memory.available_bytes`)."""
     n_workers, blas_threads = _parallelism(workers)
+    if budget is None:
+        budget = Budget(available_bytes())
+    if budget.limit is not None and chosen:
+        big = max(chosen, key=_matrix_bytes)
+        if _matrix_bytes(big) > budget.limit:
+            warnings.warn(f"{big.file.name}: tensor '{big.name}' {tuple(big.shape)} needs about "
+                          f"{_matrix_bytes(big) / 2**30:.1f} GiB to scan, more than the "
+                          f"{budget.limit / 2**30:.1f} GiB available (SPECTRUM_FAST_MEMORY_GB sets it): "
+                          "such matrices are scanned one at a time", MemoryBudgetWarning, stacklevel=2)
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="spectrum_fast-engine")
     in_flight: dict[Future, TensorInfo] = {}
+
+    def compute(box: list, cost: int) -> MatrixStats:
+        try:
+            return matrix_stats(box.pop(), exact=exact)  # the matrix is freed when this returns ...
+        finally:
+            budget.release(cost)  # ... and its bytes go back to the budget
 
     def collect(block_until: int) -> None:
         # wait for whichever matrix finishes first: waiting for the oldest would idle a core
@@ -299,10 +333,11 @@ def _cpu_stats(chosen: Sequence[TensorInfo], workers: int | None, exact: bool,
 
     try:
         with threadpool_limits(blas_threads):
-            for info, item in _prefetch(chosen, stop):
+            for info, item in _prefetch(chosen, stop, budget):
                 if isinstance(item, BaseException):
+                    budget.release(_matrix_bytes(info))
                     raise item
-                in_flight[pool.submit(matrix_stats, item, exact=exact)] = info
+                in_flight[pool.submit(compute, [item], _matrix_bytes(info))] = info
                 del item
                 collect(n_workers - 1)  # at most n_workers matrices in flight
             collect(0)

@@ -174,6 +174,8 @@ def test_diagnostics_show_the_gpu_settings():
     assert "cusolverDnXsyevd algorithm 0 (cuSOLVER's default)" in out and "CPU: Gram eigenvalues by LAPACK" in out
     assert "cusolverDnXsyevd algorithm 2 (two-stage) from k = 4096" in run(SPECTRUM_FAST_SYEVD_ALG="2:4096")
     assert "SPECTRUM_FAST_SYEVD_ALG must be 0, 1 or 2" in run(SPECTRUM_FAST_SYEVD_ALG="9")
+    assert "CPU: memory budget: 2.5 GiB of matrices in flight at once" in run(SPECTRUM_FAST_MEMORY_GB="2.5")
+    assert "CPU: memory budget: SPECTRUM_FAST_MEMORY_GB must be a positive number" in run(SPECTRUM_FAST_MEMORY_GB="x")
     if importlib.util.find_spec("torch") is not None:
         out = run(SPECTRUM_FAST_TWOSTAGE="cpu", SPECTRUM_FAST_TWOSTAGE_THREADS="3")
         assert "two-stage float64 pass, band eigenvalues on 3 threads" in out
