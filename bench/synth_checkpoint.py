@@ -213,10 +213,12 @@ def _shards(specs: list[Spec], shard_bytes: int) -> list[list[Spec]]:
 
 
 def write(config: dict, out: Path, layers: int, *, shard_bytes: int = 5 * 2**30, embeddings: bool = False,
-          progress: bool = True) -> list[Spec]:
-    """Write the first ``layers`` decoder layers (plus embeddings / head if asked) of ``config``'s model."""
-    specs = [s for s in tensor_list(config)
-             if (s.layer is not None and s.layer < layers) or (s.layer is None and (embeddings or len(s.shape) == 1))]
+          progress: bool = True, specs: list[Spec] | None = None) -> list[Spec]:
+    """Write the first ``layers`` decoder layers (plus embeddings / head if asked) of ``config``'s model, or
+    just the tensors ``specs`` if given."""
+    if specs is None:
+        specs = [s for s in tensor_list(config) if (s.layer is not None and s.layer < layers)
+                 or (s.layer is None and (embeddings or len(s.shape) == 1))]
     block = (config.get("quantization_config") or {}).get("weight_block_size", [128, 128])[0]
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -79,12 +79,11 @@ def eigvalsh(a: np.ndarray) -> np.ndarray:
     """Ascending eigenvalues of the symmetric float32/float64 matrix ``a`` in its precision, by the solver
     :func:`eigensolver` names for its order; ``a`` is overwritten. Only the lower triangle of a
     column-major ``a`` is read (the upper one of a row-major ``a``, which is the same matrix)."""
-    if a.shape[0] >= TWO_STAGE_MIN_K:
-        lam = lapack.syevd_2stage(a)
-        if lam is not None:
-            return lam
-    # LAPACK works in column-major order: a row-major symmetric matrix goes as its transpose, a view,
-    # where scipy would otherwise copy it
+    lam = lapack.syevd_2stage(a) if a.shape[0] >= TWO_STAGE_MIN_K else lapack.syevr(a)
+    if lam is not None:
+        return lam
+    # where the library lacks them: scipy's wrapper (which holds the GIL, so workers take turns), given a
+    # row-major symmetric matrix as its transpose, a view, where scipy would otherwise copy it
     a = a.T if a.flags.c_contiguous and not a.flags.f_contiguous else a
     return scipy.linalg.eigh(a, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False)
 
@@ -105,12 +104,11 @@ def gram64(w: np.ndarray) -> np.ndarray:
     g = np.zeros((k, k), dtype=np.float64, order="F")
     step = max(1, GRAM64_BLOCK_BYTES // (8 * k))
     for start in range(0, long, step):
-        if m >= n:  # rows of w: G += BᵀB for the row-major block B = w[rows]
-            block = np.ascontiguousarray(w[start:start + step], dtype=np.float64)
-            g = dsyrk(1.0, block.T, beta=1.0, c=g, trans=0, lower=1, overwrite_c=1)
-        else:  # columns of w: G += CCᵀ for C = w[:, cols], a row-major copy
-            block = np.ascontiguousarray(w[:, start:start + step], dtype=np.float64)
-            g = dsyrk(1.0, block.T, beta=1.0, c=g, trans=1, lower=1, overwrite_c=1)
+        # tall: G += BᵀB for the row-major block B = w[rows], column-major Bᵀ; wide: G += CCᵀ for C = w[:, cols]
+        block = np.ascontiguousarray(w[start:start + step] if m >= n else w[:, start:start + step], dtype=np.float64)
+        trans = m < n
+        if not lapack.syrk_lower(g, block.T, trans):  # BLAS through ctypes, which releases the GIL
+            g = dsyrk(1.0, block.T, beta=1.0, c=g, trans=int(trans), lower=1, overwrite_c=1)
         del block  # before the next one is made
     return g
 
@@ -203,9 +201,11 @@ def matrix_stats(w: np.ndarray, *, exact: bool = False) -> MatrixStats:
         stats = stats_from_gram(lam, fro2, float(np.finfo(np.float64).eps), m, n)
         if stats is not None:
             return rescaled(stats, METHOD_GRAM64)
-    # our own float64 copy, which LAPACK may overwrite, column-major as its transpose (same singular values)
+    # our own float64 copy, which LAPACK overwrites, column-major as its transpose (same singular values)
     w64 = w.astype(np.float64, order="C")
-    s = scipy.linalg.svdvals(w64.T, overwrite_a=True, check_finite=False)
+    s = lapack.gesdd(w64.T)
+    if s is None:  # scipy's wrapper: the same routine, holding the GIL
+        s = scipy.linalg.svdvals(w64.T, overwrite_a=True, check_finite=False)
     del w64
     return rescaled(snr_from_singular_values(s, m, n), METHOD_SVD64)
 

@@ -441,8 +441,11 @@ def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> Non
         reads.close()  # stops the read-ahead on errors and Ctrl-C
 
 
-def _bands_done(solver, done: Callable[[TensorInfo, MatrixStats], None], wait: bool) -> None:
-    """Deliver the band solver's finished matrices (all of them when ``wait``)."""
+def _bands_done(solver, done: Callable[[TensorInfo, MatrixStats], None], wait: bool,
+                reread: Callable[[TensorInfo], np.ndarray] = read_matrix) -> None:
+    """Deliver the band solver's finished matrices (all of them when ``wait``); one the float64 guard cannot
+    vouch for goes to the CPU's float64 SVD, its values read again by ``reread`` (its file may be gone: a Hub
+    scan deletes a shard once scanned, and a band may finish shards later, see :class:`Session`)."""
     from .twostage import LaunchError
 
     try:
@@ -454,7 +457,7 @@ def _bands_done(solver, done: Callable[[TensorInfo, MatrixStats], None], wait: b
         raise SpectrumError(f"two-stage eigensolver on {solver.device} failed: {e}") from None
     for info, lam, amax in finished:
         out = _judge(info, lam, amax, 0, _EPS64)
-        done(info, out if out is not None else matrix_stats(read_matrix(info)))
+        done(info, out if out is not None else matrix_stats(reread(info)))
 
 
 #: Matrices per batched solver call (a unit of :func:`~spectrum_fast.scheduling.batch_units`).
@@ -544,19 +547,16 @@ def _warm(infos: list[TensorInfo], stop: threading.Event, threads: int | None = 
 
 
 def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, MatrixStats], None],
-                big: int, units: dict[str, int], threads: int = 0, mode: str = "off", chase: int = 0) -> None:
+                big: int, units: dict[str, int], threads: int = 0, solver=None,
+                reread: Callable[[TensorInfo], np.ndarray] = read_matrix) -> None:
     """One device's share: fp32 first below ``k = big``, then float64, then the CPU's float64 SVD; while the
     engine works on one chunk, the next one is read into the page cache (:func:`_warm`). With the GPU
-    two-stage solver (``mode == "gpu"``) the float64 pass of a chunk is queued on the GPU and delivered as
-    it finishes, while the next chunks go on."""
+    two-stage solver (``solver``, a :class:`~spectrum_fast.twostage.DeviceBands`) the float64 pass of a chunk
+    is queued on the GPU and delivered as it finishes, while the next chunks go on; bands still waiting for a
+    full launch at the end stay queued (:meth:`Session.finish` delivers them)."""
     chunks = _chunks(infos, units)
     stop = threading.Event()
     warmer: threading.Thread | None = None
-    solver = None
-    if mode == "gpu":
-        from .twostage import DeviceBands
-
-        solver = DeviceBands(_TORCH_DEVICE or f"cuda:{engine.device}", _DEVICE_BAND, variant=chase)
     try:
         for index, chunk in enumerate(chunks):
             if warmer is not None:
@@ -569,13 +569,57 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
                 warmer = thread  # only a started thread is joined below
             _run_chunk(engine, chunk, done, big, units, threads, solver)
             if solver is not None:
-                _bands_done(solver, done, wait=False)
-        if solver is not None:
-            _bands_done(solver, done, wait=True)
+                _bands_done(solver, done, wait=False, reread=reread)
     finally:
         stop.set()
         if warmer is not None:
             warmer.join()
+
+
+class Session:
+    """A scan's GPU state across :func:`cuda_stats` calls: one engine per device (streams, handles, pinned
+    buffers and workspaces, which grow to the largest matrix) and, with the GPU two-stage solver, one
+    :class:`~spectrum_fast.twostage.DeviceBands` per device, whose bands wait for a full launch across calls.
+
+    A Hub scan calls :func:`cuda_stats` once per shard. Without a session each call built its engines anew and
+    ended by launching the band solver on whatever bands it had: a launch takes as long for a few bands as for
+    a full one (each band is one long chain of steps), so a 191-shard Llama-3.1-405B paid some 190 launches
+    instead of 2. :meth:`finish` launches and delivers what is left, at the scan's end. ``reread`` reads a
+    matrix again for the rare band result the float64 guard refuses, whose shard may be gone by then."""
+
+    def __init__(self, reread: Callable[[TensorInfo], np.ndarray] = read_matrix):
+        self.reread = reread
+        self._engines: dict[tuple[int, tuple[int, int]], object] = {}
+        self._solvers: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def engine(self, device: int, syevd: tuple[int, int]):
+        """The engine on ``device`` with this ``Xsyevd`` algorithm, built on first use."""
+        key = (device, syevd)
+        with self._lock:
+            engine = self._engines.get(key)
+        if engine is None:
+            engine = _engine(device, syevd)  # outside the lock: devices build theirs at once
+            with self._lock:
+                engine = self._engines.setdefault(key, engine)
+        return engine
+
+    def solver(self, device: int, chase: int):
+        """The GPU band solver's queue on ``device``, made on first use."""
+        from .twostage import DeviceBands
+
+        with self._lock:
+            if device not in self._solvers:
+                self._solvers[device] = DeviceBands(_TORCH_DEVICE or f"cuda:{device}", _DEVICE_BAND, variant=chase)
+            return self._solvers[device]
+
+    def finish(self, done: Callable[[TensorInfo, MatrixStats], None]) -> None:
+        """Launch the bands still kept on every device, then wait for them and deliver them."""
+        solvers = list(self._solvers.values())
+        for solver in solvers:
+            solver.launch_kept()  # every device's last launch queued before any is waited for
+        for solver in solvers:
+            _bands_done(solver, done, wait=True, reread=self.reread)
 
 
 def _split(infos: list[TensorInfo], test: Callable[[TensorInfo], bool]) -> tuple[list, list]:
@@ -629,10 +673,14 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
 
 
 def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
-               done: Callable[[TensorInfo, MatrixStats], None], units: dict[str, int] | None = None) -> None:
+               done: Callable[[TensorInfo, MatrixStats], None], units: dict[str, int] | None = None,
+               session: Session | None = None) -> None:
     """Compute every matrix on the GPUs; ``done`` is called (under a lock) as each one finishes. ``units``:
     the batched solver's calls (:func:`~spectrum_fast.scheduling.batch_units`), fixed by the caller for
-    the whole scan, each one whole in ``infos``; by default formed from ``infos``."""
+    the whole scan, each one whole in ``infos``; by default formed from ``infos``. ``session``: the engines and
+    band-solver queues of a scan that calls this more than once (:class:`Session`); matrices whose bands
+    wait for a full launch are then delivered by a later call or by the session's :meth:`~Session.finish`.
+    Without one, everything is delivered before this returns."""
     lock = threading.Lock()
 
     def report(info: TensorInfo, out: MatrixStats) -> None:
@@ -650,15 +698,24 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
     _check_syevd(syevd)
     if units is None:
         units = scan_units(infos)
+    own = session is None
+    run = session if session is not None else Session()
     work = plan(infos, len(devices), units)
+
+    def on(device: int, items: list[TensorInfo]) -> None:
+        solver = run.solver(device, chase) if mode == "gpu" else None
+        _run_device(run.engine(device, syevd), items, report, big, units, band_threads, solver, run.reread)
+
     if len(devices) == 1:
-        _run_device(_engine(devices[0], syevd), work[0], report, big, units, band_threads, mode, chase)
+        on(devices[0], work[0])
+        if own:
+            run.finish(report)
         return
     errors: list[BaseException] = []
 
     def worker(device: int, items: list[TensorInfo]) -> None:
         try:
-            _run_device(_engine(device, syevd), items, report, big, units, band_threads, mode, chase)
+            on(device, items)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 
@@ -678,3 +735,5 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
         raise
     if errors:
         raise errors[0]
+    if own:
+        run.finish(report)

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .checkpoint import SourceFile, TensorInfo, parse_header_prefix, read_header, tensor_table
+from .checkpoint import SourceFile, TensorInfo, parse_header_prefix, read_header, read_matrix, tensor_table
 from .errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -183,6 +183,17 @@ class HubRepo:
                 shutil.rmtree(workdir / str(i), ignore_errors=True)
         finally:
             stop.set()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def read_matrix(self, info: TensorInfo):
+        """One tensor's values (:func:`~spectrum_fast.checkpoint.read_matrix`) fetched by range requests into a
+        temporary sparse file, removed before this returns: for a matrix needed again after its shard was
+        deleted (the GPU band solver's results can come back shards later)."""
+        os.makedirs(self.cache_dir, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=".spectrum_fast-reread-", dir=self.cache_dir))
+        try:
+            return read_matrix(self._localize(info, self._fetch_batch([info], workdir / "0", threading.Event())))
+        finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _fetch_batch(self, batch: Sequence[TensorInfo], where: Path, stop: threading.Event) -> dict[str, Path]:

@@ -251,12 +251,19 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
             bar.update(info.nbytes)
             bar.set_postfix_str(f"{len(records)}/{len(chosen_here)} tensors", refresh=False)
 
+        session = None
+        if on_gpu:  # one for the whole scan: a Hub scan calls the GPU path once per shard
+            from .cuda_engine import Session
+
+            session = Session(reread=_rereader(ckpt))
+
         def compute(batch: list[TensorInfo]) -> None:
             on_cpu = batch
             if on_gpu:
                 from .cuda_engine import cuda_stats
 
-                cuda_stats([i for i in batch if engine_takes(i)], list(devices) if devices else [0], done, gpu_units)
+                cuda_stats([i for i in batch if engine_takes(i)], list(devices) if devices else [0], done, gpu_units,
+                           session)
                 on_cpu = [i for i in batch if not engine_takes(i)]
             if on_cpu:
                 _cpu_stats(on_cpu, workers, exact, done)
@@ -267,6 +274,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
                     compute(batch)
             else:
                 compute(todo)
+            if session is not None:
+                session.finish(done)  # the GPU band solver's last launches
         except BaseException as e:
             if ctx is None:
                 raise
@@ -287,6 +296,18 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         embedding_names=[n for n in names if is_embedding(n)],
         head_names=[n for n in names if is_head(n)],
         backend=backend, elapsed_s=round(time.perf_counter() - t0, 3), tool_version=__version__)
+
+
+def _rereader(ckpt) -> Callable[[TensorInfo], object]:
+    """How the GPU path reads a matrix again after its results came back (:class:`~spectrum_fast.cuda_engine.
+    Session`): from its file, or, when the Hub scan has deleted that shard since, by range requests."""
+
+    def reread(info: TensorInfo):
+        if ckpt.remote is None or info.file.exists() and (info.scale is None or info.scale.file.exists()):
+            return read_matrix(info)
+        return ckpt.remote.read_matrix(ckpt.tensors[info.name])
+
+    return reread
 
 
 def _matrix_bytes(info: TensorInfo) -> int:

@@ -300,12 +300,16 @@ class DeviceBands:
         event.record(stream)
         self._inflight.append((event, keys, w, scales))
 
+    def launch_kept(self) -> None:
+        """Launch every band still kept, however few (a scan's end)."""
+        for n in list(self._kept):
+            self._launch(n)
+
     def finished(self, wait: bool = False) -> list[tuple[object, np.ndarray]]:
         """``(key, ascending eigenvalues)`` of every launch that is done; with ``wait``, the kept bands are
         launched too and everything is waited for."""
         if wait:
-            for n in list(self._kept):
-                self._launch(n)
+            self.launch_kept()
         out, still = [], []
         for item in self._inflight:
             event, keys, w, scales = item
