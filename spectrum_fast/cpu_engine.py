@@ -5,8 +5,10 @@ eigenvalues with LAPACK (values only; MRRR, or the two-stage solver from ``TWO_S
 faster than an SVD. It loses the small
 singular values of ill-conditioned matrices, and it can move a value across the Marchenko-Pastur
 threshold ``tau``, where the SNR jumps. So every matrix goes through a guard (SPEC.md §1, see
-:func:`stats_from_gram`); a matrix that fails it is recomputed with a float64 Gram matrix, and if that
-still fails, with a float64 SVD (the reference definition itself).
+:func:`stats_from_gram`); a matrix that fails it is recomputed with a float64 Gram matrix (:func:`gram64`,
+summed over blocks widened one at a time: no float64 copy of the matrix), and if that still fails, with a
+float64 SVD (the reference definition itself). LAPACK and BLAS are called through ctypes
+(:mod:`spectrum_fast.lapack`), which releases the GIL, so the scan's worker threads compute at once.
 
 The guard needs the error of each computed eigenvalue. Its model,
 ``delta_i = eps·(8·sqrt(m)·lambda_i + 4·‖W‖_F² / sqrt(k))``, was fitted to the measured errors of the

@@ -1,5 +1,6 @@
-"""LAPACK routines that scipy does not wrap, called through ctypes from scipy's bundled OpenBLAS (or a
-system LAPACKE).
+"""LAPACK and BLAS routines called through ctypes from scipy's bundled OpenBLAS (or a system LAPACKE): the
+ones scipy does not wrap (``?syevd_2stage``, ``dsbevd``), and the ones the CPU engine's workers call at once
+(``?syevr``, ``?syrk``, ``?gesdd``), whose scipy wrappers hold the GIL so that two workers took turns.
 
 ctypes releases the GIL for the length of a call, so a thread pool runs several at once. Every routine
 here is optional: where the library lacks it, :func:`routine` says why and the caller falls back to
