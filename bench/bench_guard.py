@@ -61,7 +61,8 @@ def eigenvalues(infos, device: str, fp64: bool) -> list[tuple[np.ndarray, float]
     from spectrum_fast.checkpoint import read_matrix
     from spectrum_fast.cpu_engine import _gram_eigenvalues
 
-    return [_gram_eigenvalues(read_matrix(i), fp64=fp64) for i in infos]
+    return [_gram_eigenvalues(read_matrix(i) if fp64 else read_matrix(i).astype(np.float32, copy=False), fp64=fp64)
+            for i in infos]
 
 
 def main(argv: list[str] | None = None) -> int:

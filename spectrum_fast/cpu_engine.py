@@ -212,10 +212,13 @@ def matrix_stats(w: np.ndarray, *, exact: bool = False) -> MatrixStats:
     return rescaled(snr_from_singular_values(s, m, n), METHOD_SVD64)
 
 
-def working_bytes(m: int, n: int) -> int:
-    """Memory :func:`matrix_stats` takes for an ``m x n`` matrix beyond the matrix itself, on its Gram
-    routes: the float32 Gram matrix, then the float64 one, the eigensolver's workspace (LAPACK's two-stage
-    solver needs less than one more k x k matrix) and one block being widened. The float64 SVD, for
-    the rare matrices that neither Gram route decides, needs ``8 m n`` instead."""
+def working_bytes(m: int, n: int, exact: bool = False) -> int:
+    """Memory :func:`matrix_stats` takes for an ``m x n`` matrix beyond the matrix itself: on its Gram routes,
+    the float32 Gram matrix, then the float64 one, the eigensolver's workspace (LAPACK's two-stage solver
+    needs less than one more k x k matrix) and one block being widened; with ``exact``, the float64 SVD's
+    copy of the matrix and its workspace. (The float64 SVD that the Gram routes fall back on for the rare
+    matrices they cannot decide is not counted: counting it for every matrix would halve what runs at once.)"""
     k = min(m, n)
+    if exact:
+        return 8 * m * n + 8 * k * k + 8 * (m + n) * 8
     return 16 * k * k + GRAM64_BLOCK_BYTES

@@ -585,7 +585,9 @@ class Session:
     ended by launching the band solver on whatever bands it had: a launch takes as long for a few bands as for
     a full one (each band is one long chain of steps), so a 191-shard Llama-3.1-405B paid some 190 launches
     instead of 2. :meth:`finish` launches and delivers what is left, at the scan's end. ``reread`` reads a
-    matrix again for the rare band result the float64 guard refuses, whose shard may be gone by then."""
+    matrix again for the rare band result the float64 guard refuses, whose shard may be gone by then. Bands
+    waiting for a launch are not in the scan's journal until delivered: a scan killed before the launch
+    computes them again when resumed (one that fails with an error delivers them first, see ``scan``)."""
 
     def __init__(self, reread: Callable[[TensorInfo], np.ndarray] = read_matrix):
         self.reread = reread
@@ -688,6 +690,8 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
             done(info, out)
 
     _STOP.clear()  # a stop from an earlier, interrupted scan in this process does not carry over
+    if len(set(devices)) != len(devices):
+        raise SpectrumError(f"devices lists a GPU more than once: {list(devices)}")  # one engine per GPU
     unfit = [i.name for i in infos if not engine_takes(i)]
     if unfit:
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")

@@ -192,13 +192,17 @@ class HubRepo:
         os.makedirs(self.cache_dir, exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix=".spectrum_fast-reread-", dir=self.cache_dir))
         try:
-            return read_matrix(self._localize(info, self._fetch_batch([info], workdir / "0", threading.Event())))
+            local = self._fetch_batch([info], workdir / "0", threading.Event(), ahead=0)
+            return read_matrix(self._localize(info, local))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _fetch_batch(self, batch: Sequence[TensorInfo], where: Path, stop: threading.Event) -> dict[str, Path]:
+    def _fetch_batch(self, batch: Sequence[TensorInfo], where: Path, stop: threading.Event,
+                     ahead: int | None = None) -> dict[str, Path]:
         """The bytes of ``batch``'s tensors (and scales) written at their own offsets into sparse copies of
-        their shards under ``where``; returns shard name -> sparse file. Stops early once ``stop`` is set."""
+        their shards under ``where``; returns shard name -> sparse file. Stops early once ``stop`` is set.
+        ``ahead``: batches fetched beside this one, that the disk must also hold (default ``lookahead``)."""
+        ahead = self.lookahead if ahead is None else ahead
         pieces: list[tuple[str, int, int]] = []
         for info in batch:
             for t in (info, info.scale):
@@ -213,9 +217,9 @@ class HubRepo:
         try:
             where.mkdir()  # not parents: the scan may have ended and removed the work directory
             free = shutil.disk_usage(where).free
-            if free < need * (1 + self.lookahead) + _DISK_MARGIN:
+            if free < need * (1 + ahead) + _DISK_MARGIN:
                 raise CheckpointError(f"{self.repo_id}: {need / 2**30:.1f} GiB of matrices per batch (and "
-                                      f"{self.lookahead} more batch(es) fetched ahead) but {where.parent} has "
+                                      f"{ahead} more batch(es) fetched ahead) but {where.parent} has "
                                       f"{free / 2**30:.1f} GiB free (lower batch_bytes)")
             for name in sorted({p[0] for p in pieces}):
                 local[name] = where / name

@@ -58,11 +58,26 @@ def _cgroup_available(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/pr
     for d in dirs:
         limit = _read_int(d / "memory.max")
         if limit is not None:
-            return max(0, limit - (_read_int(d / "memory.current") or 0))
-    limit = _read_int(root / "memory" / "memory.limit_in_bytes")  # cgroup v1; "no limit" is a huge number
+            return max(0, limit - (_read_int(d / "memory.current") or 0) + _stat(d / "memory.stat", "inactive_file"))
+    v1 = root / "memory"
+    limit = _read_int(v1 / "memory.limit_in_bytes")  # cgroup v1; "no limit" is a huge number
     if limit is not None and limit < 1 << 60:
-        return max(0, limit - (_read_int(root / "memory" / "memory.usage_in_bytes") or 0))
+        usage = _read_int(v1 / "memory.usage_in_bytes") or 0
+        return max(0, limit - usage + _stat(v1 / "memory.stat", "total_inactive_file"))
     return None
+
+
+def _stat(path: Path, key: str) -> int:
+    """One counter of a cgroup's memory.stat (0 where missing): the usage counts the page cache, and the
+    inactive part of it is given back on demand, as MemAvailable counts it."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
 
 
 def available_bytes() -> int | None:

@@ -9,6 +9,7 @@ time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -47,6 +48,8 @@ def _resolve_device(device: str, devices: Sequence[int] | None) -> tuple[str, st
     """The backend that will run, and why it is the CPU when ``auto`` could not use a GPU."""
     if device not in DEVICES:
         raise SpectrumError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if devices is not None and len(set(devices)) != len(devices):
+        raise SpectrumError(f"devices lists a GPU more than once: {list(devices)}")
     if device == "cpu":
         return "cpu", None
     from .backends import cuda_unavailable_reason
@@ -59,17 +62,27 @@ def _resolve_device(device: str, devices: Sequence[int] | None) -> tuple[str, st
     return "cpu", f"using the CPU: {reason}"
 
 
-def _prefetch(infos: Sequence[TensorInfo], stop: threading.Event,
-              budget: Budget | None = None) -> Iterator[tuple[TensorInfo, object]]:
+def _matrix_bytes(info: TensorInfo, exact: bool = False) -> int:
+    """Memory one matrix takes from when it is read until its statistics are done: its float32 values (float64
+    if stored so) and, on top, the larger of what reading it needs (the stored bytes, and a second copy for
+    an FP8 scale) and what computing it needs (:func:`~spectrum_fast.cpu_engine.working_bytes`)."""
+    m, n = info.shape
+    held = m * n * (8 if info.dtype == "F64" else 4)
+    reading = info.nbytes + (held if info.scale is not None else 0)
+    return held + max(reading, cpu_engine.working_bytes(m, n, exact))
+
+
+def _prefetch(infos: Sequence[TensorInfo], stop: threading.Event, budget: Budget | None = None,
+              cost: Callable[[TensorInfo], int] = _matrix_bytes) -> Iterator[tuple[TensorInfo, object]]:
     """Yield ``(info, array or exception)`` read by a background thread, in order. With a ``budget``, each
-    matrix's :func:`_matrix_bytes` are taken from it before the matrix is read; the consumer gives them back."""
+    matrix's ``cost`` is taken from it before the matrix is read; the consumer gives it back."""
     q: queue.Queue = queue.Queue(maxsize=_PREFETCH)
 
     def reader() -> None:
         for info in infos:
             if stop.is_set():
                 return
-            if budget is not None and not budget.acquire(_matrix_bytes(info), stop):
+            if budget is not None and not budget.acquire(cost(info), stop):
                 return
             try:
                 item: object = read_matrix(info)
@@ -277,6 +290,11 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
             if session is not None:
                 session.finish(done)  # the GPU band solver's last launches
         except BaseException as e:
+            if session is not None and log is not None and not isinstance(e, KeyboardInterrupt):
+                # bands computed but waiting for a full launch: into the journal, so that a resumed scan
+                # keeps them (Ctrl-C stops at once instead; those are computed again on resuming)
+                with contextlib.suppress(BaseException):  # the first error is the one to report
+                    session.finish(done)
             if ctx is None:
                 raise
             error = e
@@ -310,16 +328,6 @@ def _rereader(ckpt) -> Callable[[TensorInfo], object]:
     return reread
 
 
-def _matrix_bytes(info: TensorInfo) -> int:
-    """Memory one matrix takes from when it is read until its statistics are done: its float32 values (float64
-    if stored so) and, on top, the larger of what reading it needs (the stored bytes, and a second copy for
-    an FP8 scale) and what computing it needs (:func:`~spectrum_fast.cpu_engine.working_bytes`)."""
-    m, n = info.shape
-    held = m * n * (8 if info.dtype == "F64" else 4)
-    reading = info.nbytes + (held if info.scale is not None else 0)
-    return held + max(reading, cpu_engine.working_bytes(m, n))
-
-
 def _cpu_stats(chosen: Sequence[TensorInfo], workers: int | None, exact: bool,
                done: Callable[[TensorInfo, MatrixStats], None], budget: Budget | None = None) -> None:
     """Compute every matrix on the CPU: read ahead in one thread, ``workers`` matrices at once, as many as
@@ -327,11 +335,15 @@ def _cpu_stats(chosen: Sequence[TensorInfo], workers: int | None, exact: bool,
     n_workers, blas_threads = _parallelism(workers)
     if budget is None:
         budget = Budget(available_bytes())
+
+    def cost(info: TensorInfo) -> int:
+        return _matrix_bytes(info, exact)
+
     if budget.limit is not None and chosen:
-        big = max(chosen, key=_matrix_bytes)
-        if _matrix_bytes(big) > budget.limit:
+        big = max(chosen, key=cost)
+        if cost(big) > budget.limit:
             warnings.warn(f"{big.file.name}: tensor '{big.name}' {tuple(big.shape)} needs about "
-                          f"{_matrix_bytes(big) / 2**30:.1f} GiB to scan, more than the "
+                          f"{cost(big) / 2**30:.1f} GiB to scan, more than the "
                           f"{budget.limit / 2**30:.1f} GiB available (SPECTRUM_FAST_MEMORY_GB sets it): "
                           "such matrices are scanned one at a time", MemoryBudgetWarning, stacklevel=2)
     stop = threading.Event()
@@ -354,11 +366,11 @@ def _cpu_stats(chosen: Sequence[TensorInfo], workers: int | None, exact: bool,
 
     try:
         with threadpool_limits(blas_threads):
-            for info, item in _prefetch(chosen, stop, budget):
+            for info, item in _prefetch(chosen, stop, budget, cost):
                 if isinstance(item, BaseException):
-                    budget.release(_matrix_bytes(info))
+                    budget.release(cost(info))
                     raise item
-                in_flight[pool.submit(compute, [item], _matrix_bytes(info))] = info
+                in_flight[pool.submit(compute, [item], cost(info))] = info
                 del item
                 collect(n_workers - 1)  # at most n_workers matrices in flight
             collect(0)

@@ -270,10 +270,12 @@ def test_float64_svd_copies_the_matrix_once():
 
 def test_working_bytes_covers_the_gram_routes(monkeypatch):
     """working_bytes (what the scan's memory budget counts per matrix beyond the matrix) is at least what the
-    float32 and float64 Gram routes allocate."""
+    float32 and float64 Gram routes allocate, and with exact=True what the float64 SVD does."""
     monkeypatch.setattr(cpu_engine, "GRAM64_BLOCK_BYTES", 1 << 20)
     for shape in [(6000, 300), (300, 6000), (700, 700)]:
         w = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
         for fp64 in (False, True):
             peak = _peak_bytes(lambda w=w, fp64=fp64: cpu_engine._gram_eigenvalues(w, fp64=fp64))
             assert peak <= cpu_engine.working_bytes(*shape), (shape, fp64, peak)
+        peak = _peak_bytes(lambda w=w: matrix_stats(w, exact=True))
+        assert peak <= cpu_engine.working_bytes(*shape, exact=True), (shape, "exact", peak)

@@ -148,3 +148,26 @@ def test_hub_scan_on_the_gpu_route_launches_once_and_rereads_by_ranges(gpu_route
     assert by[target].method != "gram-fp64" and len(hub.gets(SHARDS[0], ranged=True)) > ranged_before
     assert rel_err(by[target].snr, local.snr[target[:-len(".weight")]]) <= 1e-4
     assert _shard_blobs(hub.cache) == [] and not list(hub.cache.rglob(".spectrum_fast-reread-*"))
+
+
+@needs_bands
+def test_a_failed_hub_scan_journals_the_bands_it_computed(gpu_route, hub, tmp_path):  # noqa: F811
+    """The last shard's download fails while the first two shards' bands wait for a launch: they are launched
+    and journaled before the error is raised, so the resumed scan downloads only the last shard."""
+    journal = tmp_path / "scan.journal"
+    hub.fail_once.add(SHARDS[2])
+    with pytest.raises(spectrum_fast.SpectrumError, match=f"{REPO}/{SHARDS[2]}: download failed"):
+        spectrum_fast.scan(REPO, device="cuda", progress=False, journal=journal, lookahead=0)
+    assert gpu_route.launches == [8]  # the two shards' bands, launched on the way out
+    hub.log.clear()
+    result = spectrum_fast.scan(REPO, device="cuda", progress=False, journal=journal)
+    assert [s for s in SHARDS if hub.gets(s, ranged=False)] == [SHARDS[2]]
+    assert result.snr == spectrum_fast.scan(hub.src[COMMIT_B], device="cuda", progress=False).snr
+
+
+def test_a_gpu_listed_twice_is_refused(fake_gpu, tmp_path):  # noqa: F811
+    shards, _ = _checkpoints(tmp_path)
+    with pytest.raises(spectrum_fast.SpectrumError, match=r"devices lists a GPU more than once: \[0, 0\]"):
+        spectrum_fast.scan(tmp_path / "shard0", device="cuda", devices=[0, 0], progress=False)
+    with pytest.raises(spectrum_fast.SpectrumError, match="more than once"):
+        cuda_engine.cuda_stats(shards[0], [1, 1], lambda i, out: None)

@@ -75,6 +75,8 @@ def test_cgroup_room(tmp_path):
     (job / "memory.max").write_text("8589934592\n")
     (job / "memory.current").write_text("1073741824\n")
     assert memory._cgroup_available(tmp_path, own) == 7 << 30  # cgroup v2: limit minus usage
+    (job / "memory.stat").write_text("anon 100\nfile 3221225472\ninactive_file 2147483648\nactive_file 1\n")
+    assert memory._cgroup_available(tmp_path, own) == 9 << 30  # the inactive page cache is given back
     (job / "memory.max").write_text("max\n")
     assert memory._cgroup_available(tmp_path, own) is None  # no limit
     v1 = tmp_path / "memory"
@@ -83,6 +85,8 @@ def test_cgroup_room(tmp_path):
     (v1 / "memory.usage_in_bytes").write_text(str(1 << 30))
     (job / "memory.max").unlink()
     assert memory._cgroup_available(tmp_path, own) == 3 << 30  # cgroup v1
+    (v1 / "memory.stat").write_text("cache 5\ntotal_inactive_file 536870912\n")
+    assert memory._cgroup_available(tmp_path, own) == (3 << 30) + (1 << 29)  # inactive page cache is room
     (v1 / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "no limit"
     assert memory._cgroup_available(tmp_path, own) is None
 
@@ -95,6 +99,8 @@ def test_matrix_bytes_counts_the_matrix_and_the_larger_of_reading_and_computing(
     tall, square = infos["tall.weight"], infos["square.weight"]
     assert scanner._matrix_bytes(tall) == 4 * 3000 * 40 + max(2 * 3000 * 40, 16 * 40 * 40 + (64 << 20))
     assert scanner._matrix_bytes(square) == 4 * 600 * 600 + 16 * 600 * 600 + (64 << 20)
+    # exact: every matrix takes the float64 SVD, with its own float64 copy of the matrix
+    assert scanner._matrix_bytes(tall, exact=True) >= 4 * 3000 * 40 + 8 * 3000 * 40
 
 
 def _checkpoint(tmp_path):
