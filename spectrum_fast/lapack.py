@@ -89,6 +89,16 @@ def syrk_lower(c: np.ndarray, a: np.ndarray, trans: bool) -> bool:
     return True
 
 
+def _square(a: np.ndarray) -> np.ndarray:
+    """``a`` as LAPACK can take it in place (contiguous in either order, writeable), else a copy; refuses a
+    matrix that is not square."""
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {a.shape}")
+    if not (a.flags.c_contiguous or a.flags.f_contiguous) or not a.flags.writeable:
+        a = a.copy()
+    return a
+
+
 def _syevr(dtype: np.dtype) -> tuple[object | None, str]:
     prefix, real = _REAL[np.dtype(dtype)]
     return routine(f"{prefix}syevr", _C_INT, _C_CHAR, _C_CHAR, _C_CHAR, _C_INT, _PTR, _C_INT, real, real, _C_INT,
@@ -104,10 +114,7 @@ def syevr(a: np.ndarray) -> np.ndarray | None:
     fn, _ = _syevr(a.dtype)
     if fn is None:
         return None
-    if a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise ValueError(f"expected a square matrix, got shape {a.shape}")
-    if not (a.flags.c_contiguous or a.flags.f_contiguous) or not a.flags.writeable:
-        a = a.copy()
+    a = _square(a)
     n = a.shape[0]
     w = np.empty(n, dtype=a.dtype)
     z = np.empty(1, dtype=a.dtype)  # not referenced for values only
@@ -139,10 +146,7 @@ def syevd_2stage(a: np.ndarray) -> np.ndarray | None:
     fn, _ = _syevd_2stage(a.dtype)
     if fn is None:
         return None
-    if a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise ValueError(f"expected a square matrix, got shape {a.shape}")
-    if not (a.flags.c_contiguous or a.flags.f_contiguous) or not a.flags.writeable:
-        a = a.copy()
+    a = _square(a)
     n = a.shape[0]
     w = np.empty(n, dtype=a.dtype)
     info = fn(_COL_MAJOR, b"N", b"L", n, a.ctypes.data, max(n, 1), w.ctypes.data)

@@ -111,19 +111,26 @@ def _checkpoint(tmp_path):
     return tmp_path / "ckpt"
 
 
-def test_scan_held_to_a_small_budget_takes_one_matrix_at_a_time(tmp_path, monkeypatch):
-    """A budget smaller than any matrix: one matrix in flight at a time (read, computed, freed), a warning
-    naming the largest, and the same numbers as an unbounded scan."""
-    ckpt = _checkpoint(tmp_path)
-    free = spectrum_fast.scan(ckpt, device="cpu", progress=False, workers=2)
-    budgets = []
+@pytest.fixture
+def budgets(monkeypatch) -> list[Budget]:
+    """Every budget the scans make, as they make them."""
+    made: list[Budget] = []
 
     class Recorded(Budget):
         def __init__(self, limit):
             super().__init__(limit)
-            budgets.append(self)
+            made.append(self)
 
     monkeypatch.setattr(scanner, "Budget", Recorded)
+    return made
+
+
+def test_scan_held_to_a_small_budget_takes_one_matrix_at_a_time(tmp_path, monkeypatch, budgets):
+    """A budget smaller than any matrix: one matrix in flight at a time (read, computed, freed), a warning
+    naming the largest, and the same numbers as an unbounded scan."""
+    ckpt = _checkpoint(tmp_path)
+    free = spectrum_fast.scan(ckpt, device="cpu", progress=False, workers=2)
+    budgets.clear()
     monkeypatch.setenv("SPECTRUM_FAST_MEMORY_GB", "0.001")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -135,15 +142,7 @@ def test_scan_held_to_a_small_budget_takes_one_matrix_at_a_time(tmp_path, monkey
     assert [(r.module, r.snr) for r in held.records] == [(r.module, r.snr) for r in free.records]
 
 
-def test_scan_within_budget_gives_every_byte_back(tmp_path, monkeypatch):
-    budgets = []
-
-    class Recorded(Budget):
-        def __init__(self, limit):
-            super().__init__(limit)
-            budgets.append(self)
-
-    monkeypatch.setattr(scanner, "Budget", Recorded)
+def test_scan_within_budget_gives_every_byte_back(tmp_path, monkeypatch, budgets):
     monkeypatch.setenv("SPECTRUM_FAST_MEMORY_GB", "64")
     with warnings.catch_warnings():
         warnings.simplefilter("error", MemoryBudgetWarning)  # everything fits: no warning
