@@ -383,7 +383,8 @@ def _parallelism(workers: int | None) -> tuple[int, int]:
     """Matrices computed at once, and BLAS threads for each.
 
     Two single-threaded workers beat one two-threaded worker on 2 cores (the tridiagonal reduction
-    scales poorly with threads): 10.6 s against 12.2 s for the bench checkpoint's 28 matrices.
+    scales poorly with threads): 8.4 s against 12.7 s for the bench checkpoint's 28 matrices, now that
+    LAPACK is called without holding the GIL (11.9 s against 13.1 s before, when the workers took turns).
     """
     cores = os.cpu_count() or 1
     n = min(2, cores) if workers is None else int(workers)
