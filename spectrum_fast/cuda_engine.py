@@ -444,8 +444,8 @@ def _bands_submit(solver, infos: list[TensorInfo], units: dict[str, int]) -> Non
 def _bands_done(solver, done: Callable[[TensorInfo, MatrixStats], None], wait: bool,
                 reread: Callable[[TensorInfo], np.ndarray] = read_matrix) -> None:
     """Deliver the band solver's finished matrices (all of them when ``wait``); one the float64 guard cannot
-    vouch for goes to the CPU's float64 SVD, its values read again by ``reread`` (its file may be gone: a Hub
-    scan deletes a shard once scanned, and a band may finish shards later, see :class:`Session`)."""
+    vouch for goes to the CPU engine, its values read again by ``reread`` (its file may be gone: a Hub scan
+    deletes a shard once scanned, and a band may finish shards later, see :class:`Session`)."""
     from .twostage import LaunchError
 
     try:
