@@ -105,10 +105,9 @@ def gram64(w: np.ndarray) -> np.ndarray:
     k, long = min(m, n), max(m, n)
     g = np.zeros((k, k), dtype=np.float64, order="F")
     step = max(1, GRAM64_BLOCK_BYTES // (8 * k))
+    trans = m < n  # tall: G += BᵀB for the row-major block B = w[rows], column-major Bᵀ; wide: G += CCᵀ, C = w[:, cols]
     for start in range(0, long, step):
-        # tall: G += BᵀB for the row-major block B = w[rows], column-major Bᵀ; wide: G += CCᵀ for C = w[:, cols]
-        block = np.ascontiguousarray(w[start:start + step] if m >= n else w[:, start:start + step], dtype=np.float64)
-        trans = m < n
+        block = np.ascontiguousarray(w[:, start:start + step] if trans else w[start:start + step], dtype=np.float64)
         if not lapack.syrk_lower(g, block.T, trans):  # BLAS through ctypes, which releases the GIL
             g = dsyrk(1.0, block.T, beta=1.0, c=g, trans=int(trans), lower=1, overwrite_c=1)
         del block  # before the next one is made

@@ -674,6 +674,12 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
             done(info, out if out is not None else matrix_stats(read_matrix(info)))
 
 
+def check_devices(devices: Sequence[int]) -> None:
+    """A GPU listed twice would have two threads drive its one engine (:class:`Session`): refused."""
+    if len(set(devices)) != len(devices):
+        raise SpectrumError(f"devices lists a GPU more than once: {list(devices)}")
+
+
 def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
                done: Callable[[TensorInfo, MatrixStats], None], units: dict[str, int] | None = None,
                session: Session | None = None) -> None:
@@ -690,8 +696,7 @@ def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],
             done(info, out)
 
     _STOP.clear()  # a stop from an earlier, interrupted scan in this process does not carry over
-    if len(set(devices)) != len(devices):
-        raise SpectrumError(f"devices lists a GPU more than once: {list(devices)}")  # one engine per GPU
+    check_devices(devices)
     unfit = [i.name for i in infos if not engine_takes(i)]
     if unfit:
         raise ValueError(f"the CUDA engine does not take {unfit[0]}; route it to the CPU engine")

@@ -89,6 +89,12 @@ def syrk_lower(c: np.ndarray, a: np.ndarray, trans: bool) -> bool:
     return True
 
 
+def _check(info: int, name: str) -> None:
+    """LAPACK's ``info``: non-zero (no convergence, or a bad argument) raises naming the routine."""
+    if info != 0:
+        raise np.linalg.LinAlgError(f"{name} failed (info {info})")
+
+
 def _square(a: np.ndarray) -> np.ndarray:
     """``a`` as LAPACK can take it in place (contiguous in either order, writeable), else a copy; refuses a
     matrix that is not square."""
@@ -122,13 +128,12 @@ def syevr(a: np.ndarray) -> np.ndarray | None:
     found = ctypes.c_int(0)
     info = fn(_COL_MAJOR, b"N", b"A", b"L", n, a.ctypes.data, max(n, 1), 0.0, 0.0, 0, 0, 0.0,
               ctypes.addressof(found), w.ctypes.data, z.ctypes.data, 1, isuppz.ctypes.data)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"{_REAL[a.dtype][0]}syevr failed (info {info})")
+    _check(info, f"{_REAL[a.dtype][0]}syevr")
     return w[: found.value] if found.value != n else w
 
 
 def _syevd_2stage(dtype: np.dtype) -> tuple[object | None, str]:
-    prefix = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}[np.dtype(dtype)]
+    prefix, _ = _REAL[np.dtype(dtype)]
     return routine(f"{prefix}syevd_2stage", _C_INT, _C_CHAR, _C_CHAR, _C_INT, _PTR, _C_INT, _PTR)
 
 
@@ -150,8 +155,7 @@ def syevd_2stage(a: np.ndarray) -> np.ndarray | None:
     n = a.shape[0]
     w = np.empty(n, dtype=a.dtype)
     info = fn(_COL_MAJOR, b"N", b"L", n, a.ctypes.data, max(n, 1), w.ctypes.data)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"{'d' if a.dtype == np.float64 else 's'}syevd_2stage failed (info {info})")
+    _check(info, f"{_REAL[a.dtype][0]}syevd_2stage")
     return w
 
 
@@ -171,8 +175,7 @@ def sbevd(band: np.ndarray) -> np.ndarray | None:
     kd, n = ab.shape[0] - 1, ab.shape[1]
     w = np.empty(n, dtype=np.float64)
     info = fn(_COL_MAJOR, b"N", b"L", n, kd, ab.ctypes.data, kd + 1, w.ctypes.data, None, 1)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"dsbevd failed (info {info})")
+    _check(info, "dsbevd")
     return w
 
 
@@ -196,6 +199,5 @@ def gesdd(a: np.ndarray) -> np.ndarray | None:
     unused = np.empty(1, dtype=a.dtype)  # U and Vᵀ: not referenced for values only
     info = fn(_COL_MAJOR, b"N", m, n, a.ctypes.data, max(1, m), s.ctypes.data, unused.ctypes.data, 1,
               unused.ctypes.data, 1)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"{_REAL[a.dtype][0]}gesdd failed (info {info})")
+    _check(info, f"{_REAL[a.dtype][0]}gesdd")
     return s

@@ -48,8 +48,10 @@ def _resolve_device(device: str, devices: Sequence[int] | None) -> tuple[str, st
     """The backend that will run, and why it is the CPU when ``auto`` could not use a GPU."""
     if device not in DEVICES:
         raise SpectrumError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if devices is not None and len(set(devices)) != len(devices):
-        raise SpectrumError(f"devices lists a GPU more than once: {list(devices)}")
+    if devices is not None:
+        from .cuda_engine import check_devices
+
+        check_devices(devices)  # up front, before anything is read
     if device == "cpu":
         return "cpu", None
     from .backends import cuda_unavailable_reason
@@ -72,17 +74,17 @@ def _matrix_bytes(info: TensorInfo, exact: bool = False) -> int:
     return held + max(reading, cpu_engine.working_bytes(m, n, exact))
 
 
-def _prefetch(infos: Sequence[TensorInfo], stop: threading.Event, budget: Budget | None = None,
-              cost: Callable[[TensorInfo], int] = _matrix_bytes) -> Iterator[tuple[TensorInfo, object]]:
-    """Yield ``(info, array or exception)`` read by a background thread, in order. With a ``budget``, each
-    matrix's ``cost`` is taken from it before the matrix is read; the consumer gives it back."""
+def _prefetch(infos: Sequence[TensorInfo], stop: threading.Event, budget: Budget,
+              cost: Callable[[TensorInfo], int]) -> Iterator[tuple[TensorInfo, object]]:
+    """Yield ``(info, array or exception)`` read by a background thread, in order; each matrix's ``cost`` is
+    taken from the ``budget`` before the matrix is read, and the consumer gives it back."""
     q: queue.Queue = queue.Queue(maxsize=_PREFETCH)
 
     def reader() -> None:
         for info in infos:
             if stop.is_set():
                 return
-            if budget is not None and not budget.acquire(cost(info), stop):
+            if not budget.acquire(cost(info), stop):
                 return
             try:
                 item: object = read_matrix(info)
