@@ -122,27 +122,27 @@ SF_FN inline double rank2_entry(double vr, double wr, double vc, double zc, doub
 // Batched as above.
 template <bool Batched, class At>
 SF_FN inline void subtract(double* a, int count, int rank, int size, At at) {
-  if (!Batched) {
+  if constexpr (!Batched) {
     for (int i = rank; i < count; i += size) {
       int64_t off;
       double p, q;
       if (at(i, off, p, q)) a[off] = minus_product(a[off], p, q);
     }
-    return;
-  }
-  for (int i0 = rank; i0 < count; i0 += 4 * size) {
-    int64_t off[4];
-    double p[4], q[4], x[4];
-    bool keep[4];
+  } else {
+    for (int i0 = rank; i0 < count; i0 += 4 * size) {
+      int64_t off[4];
+      double p[4], q[4], x[4];
+      bool keep[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int i = i0 + k * size;
-      keep[k] = i < count && at(i, off[k], p[k], q[k]);
-      if (keep[k]) x[k] = a[off[k]];
-    }
+      for (int k = 0; k < 4; ++k) {
+        const int i = i0 + k * size;
+        keep[k] = i < count && at(i, off[k], p[k], q[k]);
+        if (keep[k]) x[k] = a[off[k]];
+      }
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if (keep[k]) a[off[k]] = minus_product(x[k], p[k], q[k]);
+      for (int k = 0; k < 4; ++k) {
+        if (keep[k]) a[off[k]] = minus_product(x[k], p[k], q[k]);
+      }
     }
   }
 }
