@@ -371,7 +371,9 @@ def bench_model(model: str, args: argparse.Namespace, rates: dict, publish=lambd
     row = {"model": model, "config": config.get("_name_or_path"), "layers_generated": layers,
            "layers_total": config["num_hidden_layers"], "matrices": len(full), "bytes": nbytes,
            "gram_flops": gram_flops, "per_shape": list(per_shape.values()), "extrapolated_s": total,
-           "floors": floors, "vs_floor": total / floors["floor_s"], "multi_device": multi}
+           "floors": floors, "vs_floor": total / floors["floor_s"], "multi_device": multi,
+           # not measured: how evenly the deal spreads these per-matrix times (bench_ranks.py measures ranks)
+           "multi_device_basis": "LPT deal of the per-shape seconds, perfect scaling per device assumed"}
     if args.device == "cuda" and model in GOALS_S:
         row["goal_s"] = GOALS_S[model]
         row["meets_goal"] = total <= GOALS_S[model]
@@ -498,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
           f"fp32 GEMM {rates['gemm_flops'] / 1e12:.2f} TFLOP/s"
           + (f", PCIe {rates['pcie_Bps'] / 1e9:.1f} GB/s" if "pcie_Bps" in rates else ""))
     print(f"{'model':<16} {'matrices':>8} {'GiB':>6} {'extrapolated':>12} {'floor':>10} {'x floor':>7} "
-          f"{'disk':>10} {'Gram':>10} {'eig':>10}  8-device speed-up")
+          f"{'disk':>10} {'Gram':>10} {'eig':>10}  8-device deal (LPT model)")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:<16} failed: {r['error']}")

@@ -211,8 +211,9 @@ def twostage_threads() -> int:
     except ValueError:
         raise SpectrumError("SPECTRUM_FAST_TWOSTAGE_THREADS must be an integer") from None
     if threads <= 0:
-        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-        threads = max(1, (os.cpu_count() or 1) // ranks)
+        from .distributed import cores_per_rank
+
+        threads = cores_per_rank()
     return threads
 
 

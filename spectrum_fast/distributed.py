@@ -39,6 +39,24 @@ def rank() -> int:
         return 0
 
 
+def local_world_size() -> int:
+    """Processes torchrun started on this machine (1 when not launched by it)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def cores_per_rank() -> int:
+    """The cores this process may use: its CPU affinity (``taskset``, a batch scheduler's cpuset), shared
+    evenly among the ranks torchrun started on this machine, which all see the same ones."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // local_world_size())
+
+
 def context() -> Context | None:
     """Join the process group torchrun set up (creating it if needed); None when running alone."""
     if world_size() <= 1:

@@ -387,8 +387,10 @@ def _parallelism(workers: int | None) -> tuple[int, int]:
     Two single-threaded workers beat one two-threaded worker on 2 cores (the tridiagonal reduction
     scales poorly with threads): 8.4 s against 12.7 s for the bench checkpoint's 28 matrices, now that
     LAPACK is called without holding the GIL (11.9 s against 13.1 s before, when the workers took turns).
+    The cores are this process's share (:func:`distributed.cores_per_rank`): under torchrun, the ranks on one
+    machine split them instead of each running a BLAS thread per core of the machine.
     """
-    cores = os.cpu_count() or 1
+    cores = distributed.cores_per_rank()
     n = min(2, cores) if workers is None else int(workers)
     if n < 1:
         raise SpectrumError(f"workers must be at least 1, got {workers}")

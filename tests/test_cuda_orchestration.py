@@ -465,7 +465,7 @@ def test_twostage_settings_are_checked(fake_gpu, tmp_path, monkeypatch):
     monkeypatch.delenv("SPECTRUM_FAST_CHASE")
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE_THREADS", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert cuda_engine.twostage_threads() == max(1, (__import__("os").cpu_count() or 1) // 2)
+    assert cuda_engine.twostage_threads() == max(1, len(__import__("os").sched_getaffinity(0)) // 2)
     import importlib.util
 
     with monkeypatch.context() as m:
