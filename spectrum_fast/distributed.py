@@ -9,10 +9,12 @@ message on every rank rather than hanging in the collective.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._cgroup import cpu_quota
 from .errors import SpectrumError
 from .result import MatrixRecord
 
@@ -48,12 +50,16 @@ def local_world_size() -> int:
 
 
 def cores_per_rank() -> int:
-    """The cores this process may use: its CPU affinity (``taskset``, a batch scheduler's cpuset), shared
-    evenly among the ranks torchrun started on this machine, which all see the same ones."""
+    """The cores this process may use: its CPU affinity (``taskset``, a batch scheduler's cpuset) capped by its
+    cgroup's CPU quota (a container's ``--cpus``: more threads than that only take turns), shared evenly among
+    the ranks torchrun started on this machine, which all see the same ones."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
         cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota - 1e-9)))  # 2.5 CPUs' worth: 3 threads; 4.0: 4
     return max(1, cores // local_world_size())
 
 

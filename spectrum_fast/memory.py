@@ -14,6 +14,7 @@ import os
 import threading
 from pathlib import Path
 
+from ._cgroup import OWN, ROOT, read_int, v2_dirs
 from .errors import SpectrumError
 
 
@@ -24,14 +25,6 @@ class MemoryBudgetWarning(UserWarning):
 #: Share of the available memory the scan's matrices may take; the rest is left for the interpreter, the
 #: libraries' own buffers and the page cache the reads go through.
 SHARE = 0.8
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max" (no limit) or unreadable: None
 
 
 def _meminfo_available() -> int | None:
@@ -45,24 +38,16 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_available(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int | None:
+def _cgroup_available(root: Path = ROOT, own: Path = OWN) -> int | None:
     """Limit minus usage of this process's memory cgroup (v2, else v1); None where there is no limit."""
-    dirs = []
-    try:
-        for line in own.read_text().splitlines():
-            if line.startswith("0::"):  # cgroup v2: "0::/path"
-                dirs.append(root / line[3:].lstrip("/"))
-    except OSError:
-        pass
-    dirs.append(root)
-    for d in dirs:
-        limit = _read_int(d / "memory.max")
+    for d in v2_dirs(root, own):
+        limit = read_int(d / "memory.max")
         if limit is not None:
-            return max(0, limit - (_read_int(d / "memory.current") or 0) + _stat(d / "memory.stat", "inactive_file"))
+            return max(0, limit - (read_int(d / "memory.current") or 0) + _stat(d / "memory.stat", "inactive_file"))
     v1 = root / "memory"
-    limit = _read_int(v1 / "memory.limit_in_bytes")  # cgroup v1; "no limit" is a huge number
+    limit = read_int(v1 / "memory.limit_in_bytes")  # cgroup v1; "no limit" is a huge number
     if limit is not None and limit < 1 << 60:
-        usage = _read_int(v1 / "memory.usage_in_bytes") or 0
+        usage = read_int(v1 / "memory.usage_in_bytes") or 0
         return max(0, limit - usage + _stat(v1 / "memory.stat", "total_inactive_file"))
     return None
 

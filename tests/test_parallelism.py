@@ -10,11 +10,16 @@ import sys
 
 import pytest
 
-from spectrum_fast import distributed, scanner
+from spectrum_fast import _cgroup, distributed, scanner
 from spectrum_fast.errors import SpectrumError
 
 
-def test_ranks_on_one_machine_split_its_cores(monkeypatch):
+@pytest.fixture
+def no_quota(monkeypatch):
+    monkeypatch.setattr(distributed, "cpu_quota", lambda: None)
+
+
+def test_ranks_on_one_machine_split_its_cores(monkeypatch, no_quota):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert distributed.cores_per_rank() == 16
@@ -33,12 +38,52 @@ def test_ranks_on_one_machine_split_its_cores(monkeypatch):
         scanner._parallelism(0)
 
 
-def test_the_cores_are_the_process_affinity_not_the_machine(monkeypatch):
+def test_the_cores_are_the_process_affinity_not_the_machine(monkeypatch, no_quota):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # taskset -c 0,1 / a cgroup cpuset
     assert distributed.cores_per_rank() == 2
     assert scanner._parallelism(None) == (2, 1)
+
+
+def test_a_cpu_quota_caps_the_cores(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node ...
+    monkeypatch.setattr(distributed, "cpu_quota", lambda: 4.0)  # ... and a container of 4 CPUs
+    assert distributed.cores_per_rank() == 4
+    assert scanner._parallelism(None) == (2, 2)
+    monkeypatch.setattr(distributed, "cpu_quota", lambda: 2.5)
+    assert distributed.cores_per_rank() == 3
+    monkeypatch.setattr(distributed, "cpu_quota", lambda: 0.2)
+    assert distributed.cores_per_rank() == 1
+    monkeypatch.setattr(distributed, "cpu_quota", lambda: 128.0)  # a quota above the affinity: the affinity
+    assert distributed.cores_per_rank() == 64
+    monkeypatch.setattr(distributed, "cpu_quota", lambda: 8.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert distributed.cores_per_rank() == 2
+
+
+def test_cpu_quota_from_cgroup_files(tmp_path):
+    own = tmp_path / "self_cgroup"
+    own.write_text("0::/kubepods/pod1\n")
+    pod = tmp_path / "kubepods" / "pod1"
+    pod.mkdir(parents=True)
+    (pod / "cpu.max").write_text("400000 100000\n")  # cgroup v2, the process's own cgroup
+    assert _cgroup.cpu_quota(tmp_path, own) == 4.0
+    (pod / "cpu.max").write_text("max 100000\n")
+    assert _cgroup.cpu_quota(tmp_path, own) is None
+    (pod / "cpu.max").unlink()
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # in a cgroup namespace: the root
+    assert _cgroup.cpu_quota(tmp_path, own) == 1.5
+    (tmp_path / "cpu.max").unlink()
+    v1 = tmp_path / "cpu,cpuacct"
+    v1.mkdir()
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # cgroup v1: no limit
+    assert _cgroup.cpu_quota(tmp_path, own) is None
+    (v1 / "cpu.cfs_quota_us").write_text("800000\n")
+    assert _cgroup.cpu_quota(tmp_path, own) == 8.0
+    assert _cgroup.cpu_quota(tmp_path / "missing", tmp_path / "missing_self") is None
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
