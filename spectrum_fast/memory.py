@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from ._cgroup import OWN, ROOT, read_int, v2_dirs
+from .distributed import local_world_size
 from .errors import SpectrumError
 
 
@@ -66,9 +67,9 @@ def _stat(path: Path, key: str) -> int:
 
 
 def available_bytes() -> int | None:
-    """Bytes the scan's matrices may hold at once: ``SPECTRUM_FAST_MEMORY_GB`` if set, else :data:`SHARE` of the
-    least of the system's available memory and the memory cgroup's room (containers); ``None`` where neither is
-    known (no budget then)."""
+    """Bytes this process's matrices may hold at once: ``SPECTRUM_FAST_MEMORY_GB`` if set, else :data:`SHARE` of
+    the least of the system's available memory and the memory cgroup's room (containers), shared evenly among
+    the ranks torchrun started on this machine; ``None`` where neither is known (no budget then)."""
     flag = os.environ.get("SPECTRUM_FAST_MEMORY_GB", "").strip()
     if flag:
         try:
@@ -79,7 +80,7 @@ def available_bytes() -> int | None:
             raise SpectrumError(f"SPECTRUM_FAST_MEMORY_GB must be a positive number of gigabytes, got {flag!r}")
         return int(gb * (1 << 30))
     known = [b for b in (_meminfo_available(), _cgroup_available()) if b is not None]
-    return int(SHARE * min(known)) if known else None
+    return int(SHARE * min(known)) // local_world_size() if known else None
 
 
 class Budget:

@@ -76,3 +76,35 @@ def test_a_failing_rank_fails_the_run_with_its_error(model_dir, tmp_path):
     assert r.returncode != 0
     assert r.stderr.count("rank 1 of 2 failed: disk on fire") == 2  # both ranks report rank 1's error
     assert not (tmp_path / "o" / "snr_results_m.json").exists()
+
+
+def test_two_machines_give_the_single_process_result(model_dir, tmp_path):
+    """``torchrun --nnodes 2``: two launches (one per machine, here both on loopback), each with its own output
+    folder as on machines that share no disk; global rank 0 writes the files, every rank removes its journal."""
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, "-m", "spectrum_fast.scan", str(model_dir), "--out", str(single), "--quiet"],
+                   check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(3):  # the free port can be taken between probing and binding: try another
+        port = free_port()
+        nodes = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m",
+             "spectrum_fast.scan", str(model_dir), "--out", str(tmp_path / f"node{node}"), "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for node in (0, 1)]
+        try:
+            outs = [p.communicate(timeout=240) for p in nodes]
+        finally:
+            for p in nodes:
+                if p.poll() is None:
+                    p.kill()
+        if not any("address already in use" in err.lower() for _, err in outs):
+            break
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    got = json.loads((tmp_path / "node0" / "snr_results_m.json").read_text())
+    want = json.loads((single / "snr_results_m.json").read_text())
+    assert list(got) == list(want)
+    for k in want:
+        assert abs(got[k]["snr"] - want[k]["snr"]) <= 1e-4 * abs(want[k]["snr"]), k
+    assert sorted(p.name for p in (tmp_path / "node0").iterdir()) == ["snr_results_m.json", "spectrum_fast_m.json"]
+    assert list((tmp_path / "node1").iterdir()) == []  # ranks 2 and 3: no files, journals removed

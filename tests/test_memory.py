@@ -67,6 +67,18 @@ def test_available_bytes_from_the_system(monkeypatch):
     assert got is not None and 0 < got <= memory.SHARE * free * 1.05  # memory moves a little meanwhile
 
 
+def test_ranks_on_one_machine_split_its_memory(monkeypatch):
+    monkeypatch.delenv("SPECTRUM_FAST_MEMORY_GB", raising=False)
+    monkeypatch.setattr(memory, "_meminfo_available", lambda: 100 << 30)
+    monkeypatch.setattr(memory, "_cgroup_available", lambda: 40 << 30)  # a container's room: the lesser
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert memory.available_bytes() == int(memory.SHARE * (40 << 30))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node 4: a quarter each
+    assert memory.available_bytes() == int(memory.SHARE * (40 << 30)) // 4
+    monkeypatch.setenv("SPECTRUM_FAST_MEMORY_GB", "3")  # the setting is per process
+    assert memory.available_bytes() == 3 << 30
+
+
 def test_cgroup_room(tmp_path):
     own = tmp_path / "self_cgroup"
     own.write_text("0::/job\n")
