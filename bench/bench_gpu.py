@@ -235,8 +235,7 @@ def torch_loop(path: Path, fp64_svd: bool = False, layers: int | None = None,
     return time.perf_counter() - t, snrs
 
 
-def end_to_end(workdir: Path, ref_layers: int, engines: bool = True, rates_json: Path | None = None,
-               save=None) -> dict:
+def end_to_end(workdir: Path, ref_layers: int, rates_json: Path | None = None, save=None) -> dict:
     """The Mistral-shaped scan and its baselines; ``save(partial)`` is called after every measurement, so a
     step cut short by the device call's time limit keeps everything measured before it."""
     ckpt = workdir / "mistral-shaped"
@@ -284,15 +283,6 @@ def end_to_end(workdir: Path, ref_layers: int, engines: bool = True, rates_json:
     ref_scaled = ref_s * MISTRAL["layers"] / ref_layers
     note(**{f"reference_svdvals_{ref_layers}_layers_s": ref_s, "reference_svdvals_scaled_to_32_layers_s": ref_scaled,
             "speedup_vs_reference": ref_scaled / ours_s})
-    # several engines on one GPU (devices=[0, 0, ...]): each has its own streams, so one matrix's
-    # eigensolve (latency-bound tridiagonalisation at k = 4096) overlaps another's
-    streams = {}
-    for count in (2, 4) if engines else ():
-        t = time.perf_counter()
-        res = spectrum_fast.scan(ckpt, device="cuda", devices=[0] * count, progress=False)
-        streams[str(count)] = {"s": time.perf_counter() - t,
-                               "snrs_equal_to_one_engine": [r.snr for r in res.records] == [r.snr for r in ours.records]}
-        note(engines_on_one_gpu=streams)
     from spectrum_fast.result import MatrixRecord, ScanResult
 
     loop_result = ScanResult("loop", "loop", [MatrixRecord(m, r.type, loop_snr[m]) for m, r in
@@ -428,9 +418,10 @@ def main() -> int:
     ap.add_argument("--sizes", default="1024,4096,8192,16384")
     ap.add_argument("--ref-layers", type=int, default=1)
     ap.add_argument("--twostage", type=Path, help="bench_twostage.py's JSON from this device: the two-stage floors")
-    ap.add_argument("--parts", default="syevd,matrix,batched,e2e,engines",
-                    help="which of syevd,matrix,batched,e2e,engines (several engines on one GPU, within e2e) to run; "
-                         "with syevd, the later parts run with the Xsyevd algorithm it found fastest")
+    # (run 3's `engines` part, several engines on one GPU, gave no speed-up; a scan now refuses a GPU listed twice)
+    ap.add_argument("--parts", default="syevd,matrix,batched,e2e",
+                    help="which of syevd,matrix,batched,e2e to run; with syevd, the later parts run with the Xsyevd "
+                         "algorithm it found fastest")
     ap.add_argument("--syevd-sizes", default="2048,4096,8192,16384")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -465,7 +456,7 @@ def main() -> int:
             out["end_to_end"] = partial
             write_result(args.json, out)
 
-        out["end_to_end"] = e2e = end_to_end(args.workdir, args.ref_layers, "engines" in parts, args.twostage, save)
+        out["end_to_end"] = e2e = end_to_end(args.workdir, args.ref_layers, args.twostage, save)
         print(json.dumps(e2e, indent=1), flush=True)
     write_result(args.json, out)
     ok = "e2e" not in parts or all(out["end_to_end"]["selections_equal_to_torch_loop"].values())

@@ -15,7 +15,7 @@
 #          two-stage, the fastest accurate one then used by every scan after it through
 #          SPECTRUM_FAST_SYEVD_ALG; the Mistral-7B-shaped scan end to end: the syevd route with that algorithm
 #          and with the default, torch loops, reference, then the band-solver route last, so that a failure
-#          there cannot cost the other numbers; GPU_PARTS=syevd,matrix,batched,e2e,engines for everything);
+#          there cannot cost the other numbers; GPU_PARTS=syevd,matrix,batched,e2e for everything);
 #          bench/bench_twostage.py (our GPU two-stage solver: batched band reduction, native panel QR and
 #          band solver, against Dsyevd at k = 4096, 8192, 16384; every chase variant at 4096, the fastest
 #          then used by the scans below through SPECTRUM_FAST_CHASE)

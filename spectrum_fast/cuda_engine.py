@@ -675,10 +675,15 @@ def _run_chunk(engine, chunk: list[TensorInfo], done: Callable[[TensorInfo, Matr
             done(info, out if out is not None else matrix_stats(read_matrix(info)))
 
 
-def check_devices(devices: Sequence[int]) -> None:
-    """A GPU listed twice would have two threads drive its one engine (:class:`Session`): refused."""
+def check_devices(devices: Sequence[int], visible: int | None = None) -> None:
+    """Refuses a GPU listed twice (two threads would drive its one engine, :class:`Session`) and, given how many
+    GPUs are ``visible``, one that is not there."""
     if len(set(devices)) != len(devices):
         raise SpectrumError(f"devices lists a GPU more than once: {list(devices)}")
+    missing = [d for d in devices if visible is not None and not 0 <= d < visible]
+    if missing:
+        raise SpectrumError(f"there is no GPU {missing[0]}: {visible} visible (CUDA_VISIBLE_DEVICES="
+                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'not set')})")
 
 
 def cuda_stats(infos: Sequence[TensorInfo], devices: Sequence[int],

@@ -209,6 +209,7 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
     on_gpu = backend == "cuda" and not exact
     gpu_units = units if on_gpu else {}
     ctx = distributed.context()
+    rank_gpu = False  # the GPU is this torchrun rank's LOCAL_RANK
     if ctx is not None:
         # the same deal on every rank; whole shards when they are downloaded, so each is downloaded once
         whole_shards = ckpt.remote is not None and fetch == "shards"
@@ -216,7 +217,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         chosen_here = deal[ctx.rank]
         progress = progress and ctx.rank == 0
         if backend == "cuda" and not devices:
-            devices = [int(os.environ.get("LOCAL_RANK", "0"))]
+            devices = [int(os.environ.get("LOCAL_RANK", "0"))]  # one GPU per rank
+            rank_gpu = True
     else:
         chosen_here = chosen
     records: list[MatrixRecord] = []
@@ -284,6 +286,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
                 _cpu_stats(on_cpu, workers, exact, done)
 
         try:
+            if on_gpu:  # in here, so that under torchrun every rank fails with this one's error
+                _check_gpus(list(devices) if devices else [0], ctx.rank if rank_gpu else None)
             if ckpt.remote is not None:
                 for batch in ckpt.remote.stage(todo, gpu_units):
                     compute(batch)
@@ -316,6 +320,19 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         embedding_names=[n for n in names if is_embedding(n)],
         head_names=[n for n in names if is_head(n)],
         backend=backend, elapsed_s=round(time.perf_counter() - t0, 3), tool_version=__version__)
+
+
+def _check_gpus(devices: list[int], rank: int | None) -> None:
+    """The GPUs exist (``rank``: the torchrun rank whose LOCAL_RANK picked ``devices[0]``)."""
+    from . import _C  # type: ignore[attr-defined]
+    from .cuda_engine import check_devices
+
+    visible = int(_C.device_count())
+    if rank is not None and devices[0] >= visible:
+        raise SpectrumError(f"torchrun rank {rank} (LOCAL_RANK {devices[0]}) has no GPU of its own: {visible} "
+                            f"visible on this machine; start at most {visible} ranks per machine "
+                            "(--nproc_per_node), or scan with --device cpu")
+    check_devices(devices, visible)
 
 
 def _rereader(ckpt) -> Callable[[TensorInfo], object]:

@@ -102,6 +102,7 @@ def fake_gpu(monkeypatch):
     fake = types.ModuleType("spectrum_fast._C")
     fake.GramEngine = FakeEngine
     fake.cusolver_version = fake.cusolver_header_version = lambda: 12401
+    fake.device_count = lambda: 2
     try:  # the two-stage solver's kernels run on host threads too: the real ones where the extension is built
         from spectrum_fast import _C as real  # type: ignore[attr-defined]
 
@@ -966,3 +967,37 @@ def test_syevd_algorithm_setting(fake_gpu, tmp_path, monkeypatch):
         with pytest.raises(SpectrumError, match=r"needs cuSOLVER 12.3.4 .* this one is 12004"):
             spectrum_fast.scan(path, device="cuda", progress=False)
         assert FakeEngine.syevd == []  # refused before any engine started
+
+
+def test_a_gpu_that_is_not_there_is_refused_by_name(fake_gpu, tmp_path):
+    _checkpoint(tmp_path)
+    with pytest.raises(spectrum_fast.SpectrumError, match=r"there is no GPU 2: 2 visible \(CUDA_VISIBLE_DEVICES="):
+        spectrum_fast.scan(tmp_path, device="cuda", devices=[0, 2], progress=False)
+    assert fake_gpu.calls == []  # nothing ran
+
+
+def test_a_torchrun_rank_without_a_gpu_fails_every_rank_with_its_error(fake_gpu, tmp_path, monkeypatch):
+    """torchrun --nproc_per_node 4 on a machine with 2 GPUs: rank 2's LOCAL_RANK names no GPU; the error goes
+    through the exchange of records (here: raised as every rank would raise it) instead of a rank dying alone."""
+    from spectrum_fast import distributed
+
+    _checkpoint(tmp_path)
+    exchanged = []
+
+    def exchange(ctx, records, error):
+        exchanged.append(error)
+        if error is not None:
+            raise spectrum_fast.SpectrumError(f"rank {ctx.rank} of {ctx.world} failed: {error}")
+        return records
+
+    monkeypatch.setattr(distributed, "context", lambda: distributed.Context(2, 4, None))
+    monkeypatch.setattr(distributed, "exchange", exchange)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(spectrum_fast.SpectrumError, match=r"rank 2 of 4 failed: torchrun rank 2 \(LOCAL_RANK 2\) has "
+                       r"no GPU of its own: 2 visible on this machine; start at most 2 ranks per machine"):
+        spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert len(exchanged) == 1 and fake_gpu.calls == []
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank with a GPU of its own scans its share on it
+    monkeypatch.setattr(distributed, "context", lambda: distributed.Context(1, 4, None))
+    res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
+    assert exchanged[-1] is None and len(res.records) > 0 and {c[0] for c in fake_gpu.calls} == {1}

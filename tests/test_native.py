@@ -371,10 +371,11 @@ def test_gpu_batched_result_is_fixed_by_its_batch(tmp_path):
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("twostage", ["0", "gpu"])
-def test_gpu_resumed_and_two_engine_scans_are_bit_identical(tmp_path, monkeypatch, twostage):
-    """A scan resumed from a journal holding part of a batched unit, and one on two engines, give the
-    uninterrupted scan's numbers bit for bit; with the GPU two-stage solver too (its stage-1 batches are
-    units: here 16 of the 20 k = 512 matrices that go straight to float64)."""
+def test_gpu_resumed_scans_are_bit_identical(tmp_path, monkeypatch, twostage):
+    """A scan resumed from a journal holding part of a batched unit gives the uninterrupted scan's numbers bit
+    for bit; with the GPU two-stage solver too (its stage-1 batches are units: here 16 of the 20 k = 512
+    matrices that go straight to float64). Two GPUs: test_two_gpus_match_one; a GPU listed twice
+    is refused (tests/test_gpu_session.py)."""
     from spectrum_fast import cuda_engine
 
     monkeypatch.setenv("SPECTRUM_FAST_TWOSTAGE", twostage)
@@ -395,7 +396,6 @@ def test_gpu_resumed_and_two_engine_scans_are_bit_identical(tmp_path, monkeypatc
     # 30 expert records (the first unit of 64 half done) and 5 of the first 16-matrix band batch
     journal.write_bytes(b"\n".join([lines[0], *experts[:30], *downs[:5]]) + b"\n")
     assert spectrum_fast.scan(tmp_path, device="cuda", progress=False, journal=journal).snr == whole.snr
-    assert spectrum_fast.scan(tmp_path, device="cuda", devices=[0, 0], progress=False).snr == whole.snr
 
 
 def test_no_driver_is_found_without_loading_the_cuda_libraries():
