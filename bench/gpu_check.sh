@@ -106,8 +106,10 @@ if [[ $STAGE == all || $STAGE == core ]]; then
   if [[ ${GUARD:-0} == 1 ]]; then
     step 60 bench.log $PY bench/bench_guard.py --device cuda --sizes 1024 4096 8192 --json "$OUT/guard_gpu.json"
   fi
-  # cuSOLVER's own Xsyevd algorithms first (its two-stage one is the likeliest way to the goals), the
-  # Mistral-shaped scan with the fastest of them; then our band solver's rates
+  # cuSOLVER's own Xsyevd algorithms first, the Mistral-shaped scan with the fastest of them (its band-solver
+  # scan last, with the default chase variant); then our band solver's rates. On a fresh machine the two-stage
+  # floors of the Mistral scan are then missing (its rates come after it): the Mistral numbers, which decide
+  # the issue, come first; `scale` measures the rates it needs if this step is cut
   step 300 bench.log $PY bench/bench_gpu.py --parts "${GPU_PARTS:-syevd,e2e}" --twostage /tmp/sf_twostage.json \
     --json "$OUT/gpu_check.json"
   cp "$OUT/gpu_check.json" /tmp/sf_gpu_check.json 2>/dev/null  # for a later `scale` call on this machine

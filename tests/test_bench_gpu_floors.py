@@ -59,7 +59,7 @@ def test_end_to_end_saves_every_measurement_before_the_next_runs(tmp_path, monke
     monkeypatch.setattr(bench_gpu, "torch_loop", loop)
     saved = []
     with pytest.raises(KeyboardInterrupt):
-        bench_gpu.end_to_end(tmp_path, 1, engines=False, save=lambda d: saved.append(dict(d)))
+        bench_gpu.end_to_end(tmp_path, 1, save=lambda d: saved.append(dict(d)))
     last = saved[-1]
     assert last["checkpoint_gb"] == 64e-9 and last["ours_s"] > 0 and last["torch_gram_eigvalsh_loop_s"] == 2.0
     assert last["torch_gram64_eigvalsh_loop_s"] == 2.0 and "speedup_vs_reference" not in last
@@ -73,7 +73,7 @@ def test_end_to_end_saves_every_measurement_before_the_next_runs(tmp_path, monke
 
     monkeypatch.setattr(bench_gpu, "twostage_scan", twostage)
     saved.clear()
-    out = bench_gpu.end_to_end(tmp_path, 1, engines=False, save=lambda d: saved.append(dict(d)))
+    out = bench_gpu.end_to_end(tmp_path, 1, save=lambda d: saved.append(dict(d)))
     assert out["floors"] == {"error": "ZeroDivisionError: division by zero"}
     assert out["twostage"]["error"].startswith("RuntimeError: CUDA error: an illegal memory access")
     assert out["selections_equal_to_torch_loop"] == {"0.25": True, "0.5": True}

@@ -416,6 +416,7 @@ def test_no_driver_is_found_without_loading_the_cuda_libraries():
 
 
 @needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(14336, 1024), (700, 1537)])
 def test_gpu_gram_split_is_the_float64_product(shape):
     """The two-stage route's symmetric Gram split on the GPU (cuBLAS writing into strided blocks of the
