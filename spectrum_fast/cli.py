@@ -58,7 +58,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-routers", action="store_true",
                    help="leave mixture-of-experts routers (mlp.gate) out (the reference scans them)")
     p.add_argument("--exact", action="store_true", help="float64 SVD for every matrix (slow reference path)")
-    p.add_argument("--workers", type=int, metavar="N", help="matrices computed at once on the CPU (default 2)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="matrices computed at once on the CPU (default 2, or 1 with a single core; the cores are the "
+                        "process's, shared with the torchrun ranks on this machine)")
     p.add_argument("--revision", metavar="REV", help="Hub branch, tag or commit (default: main)")
     p.add_argument("--keep", action="store_true",
                    help="keep the shards downloaded from the Hub in the cache (default: delete each once scanned)")
