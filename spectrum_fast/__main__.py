@@ -28,6 +28,18 @@ def main() -> int:
     from .cpu_engine import eigensolver
 
     print(f"CPU: Gram eigenvalues by LAPACK {eigensolver()}")
+    from ._cgroup import cpu_quota
+    from .distributed import cores_per_rank, local_world_size
+    from .scanner import _parallelism
+
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}" + ("s" if n != 1 else "")
+
+    quota, ranks = cpu_quota(), local_world_size()
+    workers, threads = _parallelism(None)
+    print(f"CPU: {count(cores_per_rank(), 'core')} for a scan" + (f" (cgroup quota {quota:g} CPUs)" if quota else "")
+          + (f" (this machine's / {ranks} torchrun ranks)" if ranks > 1 else "")
+          + f": {count(workers, 'worker')} x {count(threads, 'BLAS thread')} by default")
     from .errors import SpectrumError
     from .memory import available_bytes
 

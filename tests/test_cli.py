@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,12 @@ def test_diagnostics_show_the_gpu_settings():
     assert "cusolverDnXsyevd algorithm 2 (two-stage) from k = 4096" in run(SPECTRUM_FAST_SYEVD_ALG="2:4096")
     assert "SPECTRUM_FAST_SYEVD_ALG must be 0, 1 or 2" in run(SPECTRUM_FAST_SYEVD_ALG="9")
     assert "CPU: memory budget: 2.5 GiB of matrices in flight at once" in run(SPECTRUM_FAST_MEMORY_GB="2.5")
+    from spectrum_fast.distributed import cores_per_rank
+
+    alone = cores_per_rank()  # no LOCAL_WORLD_SIZE in the tests' environment
+    assert re.search(rf"CPU: {alone} cores? for a scan.*: [12] workers? x \d+ BLAS threads? by default", out)
+    assert re.search(rf"CPU: {max(1, alone // 2)} cores? for a scan.* \(this machine's / 2 torchrun ranks\)",
+                     run(LOCAL_WORLD_SIZE="2"))
     assert "CPU: memory budget: SPECTRUM_FAST_MEMORY_GB must be a positive number" in run(SPECTRUM_FAST_MEMORY_GB="x")
     if importlib.util.find_spec("torch") is not None:
         out = run(SPECTRUM_FAST_TWOSTAGE="cpu", SPECTRUM_FAST_TWOSTAGE_THREADS="3")
