@@ -58,6 +58,11 @@ def _resolve_device(device: str, devices: Sequence[int] | None) -> tuple[str, st
 
     reason = cuda_unavailable_reason()
     if reason is None:
+        if devices is not None:
+            from .backends import native_extension
+            from .cuda_engine import check_devices
+
+            check_devices(devices, int(native_extension().device_count()))  # they exist
         return "cuda", None
     if device == "cuda" or devices:
         raise SpectrumError(f"device='cuda' is not available: {reason} (see `python -m spectrum_fast`)")
@@ -218,7 +223,7 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         progress = progress and ctx.rank == 0
         if backend == "cuda" and not devices:
             devices = [int(os.environ.get("LOCAL_RANK", "0"))]  # one GPU per rank
-            rank_gpu = True
+            rank_gpu = on_gpu  # (an exact scan computes on the CPU)
     else:
         chosen_here = chosen
     records: list[MatrixRecord] = []
@@ -286,8 +291,8 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
                 _cpu_stats(on_cpu, workers, exact, done)
 
         try:
-            if on_gpu:  # in here, so that under torchrun every rank fails with this one's error
-                _check_gpus(list(devices) if devices else [0], ctx.rank if rank_gpu else None)
+            if rank_gpu:  # in here, so that every rank fails with this one's error
+                _check_rank_gpu(ctx.rank, devices[0])
             if ckpt.remote is not None:
                 for batch in ckpt.remote.stage(todo, gpu_units):
                     compute(batch)
@@ -322,17 +327,15 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         backend=backend, elapsed_s=round(time.perf_counter() - t0, 3), tool_version=__version__)
 
 
-def _check_gpus(devices: list[int], rank: int | None) -> None:
-    """The GPUs exist (``rank``: the torchrun rank whose LOCAL_RANK picked ``devices[0]``)."""
-    from . import _C  # type: ignore[attr-defined]
-    from .cuda_engine import check_devices
+def _check_rank_gpu(rank: int, local_rank: int) -> None:
+    """The GPU a torchrun rank took by its LOCAL_RANK exists."""
+    from .backends import native_extension
 
-    visible = int(_C.device_count())
-    if rank is not None and devices[0] >= visible:
-        raise SpectrumError(f"torchrun rank {rank} (LOCAL_RANK {devices[0]}) has no GPU of its own: {visible} "
+    visible = int(native_extension().device_count())
+    if local_rank >= visible:
+        raise SpectrumError(f"torchrun rank {rank} (LOCAL_RANK {local_rank}) has no GPU of its own: {visible} "
                             f"visible on this machine; start at most {visible} ranks per machine "
                             "(--nproc_per_node), or scan with --device cpu")
-    check_devices(devices, visible)
 
 
 def _rereader(ckpt) -> Callable[[TensorInfo], object]:
