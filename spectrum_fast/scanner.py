@@ -48,21 +48,18 @@ def _resolve_device(device: str, devices: Sequence[int] | None) -> tuple[str, st
     """The backend that will run, and why it is the CPU when ``auto`` could not use a GPU."""
     if device not in DEVICES:
         raise SpectrumError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if devices is not None:
+    reason = None
+    if device != "cpu":
+        from .backends import cuda_unavailable_reason
+
+        reason = cuda_unavailable_reason()
+    if devices is not None:  # up front, before anything is read; whether they exist where a GPU scan can run
         from .cuda_engine import check_devices
 
-        check_devices(devices)  # up front, before anything is read
+        check_devices(devices, _visible_gpus() if device != "cpu" and reason is None else None)
     if device == "cpu":
         return "cpu", None
-    from .backends import cuda_unavailable_reason
-
-    reason = cuda_unavailable_reason()
     if reason is None:
-        if devices is not None:
-            from .backends import native_extension
-            from .cuda_engine import check_devices
-
-            check_devices(devices, int(native_extension().device_count()))  # they exist
         return "cuda", None
     if device == "cuda" or devices:
         raise SpectrumError(f"device='cuda' is not available: {reason} (see `python -m spectrum_fast`)")
@@ -327,11 +324,16 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         backend=backend, elapsed_s=round(time.perf_counter() - t0, 3), tool_version=__version__)
 
 
-def _check_rank_gpu(rank: int, local_rank: int) -> None:
-    """The GPU a torchrun rank took by its LOCAL_RANK exists."""
+def _visible_gpus() -> int:
+    """GPUs the native extension sees (only where :func:`backends.cuda_unavailable_reason` found one)."""
     from .backends import native_extension
 
-    visible = int(native_extension().device_count())
+    return int(native_extension().device_count())
+
+
+def _check_rank_gpu(rank: int, local_rank: int) -> None:
+    """The GPU a torchrun rank took by its LOCAL_RANK exists."""
+    visible = _visible_gpus()
     if local_rank >= visible:
         raise SpectrumError(f"torchrun rank {rank} (LOCAL_RANK {local_rank}) has no GPU of its own: {visible} "
                             f"visible on this machine; start at most {visible} ranks per machine "
