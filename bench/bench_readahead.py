@@ -10,7 +10,7 @@ then waits ``nbytes / --compute-gbps`` (default 0.8 GB/s: an 8192 x 49152 bf16 m
 per matrix float64 first on an H100, bench/results/scale_gpu.json, of which 0.49 s was reading it at
 1.65 GB/s, leaving ~1.0 s of compute). Baseline: the same path with the read-ahead turned off. The GPU
 figure comes from bench_scale.py --e2e on a lent GPU. ``one_thread``: the read-ahead by one sequential reader
-instead of ``cuda_engine.WARM_THREADS`` (pieces in flight keep an NVMe queue busy); run it with a fast stand-in
+instead of ``cuda_engine.warm_threads()`` (pieces in flight keep an NVMe queue busy); run it with a fast stand-in
 compute (``--compute-gbps 4``, the GPU two-stage route's pace) to see the disk's share.
 """
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         cuda_engine._CHUNK_BYTES = nbytes  # one matrix per engine call, as for a 100B model's ~1 GB matrices
         times: dict[str, list[float]] = {"without": [], "one_thread": [], "with": []}
         warm = {"without": lambda infos, stop: 0, "one_thread": lambda infos, stop: real_warm(infos, stop, threads=1),
-                "with": real_warm}  # "with": WARM_THREADS threads, as the scan reads ahead
+                "with": real_warm}  # "with": warm_threads() threads, as the scan reads ahead
         try:
             for _ in range(args.repeats):
                 for mode, seconds in times.items():
@@ -116,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"bench": "readahead", "machine": machine_info(), "command": "python bench/bench_readahead.py "
            + " ".join(argv if argv is not None else sys.argv[1:]),
            "matrices": args.matrices, "matrix_bytes": nbytes, "disk_Bps": disk_bps, "compute_Bps": StandInEngine.compute_bps,
-           "warm_threads": cuda_engine.WARM_THREADS, "seconds": times, "median_s": best,
+           "warm_threads": cuda_engine.warm_threads(), "seconds": times, "median_s": best,
            "speedup": best["without"] / best["with"], "threads_speedup": best["one_thread"] / best["with"],
            "serial_prediction_s": read_s + compute_s, "overlapped_prediction_s": max(read_s, compute_s) + read_s / args.matrices}
     print(f"disk {disk_bps / 1e9:.2f} GB/s; without {best['without']:.2f} s (read + compute {read_s + compute_s:.2f} s), "
           f"with {best['with']:.2f} s (overlapped {doc['overlapped_prediction_s']:.2f} s): {doc['speedup']:.2f}x; "
           f"read ahead by one thread {best['one_thread']:.2f} s ({doc['threads_speedup']:.2f}x for "
-          f"{cuda_engine.WARM_THREADS} threads)")
+          f"{cuda_engine.warm_threads()} threads)")
     write_result(args.json, doc)
     return 0
 

@@ -88,7 +88,7 @@ def disk_bandwidth(path: Path) -> float:
 
 def disk_bandwidth_readahead(path: Path) -> float:
     """The same file read as the scan's read-ahead reads it (cuda_engine._warm: pieces in file order,
-    WARM_THREADS threads at once), page cache dropped first, bytes/s."""
+    warm_threads() threads at once), page cache dropped first, bytes/s."""
     import threading
 
     from spectrum_fast import cuda_engine

@@ -494,20 +494,28 @@ def _engine_run(engine, infos: list[TensorInfo], fp64: bool, units: dict[str, in
         raise SpectrumError(f"CUDA engine on GPU {engine.device} failed on {_which(infos)}: {e}") from None
 
 
-#: Threads and piece size of the read-ahead into the page cache (:func:`_warm`): one sequential stream
-#: leaves a drive's queue nearly empty; a few pieces in flight, in file order, keep it busy. One thread on
-#: small machines, where readers compete with the rest of the scan for cores: on the 2-core dev machine 4
-#: threads were 0.94x one (bench/bench_readahead.py); a GPU host's 16 cores get 4 (bench_scale.py measures
-#: the disk both ways).
-WARM_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
+#: Most threads and the piece size of the read-ahead into the page cache (:func:`_warm`): one sequential
+#: stream leaves a drive's queue nearly empty; a few pieces in flight, in file order, keep it busy.
+WARM_THREADS = 4
 _WARM_PIECE = 32 << 20
+
+
+def warm_threads() -> int:
+    """The read-ahead's threads in this process: a quarter of its cores (:func:`distributed.cores_per_rank`:
+    affinity, cgroup quota, shared among the torchrun ranks of the machine), 1 to :data:`WARM_THREADS`. One
+    on small machines, where readers compete with the rest of the scan for cores: on the 2-core dev machine 4
+    threads were 0.94x one (bench/bench_readahead.py); a 16-core GPU host alone gets 4 (bench_scale.py
+    measures the disk both ways), 8 ranks there 1 each, still 8 pieces in flight on the shared drive."""
+    from .distributed import cores_per_rank
+
+    return max(1, min(WARM_THREADS, cores_per_rank() // 4))
 
 
 def _warm(infos: list[TensorInfo], stop: threading.Event, threads: int | None = None) -> int:
     """Read these tensors' bytes (and their scales') once and drop them, so that the engine finds them in
     the page cache; returns the bytes read. The engine overlaps reading with compute only inside one
     ``run`` call; this carries the overlap across calls (a 100B model's matrices are one per call). Pieces
-    of ``_WARM_PIECE`` bytes are read by ``threads`` (:data:`WARM_THREADS`) threads, taken in file order. A
+    of ``_WARM_PIECE`` bytes are read by ``threads`` (:func:`warm_threads`) threads, taken in file order. A
     tensor that cannot be read is skipped: the engine reports it."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -540,7 +548,7 @@ def _warm(infos: list[TensorInfo], stop: threading.Event, threads: int | None = 
             os.close(fd)
         return done
 
-    workers = max(1, threads or WARM_THREADS)
+    workers = max(1, threads or warm_threads())
     if workers == 1 or len(pieces) < 2:
         return sum(read(piece) for piece in pieces)
     with ThreadPoolExecutor(workers, thread_name_prefix="spectrum_fast-warm") as pool:

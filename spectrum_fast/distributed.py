@@ -41,6 +41,14 @@ def rank() -> int:
         return 0
 
 
+def local_rank() -> int:
+    """This process's index among the ranks torchrun started on its machine: the GPU it takes (0 alone)."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def local_world_size() -> int:
     """Processes torchrun started on this machine (1 when not launched by it)."""
     try:

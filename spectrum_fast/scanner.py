@@ -219,7 +219,7 @@ def scan(model: str | os.PathLike, *, device: str = "auto", types: Sequence[str]
         chosen_here = deal[ctx.rank]
         progress = progress and ctx.rank == 0
         if backend == "cuda" and not devices:
-            devices = [int(os.environ.get("LOCAL_RANK", "0"))]  # one GPU per rank
+            devices = [distributed.local_rank()]  # one GPU per rank
             rank_gpu = on_gpu  # (an exact scan computes on the CPU)
     else:
         chosen_here = chosen

@@ -34,8 +34,32 @@ def test_ranks_on_one_machine_split_its_cores(monkeypatch, no_quota):
     assert scanner._parallelism(None) == (1, 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "many")
     assert distributed.local_world_size() == 1
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.local_rank() == 3
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    assert distributed.local_rank() == 0
+    monkeypatch.delenv("LOCAL_RANK")
+    assert distributed.local_rank() == 0
     with pytest.raises(SpectrumError, match="workers must be at least 1, got 0"):
         scanner._parallelism(0)
+
+
+def test_read_ahead_threads_follow_the_process_cores(monkeypatch, no_quota):
+    """The GPU scan's read-ahead (cuda_engine.warm_threads) takes a quarter of this process's cores, 1 to 4: a
+    16-core GPU host alone 4, its 8 torchrun ranks 1 each (not 4 each: 32 readers on 16 cores), a 2-core
+    machine 1, a 64-core container with a 6-CPU quota 1."""
+    from spectrum_fast import cuda_engine
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # never the machine's count
+    for cores, ranks, threads in [(16, 1, 4), (16, 8, 1), (64, 1, 4), (64, 4, 4), (64, 8, 2), (2, 1, 1), (7, 1, 1)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert cuda_engine.warm_threads() == threads, (cores, ranks)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(distributed, "cpu_quota", lambda: 6.0)
+    assert cuda_engine.warm_threads() == 1
 
 
 def test_the_cores_are_the_process_affinity_not_the_machine(monkeypatch, no_quota):
