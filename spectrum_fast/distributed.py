@@ -26,35 +26,31 @@ class Context:
     group: object
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer torchrun put in the environment; ``default`` when it is unset or not an integer."""
+    try:
+        return int(os.environ.get(name, str(default)))
+    except ValueError:
+        return default
+
+
 def world_size() -> int:
     """Processes in this run according to torchrun's environment (1 when not launched by it)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
+    return _env_int("WORLD_SIZE", 1)
 
 
 def rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    return _env_int("RANK", 0)
 
 
 def local_rank() -> int:
     """This process's index among the ranks torchrun started on its machine: the GPU it takes (0 alone)."""
-    try:
-        return int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        return 0
+    return _env_int("LOCAL_RANK", 0)
 
 
 def local_world_size() -> int:
     """Processes torchrun started on this machine (1 when not launched by it)."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    return max(1, _env_int("LOCAL_WORLD_SIZE", 1))
 
 
 def cores_per_rank() -> int:
