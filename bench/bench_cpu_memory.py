@@ -85,11 +85,13 @@ def gram_rows(shapes: list[tuple[int, int]]) -> list[dict]:
     return rows
 
 
-def _scan(tree: Path, ckpt: Path, out: Path) -> dict:
+def _scan(tree: Path, ckpt: Path, out: Path, enter: tuple[str, ...] = ()) -> dict:
+    """A CPU scan of ``ckpt`` by the package in ``tree``, in a fresh process (started through ``enter``, a command
+    that ends by exec'ing its arguments, e.g. into a cgroup): exit status, seconds, peak RSS, the records."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     t = time.perf_counter()
     # from another folder: "python -c" puts the current one first on sys.path
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(ckpt), str(out)], env=env, cwd=out.parent)
+    proc = subprocess.Popen([*enter, sys.executable, "-c", _CHILD, str(ckpt), str(out)], env=env, cwd=out.parent)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     row = {"tree": str(tree), "exit": proc.returncode, "process_s": round(time.perf_counter() - t, 2),
@@ -101,7 +103,8 @@ def _scan(tree: Path, ckpt: Path, out: Path) -> dict:
     return row
 
 
-def scan_rows(shape: tuple[int, int], count: int, baseline: Path, workdir: Path) -> dict:
+def checkpoint(shape: tuple[int, int], count: int, workdir: Path) -> Path:
+    """A synthetic bf16 checkpoint of ``count`` ``shape`` matrices under ``workdir`` (kept for the next run)."""
     sys.path.insert(0, str(HERE))
     import synth_checkpoint as synth
 
@@ -109,10 +112,12 @@ def scan_rows(shape: tuple[int, int], count: int, baseline: Path, workdir: Path)
     if not (ckpt / "model.safetensors.index.json").exists():
         specs = [synth.Spec(f"model.layers.{i}.mlp.up_proj.weight", shape, "BF16", i) for i in range(count)]
         synth.write({"_name_or_path": "memory-bench"}, ckpt, count, specs=specs)
-    rows = {"ours": _scan(ROOT, ckpt, workdir / "ours.json"), "baseline": _scan(baseline, ckpt, workdir / "base.json")}
-    ours, base = rows["ours"], rows["baseline"]
-    out = {"shape": list(shape), "count": count, "checkpoint_gb": round(count * shape[0] * shape[1] * 2 / 2**30, 2),
-           **{k: {kk: vv for kk, vv in v.items() if kk != "records"} for k, v in rows.items()}}
+    return ckpt
+
+
+def compare(ours: dict, base: dict) -> dict:
+    """Both scans' rows without their records and, where both finished, how they differ."""
+    out = {k: {kk: vv for kk, vv in v.items() if kk != "records"} for k, v in (("ours", ours), ("baseline", base))}
     if ours["exit"] == 0 and base["exit"] == 0:
         a, b = ours["records"], base["records"]
         out["max_rel_snr_diff"] = max(abs(a[k][0] - b[k][0]) / abs(b[k][0]) for k in b)
@@ -121,6 +126,13 @@ def scan_rows(shape: tuple[int, int], count: int, baseline: Path, workdir: Path)
         out["peak_rss_ratio"] = round(ours["peak_rss_gb"] / base["peak_rss_gb"], 3)
         out["speedup"] = round(base["scan_s"] / ours["scan_s"], 3)
     return out
+
+
+def scan_rows(shape: tuple[int, int], count: int, baseline: Path, workdir: Path) -> dict:
+    ckpt = checkpoint(shape, count, workdir)
+    ours, base = _scan(ROOT, ckpt, workdir / "ours.json"), _scan(baseline, ckpt, workdir / "base.json")
+    return {"shape": list(shape), "count": count, "checkpoint_gb": round(count * shape[0] * shape[1] * 2 / 2**30, 2),
+            **compare(ours, base)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,15 +41,17 @@ def main() -> int:
           + (f" (this machine's / {ranks} torchrun ranks)" if ranks > 1 else "")
           + f": {count(workers, 'worker')} x {count(threads, 'BLAS thread')} by default")
     from .errors import SpectrumError
-    from .memory import available_bytes
+    from .memory import _cgroup_available, available_bytes
 
     try:
         budget = available_bytes()
     except SpectrumError as e:
         print(f"CPU: memory budget: {e}")
     else:
+        room = _cgroup_available()
         print("CPU: memory budget: " + (f"{budget / 2**30:.1f} GiB of matrices in flight at once"
-                                         if budget is not None else "none (the available memory is unknown)"))
+                                         if budget is not None else "none (the available memory is unknown)")
+              + (f" (memory cgroup room {room / 2**30:.1f} GiB)" if room is not None else ""))
     from .cuda_engine import batched_max_k, fp64_min_k
 
     if batched_max_k():

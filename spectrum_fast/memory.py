@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from ._cgroup import OWN, ROOT, read_int, v2_dirs
+from ._cgroup import OWN, ROOT, read_int, v1_dirs, v2_dirs
 from .distributed import local_world_size
 from .errors import SpectrumError
 
@@ -40,17 +40,19 @@ def _meminfo_available() -> int | None:
 
 
 def _cgroup_available(root: Path = ROOT, own: Path = OWN) -> int | None:
-    """Limit minus usage of this process's memory cgroup (v2, else v1); None where there is no limit."""
+    """The least room (limit minus usage) among this process's memory cgroups, its own and each one above it
+    (v2 and v1); None where none of them has a limit."""
+    rooms = []
     for d in v2_dirs(root, own):
-        limit = read_int(d / "memory.max")
+        limit = read_int(d / "memory.max")  # "max": no limit here
         if limit is not None:
-            return max(0, limit - (read_int(d / "memory.current") or 0) + _stat(d / "memory.stat", "inactive_file"))
-    v1 = root / "memory"
-    limit = read_int(v1 / "memory.limit_in_bytes")  # cgroup v1; "no limit" is a huge number
-    if limit is not None and limit < 1 << 60:
-        usage = read_int(v1 / "memory.usage_in_bytes") or 0
-        return max(0, limit - usage + _stat(v1 / "memory.stat", "total_inactive_file"))
-    return None
+            rooms.append(limit - (read_int(d / "memory.current") or 0) + _stat(d / "memory.stat", "inactive_file"))
+    for d in v1_dirs("memory", root, own):
+        limit = read_int(d / "memory.limit_in_bytes")  # "no limit" is a huge number
+        if limit is not None and limit < 1 << 60:
+            usage = read_int(d / "memory.usage_in_bytes") or 0
+            rooms.append(limit - usage + _stat(d / "memory.stat", "total_inactive_file"))
+    return max(0, min(rooms)) if rooms else None
 
 
 def _stat(path: Path, key: str) -> int:
