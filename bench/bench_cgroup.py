@@ -23,8 +23,9 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from _machine import machine_info, write_result
@@ -53,8 +54,15 @@ def cgroup(name: str) -> Iterator[dict[str, Path]]:
             made.append(d)
         yield dirs
     finally:
-        for d in made:
-            d.rmdir()
+        for d in made:  # empty once the scan has exited; the kernel may take a moment to agree
+            for attempt in range(20):
+                with suppress(OSError):
+                    d.rmdir()
+                if not d.exists():
+                    break
+                time.sleep(0.1 * attempt)
+            else:
+                print(f"bench_cgroup: could not remove {d}", file=sys.stderr)
 
 
 def entering(dirs: dict[str, Path]) -> tuple[str, ...]:

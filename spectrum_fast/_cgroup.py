@@ -3,84 +3,139 @@ puts on memory and CPU, which the machine-wide figures do not show.
 
 A limit set on any cgroup above the process applies to it too (a Slurm job's memory limit sits on the job's
 cgroup, the process in a step or task cgroup below it; a systemd slice above a service), so every function
-here looks at the process's own cgroup and each one above it, and the tightest limit wins. Where the
-process's cgroup path is not under the mount (a container that sees only its own cgroup, mounted as the
-root), the mount's root is the process's cgroup.
+here looks at the process's own cgroup and each one above it that it can see, and the tightest limit wins.
+Where each hierarchy is mounted, and which of its cgroups the mount shows, comes from
+``/proc/self/mountinfo`` (a container without a cgroup namespace mounts its own cgroup as the root of the
+folder); without it, v2 is taken to be mounted at ``/sys/fs/cgroup`` and v1's controllers in folders below.
+Nothing here raises on odd files: what cannot be read or parsed is no limit.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
 OWN = Path("/proc/self/cgroup")
-# where cgroup v1 mounts each controller's hierarchy, under ROOT (joined controllers get one folder)
-V1_MOUNTS = {"memory": ("memory",), "cpu": ("cpu", "cpu,cpuacct", "cpuacct,cpu")}
+MOUNTINFO = Path("/proc/self/mountinfo")
+V2 = ""  # the key of the unified hierarchy, as /proc/self/cgroup writes its controllers ("0::/path")
+CONTROLLERS = ("memory", "cpu")  # the v1 hierarchies read here
+# without a mount table: where cgroup v1 mounts each controller's hierarchy under ROOT
+_V1_FOLDERS = {"memory": ("memory",), "cpu": ("cpu", "cpu,cpuacct", "cpuacct,cpu")}
+
+
+def read_text(path: Path) -> str | None:
+    """The file's text; None where it is missing, unreadable or not UTF-8."""
+    try:
+        return path.read_text()
+    except (OSError, ValueError):
+        return None
+
+
+def count(text: str) -> int | None:
+    """A plain decimal count; None for anything else ("max", "-1", "")."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def read_int(path: Path) -> int | None:
     """The file's integer; None where it is missing, unreadable or not a plain count ("max", "-1")."""
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+    text = read_text(path)
+    return None if text is None else count(text)
 
 
 def own_paths(own: Path = OWN) -> dict[str, str]:
     """This process's cgroup path per v1 controller (``"4:memory:/slurm/job_7"`` -> ``{"memory": ...}``), and
-    its cgroup v2 path under the key ``""`` (``"0::/kubepods/pod1"``); empty where ``own`` is unreadable."""
+    its cgroup v2 path under the key :data:`V2` (``"0::/kubepods/pod1"``); empty where ``own`` is unreadable."""
     paths: dict[str, str] = {}
-    try:
-        lines = own.read_text().splitlines()
-    except OSError:
-        return paths
-    for line in lines:
+    for line in (read_text(own) or "").splitlines():
         parts = line.split(":", 2)
         if len(parts) == 3:
-            for controller in parts[1].split(",") if parts[1] else [""]:
+            for controller in parts[1].split(",") if parts[1] else [V2]:
                 paths[controller] = parts[2]
     return paths
 
 
-def _up_from(base: Path, path: str | None) -> list[Path]:
-    """``base / path`` and every folder above it up to ``base``, innermost first; only ``base`` where the path is
-    unknown or not under the mount."""
-    rel = Path(path.lstrip("/")) if path else Path()
-    if ".." in rel.parts or not (base / rel).is_dir():  # "/../x": outside this cgroup namespace's view
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)  # mountinfo writes " " as "\040"
+
+
+def mounts(mountinfo: Path = MOUNTINFO) -> dict[str, tuple[str, Path]]:
+    """Per hierarchy (a v1 controller of :data:`CONTROLLERS`, or :data:`V2`): the cgroup its first mount shows
+    as its root, and where it is mounted; empty where ``mountinfo`` is unreadable."""
+    found: dict[str, tuple[str, Path]] = {}
+    for line in (read_text(mountinfo) or "").splitlines():
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        tail = fields[fields.index("-", 6) + 1:]  # fstype, source, superblock options
+        if len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+            continue
+        mount = (_unescape(fields[3]), Path(_unescape(fields[4])))
+        for key in [V2] if tail[0] == "cgroup2" else [c for c in CONTROLLERS if c in tail[2].split(",")]:
+            found.setdefault(key, mount)
+    return found
+
+
+def _up_from(base: Path, path: str) -> list[Path]:
+    """``base / path`` and every folder above it up to ``base``, innermost first; only ``base`` where that folder
+    does not exist."""
+    rel = Path(path.lstrip("/"))
+    if not os.path.isdir(base / rel):
         return [base]
     return [base / p for p in (rel, *rel.parents)]
 
 
-def v2_dirs(root: Path = ROOT, own: Path = OWN) -> list[Path]:
-    """The cgroup v2 folders whose limits apply to this process: its own (``own``'s ``0::/path`` line) and
-    every one above it, innermost first, ending at ``root``."""
-    return _up_from(root, own_paths(own).get(""))
+def _dirs(key: str, own: Path, mountinfo: Path, fallback: list[Path]) -> list[Path]:
+    """The folders of hierarchy ``key`` whose limits apply to this process, innermost first: its own cgroup and
+    those above it, as far up as the mount shows; empty where the process's cgroup is outside what is mounted
+    (``/proc/self/cgroup`` writes ``/../x`` for a cgroup outside this cgroup namespace)."""
+    path = own_paths(own).get(key)
+    table = mounts(mountinfo)
+    if table:
+        if key not in table:
+            return []
+        root, base = table[key]
+    elif fallback:
+        root, base = "/", fallback[0]
+    else:
+        return []
+    if path is None:
+        return [base]
+    if ".." in Path(path).parts:
+        return []
+    if root != "/":  # the mount shows the subtree under `root` (a container without a cgroup namespace)
+        if path != root and not path.startswith(root.rstrip("/") + "/"):
+            return [base]  # the process's own cgroup is the mount's root, by the container's convention
+        path = path[len(root):]
+    return _up_from(base, path)
 
 
-def v1_dirs(controller: str, root: Path = ROOT, own: Path = OWN) -> list[Path]:
+def v2_dirs(root: Path = ROOT, own: Path = OWN, mountinfo: Path = MOUNTINFO) -> list[Path]:
+    """The cgroup v2 folders whose limits apply to this process, innermost first (``root`` is where v2 is taken
+    to be mounted when ``mountinfo`` is unreadable)."""
+    return _dirs(V2, own, mountinfo, [root])
+
+
+def v1_dirs(controller: str, root: Path = ROOT, own: Path = OWN, mountinfo: Path = MOUNTINFO) -> list[Path]:
     """The cgroup v1 folders of ``controller`` (``"memory"``, ``"cpu"``) whose limits apply to this process,
     innermost first; empty where that hierarchy is not mounted."""
-    for name in V1_MOUNTS[controller]:
-        base = root / name
-        if base.is_dir():
-            return _up_from(base, own_paths(own).get(controller))
-    return []
+    fallback = [root / name for name in _V1_FOLDERS[controller] if os.path.isdir(root / name)]
+    return _dirs(controller, own, mountinfo, fallback[:1])
 
 
-def cpu_quota(root: Path = ROOT, own: Path = OWN) -> float | None:
+def cpu_quota(root: Path = ROOT, own: Path = OWN, mountinfo: Path = MOUNTINFO) -> float | None:
     """CPUs' worth of time this process's cgroups may use (a container's ``--cpus``, a Kubernetes CPU limit, a
     quota on a parent slice): the least over them of ``cpu.max``'s quota over its period (v2) and
     ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (v1); None for no limit."""
     quotas = []
-    for d in v2_dirs(root, own):
-        try:
-            quota, period = (d / "cpu.max").read_text().split()[:2]
-        except (OSError, ValueError):
-            continue
-        if quota.isdigit() and period.isdigit() and int(period) > 0:  # "max": no limit here
-            quotas.append(int(quota) / int(period))
-    for d in v1_dirs("cpu", root, own):
+    for d in v2_dirs(root, own, mountinfo):
+        fields = (read_text(d / "cpu.max") or "").split()
+        quota, period = (count(fields[0]), count(fields[1])) if len(fields) >= 2 else (None, None)  # "max": none
+        if quota is not None and period:
+            quotas.append(quota / period)
+    for d in v1_dirs("cpu", root, own, mountinfo):
         quota, period = read_int(d / "cpu.cfs_quota_us"), read_int(d / "cpu.cfs_period_us")  # -1: no limit
         if quota is not None and period:
             quotas.append(quota / period)

@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from ._cgroup import OWN, ROOT, read_int, v1_dirs, v2_dirs
+from ._cgroup import MOUNTINFO, OWN, ROOT, count, read_int, read_text, v1_dirs, v2_dirs
 from .distributed import local_world_size
 from .errors import SpectrumError
 
@@ -39,17 +39,18 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_available(root: Path = ROOT, own: Path = OWN) -> int | None:
+def _cgroup_available(root: Path = ROOT, own: Path = OWN, mountinfo: Path = MOUNTINFO) -> int | None:
     """The least room (limit minus usage) among this process's memory cgroups, its own and each one above it
     (v2 and v1); None where none of them has a limit."""
     rooms = []
-    for d in v2_dirs(root, own):
+    for d in v2_dirs(root, own, mountinfo):
         limit = read_int(d / "memory.max")  # "max": no limit here
         if limit is not None:
             rooms.append(limit - (read_int(d / "memory.current") or 0) + _stat(d / "memory.stat", "inactive_file"))
-    for d in v1_dirs("memory", root, own):
+    for i, d in enumerate(v1_dirs("memory", root, own, mountinfo)):
         limit = read_int(d / "memory.limit_in_bytes")  # "no limit" is a huge number
-        if limit is not None and limit < 1 << 60:
+        # an ancestor's limit holds its descendants only with use_hierarchy (always, from Linux 5.11)
+        if limit is not None and limit < 1 << 60 and (i == 0 or read_int(d / "memory.use_hierarchy") != 0):
             usage = read_int(d / "memory.usage_in_bytes") or 0
             rooms.append(limit - usage + _stat(d / "memory.stat", "total_inactive_file"))
     return max(0, min(rooms)) if rooms else None
@@ -58,13 +59,10 @@ def _cgroup_available(root: Path = ROOT, own: Path = OWN) -> int | None:
 def _stat(path: Path, key: str) -> int:
     """One counter of a cgroup's memory.stat (0 where missing): the usage counts the page cache, and the
     inactive part of it is given back on demand, as MemAvailable counts it."""
-    try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
-    except OSError:
-        pass
+    for line in (read_text(path) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return count(value) or 0
     return 0
 
 

@@ -8,6 +8,9 @@ import os
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,24 @@ def _v1_memory(d: Path, limit: int, usage: int, inactive: int = 0) -> None:
     (d / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {inactive}\n")
 
 
+def _v1_quota(d: Path, cpus: float) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "cpu.cfs_period_us").write_text("100000\n")
+    (d / "cpu.cfs_quota_us").write_text(f"{int(cpus * 100000)}\n")
+
+
+def _table(tmp_path: Path, *mounts: tuple[str, str, str, str]) -> Path:
+    """A mountinfo file: (cgroup shown as the root, folder under tmp_path, fstype, superblock options) each."""
+    lines = [f"{30 + i} 23 0:{40 + i} {root} {tmp_path / folder} rw,relatime shared:9 - {fstype} {fstype} {opts}"
+             for i, (root, folder, fstype, opts) in enumerate(mounts)]
+    path = tmp_path / "mountinfo"
+    path.write_text("\n".join(["22 1 8:1 / / rw - ext4 /dev/sda1 rw", *lines]) + "\n")
+    return path
+
+
+NO_LIMIT = 2**63 - 4096  # v1's "no limit"
+
+
 def test_own_paths_per_controller(tmp_path):
     own = tmp_path / "self_cgroup"
     own.write_text("12:memory:/slurm/uid_1/job_7/step_0\n3:cpu,cpuacct:/slurm/uid_1/job_7\n1:name=systemd:/\n0::/\n")
@@ -32,89 +53,160 @@ def test_own_paths_per_controller(tmp_path):
     assert _cgroup.own_paths(tmp_path / "missing") == {}
 
 
+def test_mounts_from_the_mount_table(tmp_path):
+    table = _table(tmp_path, ("/", "cg/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"), ("/", "cg/my memory", "cgroup", "rw,memory"),
+                   ("/", "cg/pids", "cgroup", "rw,pids"), ("/", "cg/unified", "cgroup2", "rw,nsdelegate"),
+                   ("/", "elsewhere/memory", "cgroup", "rw,memory"))
+    table.write_text(table.read_text().replace("my memory", "my\\040memory"))  # a space, as the kernel writes it
+    assert _cgroup.mounts(table) == {"cpu": ("/", tmp_path / "cg/cpu,cpuacct"), "memory": ("/", tmp_path / "cg/my memory"),
+                                     "": ("/", tmp_path / "cg/unified")}  # the first mount of each
+    assert _cgroup.mounts(tmp_path / "missing") == {}
+
+
 def test_a_slurm_jobs_memory_limit_above_the_steps_cgroup_counts(tmp_path):
     own = tmp_path / "self_cgroup"
     own.write_text("4:memory:/slurm/uid_1/job_7/step_0\n0::/\n")
+    table = _table(tmp_path, ("/", "memory", "cgroup", "rw,memory"))
     v1 = tmp_path / "memory"
-    _v1_memory(v1, 2**63 - 4096, 50 * GIB)  # the machine: no limit
-    _v1_memory(v1 / "slurm", 2**63 - 4096, 50 * GIB)
-    _v1_memory(v1 / "slurm" / "uid_1", 2**63 - 4096, 20 * GIB)
+    _v1_memory(v1, NO_LIMIT, 50 * GIB)  # the machine: no limit
+    _v1_memory(v1 / "slurm", NO_LIMIT, 50 * GIB)
+    _v1_memory(v1 / "slurm" / "uid_1", NO_LIMIT, 20 * GIB)
     _v1_memory(v1 / "slurm" / "uid_1" / "job_7", 16 * GIB, 10 * GIB, inactive=1 * GIB)  # the job's --mem
-    _v1_memory(v1 / "slurm" / "uid_1" / "job_7" / "step_0", 2**63 - 4096, 9 * GIB)
-    assert memory._cgroup_available(tmp_path, own) == 7 * GIB  # 16 - 10 + 1: the job's room, not "no limit"
-    _v1_memory(v1 / "slurm" / "uid_1" / "job_7" / "step_0", 12 * GIB, 9 * GIB)  # a tighter limit on the step
-    assert memory._cgroup_available(tmp_path, own) == 3 * GIB
-    assert _cgroup.v1_dirs("memory", tmp_path, own) == [v1 / "slurm/uid_1/job_7/step_0", v1 / "slurm/uid_1/job_7",
-                                                        v1 / "slurm/uid_1", v1 / "slurm", v1]
+    _v1_memory(v1 / "slurm" / "uid_1" / "job_7" / "step_0", NO_LIMIT, 9 * GIB)
+    assert memory._cgroup_available(tmp_path, own, table) == 7 * GIB  # 16 - 10 + 1: the job's room, not "no limit"
+    _v1_memory(v1 / "slurm" / "uid_1" / "job_7" / "step_0", 12 * GIB, 9 * GIB)  # a looser limit on the step ...
+    _v1_memory(v1 / "slurm" / "uid_1" / "job_7", 16 * GIB, 15 * GIB)  # ... whose job has 1 GiB left (other steps)
+    assert memory._cgroup_available(tmp_path, own, table) == 1 * GIB
+    _v1_memory(v1 / "slurm" / "uid_1" / "job_7", 16 * GIB, 10 * GIB)
+    assert memory._cgroup_available(tmp_path, own, table) == 3 * GIB  # now the step's own is the tightest
+    (v1 / "slurm" / "uid_1" / "job_7" / "memory.use_hierarchy").write_text("0\n")  # old kernels: holds itself only
+    _v1_memory(v1 / "slurm" / "uid_1" / "job_7", 16 * GIB, 15 * GIB)
+    assert memory._cgroup_available(tmp_path, own, table) == 3 * GIB
+    assert _cgroup.v1_dirs("memory", tmp_path, own, table) == [v1 / "slurm/uid_1/job_7/step_0", v1 / "slurm/uid_1/job_7",
+                                                               v1 / "slurm/uid_1", v1 / "slurm", v1]
+    # the same tree without a mount table: the default folder under the root
+    assert memory._cgroup_available(tmp_path, own, tmp_path / "none") == 3 * GIB
 
 
-def test_a_container_that_sees_only_its_own_cgroup_reads_the_mounts_root(tmp_path):
+def test_a_container_that_sees_only_its_own_cgroup(tmp_path):
     own = tmp_path / "self_cgroup"
-    # cgroup v1 without a cgroup namespace: the host's path, which is not under the container's mount
-    own.write_text("4:memory:/kubepods/burstable/pod1/abc\n2:cpu,cpuacct:/kubepods/burstable/pod1/abc\n0::/\n")
+    # cgroup v1 without a cgroup namespace: the host's path; the container's mount shows that cgroup as its root
+    own.write_text("4:memory:/kubepods/burstable/pod1/abc\n2:cpu,cpuacct:/kubepods/burstable/pod1/abc/worker\n0::/\n")
+    table = _table(tmp_path, ("/kubepods/burstable/pod1/abc", "memory", "cgroup", "rw,memory"),
+                   ("/kubepods/burstable/pod1/abc", "cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"))
     _v1_memory(tmp_path / "memory", 6 * GIB, 2 * GIB)
-    cpu = tmp_path / "cpu,cpuacct"
-    cpu.mkdir()
-    (cpu / "cpu.cfs_quota_us").write_text("250000\n")
-    (cpu / "cpu.cfs_period_us").write_text("100000\n")
-    assert memory._cgroup_available(tmp_path, own) == 4 * GIB
-    assert _cgroup.cpu_quota(tmp_path, own) == 2.5
-    own.write_text("4:memory:/../../outside\n0::/../x\n")  # a cgroup outside this namespace's view
-    assert _cgroup.v1_dirs("memory", tmp_path, own) == [tmp_path / "memory"]
-    assert _cgroup.v2_dirs(tmp_path, own) == [tmp_path]
+    _v1_quota(tmp_path / "cpu,cpuacct", 2.5)
+    _v1_quota(tmp_path / "cpu,cpuacct" / "worker", 1.5)  # a cgroup the container made below its own
+    assert memory._cgroup_available(tmp_path, own, table) == 4 * GIB
+    assert _cgroup.cpu_quota(tmp_path, own, table) == 1.5
+    assert _cgroup.v1_dirs("cpu", tmp_path, own, table) == [tmp_path / "cpu,cpuacct/worker", tmp_path / "cpu,cpuacct"]
+    assert memory._cgroup_available(tmp_path, own, tmp_path / "none") == 4 * GIB  # no table: the mount's root
+    own.write_text("4:memory:/../../outside\n0::/../x\n")  # outside this cgroup namespace: not this mount's limits
+    assert _cgroup.v1_dirs("memory", tmp_path, own, table) == []
+    assert memory._cgroup_available(tmp_path, own, table) is None
+    assert _cgroup.v2_dirs(tmp_path, own, tmp_path / "none") == []
 
 
 def test_the_tightest_cpu_quota_and_memory_limit_on_the_way_up_wins(tmp_path):
     own = tmp_path / "self_cgroup"
     own.write_text("0::/batch.slice/job.scope\n")
-    scope = tmp_path / "batch.slice" / "job.scope"
+    table = _table(tmp_path, ("/", "", "cgroup2", "rw,nsdelegate"))
+    slice_, scope = tmp_path / "batch.slice", tmp_path / "batch.slice" / "job.scope"
     scope.mkdir(parents=True)
     (scope / "cpu.max").write_text("max 100000\n")
     (scope / "memory.max").write_text("max\n")
-    (tmp_path / "batch.slice" / "cpu.max").write_text("300000 100000\n")  # the slice: 3 CPUs for all its jobs
-    (tmp_path / "batch.slice" / "memory.max").write_text(f"{8 * GIB}\n")
-    (tmp_path / "batch.slice" / "memory.current").write_text(f"{5 * GIB}\n")
-    assert _cgroup.cpu_quota(tmp_path, own) == 3.0
-    assert memory._cgroup_available(tmp_path, own) == 3 * GIB
+    (slice_ / "cpu.max").write_text("300000 100000\n")  # the slice: 3 CPUs for all its jobs
+    (slice_ / "memory.max").write_text(f"{8 * GIB}\n")
+    (slice_ / "memory.current").write_text(f"{5 * GIB}\n")
+    assert _cgroup.cpu_quota(tmp_path, own, table) == 3.0
+    assert memory._cgroup_available(tmp_path, own, table) == 3 * GIB
     (scope / "cpu.max").write_text("150000 100000\n")
     (scope / "memory.max").write_text(f"{4 * GIB}\n")
     (scope / "memory.current").write_text(f"{2 * GIB}\n")
-    assert _cgroup.cpu_quota(tmp_path, own) == 1.5
-    assert memory._cgroup_available(tmp_path, own) == 2 * GIB
+    assert _cgroup.cpu_quota(tmp_path, own, table) == 1.5
+    assert memory._cgroup_available(tmp_path, own, table) == 2 * GIB
+    (scope / "cpu.max").write_text("800000 100000\n")  # the scope's own limits looser than the slice's
+    (slice_ / "memory.current").write_text(f"{7 * GIB}\n")
+    assert _cgroup.cpu_quota(tmp_path, own, table) == 3.0
+    assert memory._cgroup_available(tmp_path, own, table) == 1 * GIB
     (scope / "memory.current").write_text(f"{5 * GIB}\n")  # over the limit (reclaim pending): no room, not less
-    assert memory._cgroup_available(tmp_path, own) == 0
+    assert memory._cgroup_available(tmp_path, own, table) == 0
 
 
-def _writable_v1_child(controller: str, name: str) -> Path:
-    dirs = _cgroup.v1_dirs(controller)
-    if not dirs:
-        pytest.skip(f"no cgroup v1 {controller} hierarchy mounted here")
-    child = dirs[0] / name
-    try:
-        child.mkdir()
-    except OSError as e:
-        pytest.skip(f"cannot create a cgroup here ({e.strerror}): needs root and a writable cgroup v1 {controller}")
-    return child
+def test_odd_files_are_no_limit_never_an_error(tmp_path):
+    own = tmp_path / "self_cgroup"
+    own.write_bytes(b"4:memory:/caf\xe9\n0::/caf\xe9\n")  # not UTF-8
+    assert _cgroup.own_paths(own) == {}
+    assert memory._cgroup_available(tmp_path, own, tmp_path / "none") is None
+    own.write_text("0::/job\n" + "x" * 5000 + "\n")
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "cpu.max").write_text("\u00b2 100000\n")  # a digit to str.isdigit, not to int()
+    (job / "memory.max").write_text(f"{4 * GIB}\n")
+    (job / "memory.stat").write_text("inactive_file \u00b3\n")
+    assert _cgroup.cpu_quota(tmp_path, own, tmp_path / "none") is None
+    assert memory._cgroup_available(tmp_path, own, tmp_path / "none") == 4 * GIB
+    own.write_text("0::/" + "y" * 5000 + "\n")  # a name too long for the file system
+    assert _cgroup.v2_dirs(tmp_path, own, tmp_path / "none") == [tmp_path]
+    (tmp_path / "mountinfo").write_bytes(b"31 23 0:28 / /sys/fs/cgroup rw - \xff\n1 2 3\n-\n")
+    assert _cgroup.mounts(tmp_path / "mountinfo") == {}
 
 
-def test_a_process_in_a_real_cgroup_sees_its_limits():
-    """A child cgroup of this process's own, with a memory limit and half a CPU's quota: the process moved into
-    it reports both, scans with one worker, and the diagnostics say why."""
-    name = f"spectrum_fast_test_{os.getpid()}"
+def _remove(d: Path) -> None:
+    """rmdir a test cgroup, again for a moment while the kernel still counts a process that just exited."""
+    for _ in range(50):
+        try:
+            d.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+@contextmanager
+def _real_cgroups(name: str) -> Iterator[dict[str, Path]]:
+    """Per controller (memory, cpu), a new cgroup ``name`` below this process's own v1 cgroup and a cgroup
+    ``inner`` in it, removed afterwards; skips where they cannot be made (not root, no writable v1)."""
     made: list[Path] = []
     try:
+        inner = {}
         for controller in ("memory", "cpu"):
-            made.append(_writable_v1_child(controller, name))
-        mem, cpu = made
-        (mem / "memory.limit_in_bytes").write_text(str(3 * GIB))
-        (cpu / "cpu.cfs_quota_us").write_text(str(int(_cgroup.read_int(cpu / "cpu.cfs_period_us") or 100000) // 2))
+            dirs = _cgroup.v1_dirs(controller)
+            if not dirs:
+                pytest.skip(f"no cgroup v1 {controller} hierarchy mounted here")
+            for d in (dirs[0] / name, dirs[0] / name / "inner"):
+                try:
+                    d.mkdir()
+                except OSError as e:
+                    pytest.skip(f"cannot create a cgroup here ({e.strerror}): needs root and a writable cgroup v1")
+                made.append(d)
+            inner[controller] = dirs[0] / name / "inner"
+        yield inner
+    finally:
+        for d in reversed(made):
+            _remove(d)
+
+
+def test_a_process_in_a_real_cgroup_sees_the_limits_above_it():
+    """Half a CPU's quota and a 3 GiB memory limit on a new cgroup, looser ones on a cgroup inside it: a process
+    moved into the inner one reports the outer limits, scans with one worker, and the diagnostics say why."""
+    with _real_cgroups(f"spectrum_fast_test_{os.getpid()}") as inner:
+        mem, cpu = inner["memory"], inner["cpu"]
+        period = _cgroup.read_int(cpu.parent / "cpu.cfs_period_us") or 100000
+        try:
+            (mem.parent / "memory.limit_in_bytes").write_text(str(3 * GIB))
+            (mem / "memory.limit_in_bytes").write_text(str(8 * GIB))
+            (cpu.parent / "cpu.cfs_quota_us").write_text(str(period // 2))
+        except OSError as e:  # e.g. a tighter quota above this process already (a child's may not exceed it)
+            pytest.skip(f"cannot set the test cgroup's limits here ({e.strerror})")
         code = ("from spectrum_fast import _cgroup, distributed, memory, scanner; "
                 "print(_cgroup.cpu_quota(), memory._cgroup_available(), distributed.cores_per_rank(), "
                 "*scanner._parallelism(None))")
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_WORLD_SIZE", "SPECTRUM_FAST_MEMORY_GB")}
         enter = f'echo $$ > "{mem}/cgroup.procs" && echo $$ > "{cpu}/cgroup.procs" && exec "$@"'
 
-        def inside(*cmd: str) -> str:  # cmd's output, run as a process of the new cgroup
+        def inside(*cmd: str) -> str:  # cmd's output, run as a process of the inner cgroups
             done = subprocess.run(["sh", "-c", enter, "sh", *cmd], check=False, capture_output=True, text=True,
                                   env=env, timeout=120)
             assert done.returncode == 0, done.stderr
@@ -127,8 +219,5 @@ def test_a_process_in_a_real_cgroup_sees_its_limits():
         diag = inside(sys.executable, "-m", "spectrum_fast")
         assert "CPU: 1 core for a scan (cgroup quota 0.5 CPUs): 1 worker x 1 BLAS thread" in diag, diag
         budget = re.search(r"CPU: memory budget: ([0-9.]+) GiB .*\(memory cgroup room ([0-9.]+) GiB\)", diag)
-        assert budget and 0 < float(budget[2]) <= 3.05, diag  # the cgroup's room, not the machine's
+        assert budget and 0 < float(budget[2]) <= 3.05, diag  # the outer cgroup's room, not the machine's
         assert float(budget[1]) <= memory.SHARE * float(budget[2]) + 0.05, diag
-    finally:
-        for d in made:  # empty again: the processes in it have exited
-            d.rmdir()

@@ -80,27 +80,28 @@ def test_ranks_on_one_machine_split_its_memory(monkeypatch):
 
 
 def test_cgroup_room(tmp_path):
+    no_table = tmp_path / "no_mountinfo"  # no mount table: v2 at the root, v1 in folders below it
     own = tmp_path / "self_cgroup"
     own.write_text("0::/job\n")
     job = tmp_path / "job"
     job.mkdir()
     (job / "memory.max").write_text("8589934592\n")
     (job / "memory.current").write_text("1073741824\n")
-    assert memory._cgroup_available(tmp_path, own) == 7 << 30  # cgroup v2: limit minus usage
+    assert memory._cgroup_available(tmp_path, own, no_table) == 7 << 30  # cgroup v2: limit minus usage
     (job / "memory.stat").write_text("anon 100\nfile 3221225472\ninactive_file 2147483648\nactive_file 1\n")
-    assert memory._cgroup_available(tmp_path, own) == 9 << 30  # the inactive page cache is given back
+    assert memory._cgroup_available(tmp_path, own, no_table) == 9 << 30  # the inactive page cache is given back
     (job / "memory.max").write_text("max\n")
-    assert memory._cgroup_available(tmp_path, own) is None  # no limit
+    assert memory._cgroup_available(tmp_path, own, no_table) is None  # no limit
     v1 = tmp_path / "memory"
     v1.mkdir()
     (v1 / "memory.limit_in_bytes").write_text(str(4 << 30))
     (v1 / "memory.usage_in_bytes").write_text(str(1 << 30))
     (job / "memory.max").unlink()
-    assert memory._cgroup_available(tmp_path, own) == 3 << 30  # cgroup v1
+    assert memory._cgroup_available(tmp_path, own, no_table) == 3 << 30  # cgroup v1
     (v1 / "memory.stat").write_text("cache 5\ntotal_inactive_file 536870912\n")
-    assert memory._cgroup_available(tmp_path, own) == (3 << 30) + (1 << 29)  # inactive page cache is room
+    assert memory._cgroup_available(tmp_path, own, no_table) == (3 << 30) + (1 << 29)  # inactive page cache is room
     (v1 / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "no limit"
-    assert memory._cgroup_available(tmp_path, own) is None
+    assert memory._cgroup_available(tmp_path, own, no_table) is None
 
 
 def test_matrix_bytes_counts_the_matrix_and_the_larger_of_reading_and_computing(tmp_path):

@@ -88,26 +88,27 @@ def test_a_cpu_quota_caps_the_cores(monkeypatch):
 
 
 def test_cpu_quota_from_cgroup_files(tmp_path):
+    no_table = tmp_path / "no_mountinfo"  # no mount table: v2 at the root, v1 in folders below it
     own = tmp_path / "self_cgroup"
     own.write_text("0::/kubepods/pod1\n")
     pod = tmp_path / "kubepods" / "pod1"
     pod.mkdir(parents=True)
     (pod / "cpu.max").write_text("400000 100000\n")  # cgroup v2, the process's own cgroup
-    assert _cgroup.cpu_quota(tmp_path, own) == 4.0
+    assert _cgroup.cpu_quota(tmp_path, own, no_table) == 4.0
     (pod / "cpu.max").write_text("max 100000\n")
-    assert _cgroup.cpu_quota(tmp_path, own) is None
+    assert _cgroup.cpu_quota(tmp_path, own, no_table) is None
     (pod / "cpu.max").unlink()
     (tmp_path / "cpu.max").write_text("150000 100000\n")  # in a cgroup namespace: the root
-    assert _cgroup.cpu_quota(tmp_path, own) == 1.5
+    assert _cgroup.cpu_quota(tmp_path, own, no_table) == 1.5
     (tmp_path / "cpu.max").unlink()
     v1 = tmp_path / "cpu,cpuacct"
     v1.mkdir()
     (v1 / "cpu.cfs_period_us").write_text("100000\n")
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # cgroup v1: no limit
-    assert _cgroup.cpu_quota(tmp_path, own) is None
+    assert _cgroup.cpu_quota(tmp_path, own, no_table) is None
     (v1 / "cpu.cfs_quota_us").write_text("800000\n")
-    assert _cgroup.cpu_quota(tmp_path, own) == 8.0
-    assert _cgroup.cpu_quota(tmp_path / "missing", tmp_path / "missing_self") is None
+    assert _cgroup.cpu_quota(tmp_path, own, no_table) == 8.0
+    assert _cgroup.cpu_quota(tmp_path / "missing", tmp_path / "missing_self", no_table) is None
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
