@@ -26,17 +26,17 @@ _V1_FOLDERS = {"memory": ("memory",), "cpu": ("cpu", "cpu,cpuacct", "cpuacct,cpu
 
 
 def read_text(path: Path) -> str | None:
-    """The file's text; None where it is missing, unreadable or not UTF-8."""
+    """The file's text (bytes that are not UTF-8 kept as in file names); None where it is missing or unreadable."""
     try:
-        return path.read_text()
+        return path.read_text(errors="surrogateescape")
     except (OSError, ValueError):
         return None
 
 
 def count(text: str) -> int | None:
-    """A plain decimal count; None for anything else ("max", "-1", "")."""
+    """A plain decimal count of at most 20 digits (any 64-bit one); None for anything else ("max", "-1", "")."""
     text = text.strip()
-    return int(text) if text.isascii() and text.isdigit() else None
+    return int(text) if len(text) <= 20 and text.isascii() and text.isdigit() else None
 
 
 def read_int(path: Path) -> int | None:
@@ -61,21 +61,32 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)  # mountinfo writes " " as "\040"
 
 
-def mounts(mountinfo: Path = MOUNTINFO) -> dict[str, tuple[str, Path]]:
-    """Per hierarchy (a v1 controller of :data:`CONTROLLERS`, or :data:`V2`): the cgroup its first mount shows
-    as its root, and where it is mounted; empty where ``mountinfo`` is unreadable."""
-    found: dict[str, tuple[str, Path]] = {}
+def mounts(mountinfo: Path = MOUNTINFO) -> dict[str, list[tuple[str, Path]]]:
+    """Per hierarchy (a v1 controller of :data:`CONTROLLERS`, or :data:`V2`), its mounts in the table's order:
+    the cgroup each shows as its root, and where it is; empty where ``mountinfo`` is unreadable."""
+    found: dict[str, list[tuple[str, Path]]] = {}
     for line in (read_text(mountinfo) or "").splitlines():
-        fields = line.split()
-        if "-" not in fields[6:]:
-            continue
-        tail = fields[fields.index("-", 6) + 1:]  # fstype, source, superblock options
-        if len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+        # "ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS"; names escape spaces
+        head, sep, tail = line.partition(" - ")
+        fields, after = head.split(" "), tail.split(" ")
+        if not sep or len(fields) < 6 or len(after) < 3 or after[0] not in ("cgroup", "cgroup2"):
             continue
         mount = (_unescape(fields[3]), Path(_unescape(fields[4])))
-        for key in [V2] if tail[0] == "cgroup2" else [c for c in CONTROLLERS if c in tail[2].split(",")]:
-            found.setdefault(key, mount)
+        for key in [V2] if after[0] == "cgroup2" else [c for c in CONTROLLERS if c in after[2].split(",")]:
+            found.setdefault(key, []).append(mount)
     return found
+
+
+def _under(path: str, root: str) -> bool:
+    return root == "/" or path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _mount_for(path: str | None, candidates: list[tuple[str, Path]]) -> tuple[str, Path]:
+    """Of a hierarchy's mounts, the one that shows the most of the way to ``path``: the longest root above it
+    (roots outside this cgroup namespace, ``/../x``, last); the first mount where none is above it."""
+    usable = [m for m in candidates if ".." not in Path(m[0]).parts] or candidates
+    above = [m for m in usable if path is not None and _under(path, m[0])]
+    return max(above, key=lambda m: len(m[0])) if above else usable[0]
 
 
 def _up_from(base: Path, path: str) -> list[Path]:
@@ -96,7 +107,7 @@ def _dirs(key: str, own: Path, mountinfo: Path, fallback: list[Path]) -> list[Pa
     if table:
         if key not in table:
             return []
-        root, base = table[key]
+        root, base = _mount_for(path, table[key])
     elif fallback:
         root, base = "/", fallback[0]
     else:
@@ -106,7 +117,7 @@ def _dirs(key: str, own: Path, mountinfo: Path, fallback: list[Path]) -> list[Pa
     if ".." in Path(path).parts:
         return []
     if root != "/":  # the mount shows the subtree under `root` (a container without a cgroup namespace)
-        if path != root and not path.startswith(root.rstrip("/") + "/"):
+        if not _under(path, root):
             return [base]  # the process's own cgroup is the mount's root, by the container's convention
         path = path[len(root):]
     return _up_from(base, path)

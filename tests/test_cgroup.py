@@ -56,11 +56,41 @@ def test_own_paths_per_controller(tmp_path):
 def test_mounts_from_the_mount_table(tmp_path):
     table = _table(tmp_path, ("/", "cg/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"), ("/", "cg/my memory", "cgroup", "rw,memory"),
                    ("/", "cg/pids", "cgroup", "rw,pids"), ("/", "cg/unified", "cgroup2", "rw,nsdelegate"),
-                   ("/", "elsewhere/memory", "cgroup", "rw,memory"))
-    table.write_text(table.read_text().replace("my memory", "my\\040memory"))  # a space, as the kernel writes it
-    assert _cgroup.mounts(table) == {"cpu": ("/", tmp_path / "cg/cpu,cpuacct"), "memory": ("/", tmp_path / "cg/my memory"),
-                                     "": ("/", tmp_path / "cg/unified")}  # the first mount of each
+                   ("/pod 1", "elsewhere/memory", "cgroup", "rw,memory"))
+    text = table.read_text().replace("my memory", "my\\040memory").replace("/pod 1", "/pod\\0401")  # as the kernel
+    lines = [
+        f"50 23 0:50 / {tmp_path}/no-optional rw - cgroup cgroup rw,memory",  # no optional fields
+        f"51 23 0:51 /a\\134b {tmp_path}/many rw shared:1 master:2 propagate_from:3 - cgroup cgroup rw,memory",
+        f"52 23 0:52 / {tmp_path}/nameless rw - cgroup2  rw,nsdelegate",  # an empty source
+        "1 2 3", "-", "53 23 0:53 / /x rw - cgroup", "54 23 0:54 / /y rw - - cgroup x rw,memory",  # malformed
+    ]
+    table.write_text(text + "\n".join(lines) + "\n")
+    assert _cgroup.mounts(table) == {
+        "cpu": [("/", tmp_path / "cg/cpu,cpuacct")], "": [("/", tmp_path / "cg/unified"), ("/", tmp_path / "nameless")],
+        "memory": [("/", tmp_path / "cg/my memory"), ("/pod 1", tmp_path / "elsewhere/memory"),
+                   ("/", tmp_path / "no-optional"), ("/a\\b", tmp_path / "many")]}
     assert _cgroup.mounts(tmp_path / "missing") == {}
+
+
+def test_the_mount_that_shows_the_processs_cgroup_is_read(tmp_path):
+    """Two mounts of the memory hierarchy: the host's whole tree, and (listed first) a bind mount of a pod's
+    cgroup, as in a container that sees a sub-cgroup of the host's through a volume."""
+    own = tmp_path / "self_cgroup"
+    table = _table(tmp_path, ("/kubepods/pod1", "pod", "cgroup", "rw,memory"), ("/", "host", "cgroup", "rw,memory"),
+                   ("/../..", "outside", "cgroup", "rw,cpu"))
+    _v1_memory(tmp_path / "pod" / "worker", 3 * GIB, 1 * GIB)
+    _v1_memory(tmp_path / "host" / "other", 5 * GIB, 1 * GIB)
+    own.write_text("4:memory:/kubepods/pod1/worker\n")
+    assert _cgroup.v1_dirs("memory", tmp_path, own, table) == [tmp_path / "pod/worker", tmp_path / "pod"]
+    assert memory._cgroup_available(tmp_path, own, table) == 2 * GIB
+    own.write_text("4:memory:/other\n")  # not under the pod's mount: the host's
+    assert memory._cgroup_available(tmp_path, own, table) == 4 * GIB
+    own.write_text("3:cpu:/x\n")  # the only cpu mount shows a cgroup outside this namespace: its folder, no deeper
+    assert _cgroup.v1_dirs("cpu", tmp_path, own, table) == [tmp_path / "outside"]
+    own.write_text("0::/\n")  # the table is readable and has no v2 mount: no v2 limits, not the fallback folder
+    (tmp_path / "memory.max").write_text(f"{GIB}\n")
+    assert _cgroup.v2_dirs(tmp_path, own, table) == []
+    assert _cgroup.v2_dirs(tmp_path, own, tmp_path / "none") == [tmp_path]
 
 
 def test_a_slurm_jobs_memory_limit_above_the_steps_cgroup_counts(tmp_path):
@@ -135,9 +165,10 @@ def test_the_tightest_cpu_quota_and_memory_limit_on_the_way_up_wins(tmp_path):
 
 def test_odd_files_are_no_limit_never_an_error(tmp_path):
     own = tmp_path / "self_cgroup"
-    own.write_bytes(b"4:memory:/caf\xe9\n0::/caf\xe9\n")  # not UTF-8
-    assert _cgroup.own_paths(own) == {}
-    assert memory._cgroup_available(tmp_path, own, tmp_path / "none") is None
+    own.write_bytes(b"0::/caf\xe9\n")  # a cgroup name that is not UTF-8 is still a name
+    (tmp_path / os.fsdecode(b"caf\xe9")).mkdir()
+    (tmp_path / os.fsdecode(b"caf\xe9") / "memory.max").write_text(f"{2 * GIB}\n")
+    assert memory._cgroup_available(tmp_path, own, tmp_path / "none") == 2 * GIB
     own.write_text("0::/job\n" + "x" * 5000 + "\n")
     job = tmp_path / "job"
     job.mkdir()
@@ -146,10 +177,28 @@ def test_odd_files_are_no_limit_never_an_error(tmp_path):
     (job / "memory.stat").write_text("inactive_file \u00b3\n")
     assert _cgroup.cpu_quota(tmp_path, own, tmp_path / "none") is None
     assert memory._cgroup_available(tmp_path, own, tmp_path / "none") == 4 * GIB
+    (job / "cpu.max").write_text("9" * 5000 + " 1\n")  # more digits than int() takes, or a float holds
+    (job / "memory.max").write_text("9" * 400 + "\n")
+    assert _cgroup.cpu_quota(tmp_path, own, tmp_path / "none") is None
+    assert memory._cgroup_available(tmp_path, own, tmp_path / "none") is None
     own.write_text("0::/" + "y" * 5000 + "\n")  # a name too long for the file system
     assert _cgroup.v2_dirs(tmp_path, own, tmp_path / "none") == [tmp_path]
-    (tmp_path / "mountinfo").write_bytes(b"31 23 0:28 / /sys/fs/cgroup rw - \xff\n1 2 3\n-\n")
-    assert _cgroup.mounts(tmp_path / "mountinfo") == {}
+    (tmp_path / "mountinfo").write_bytes(b"31 23 0:28 / /sys/fs/cgroup/caf\xe9 rw - cgroup2 cgroup2 rw\n")
+    assert _cgroup.mounts(tmp_path / "mountinfo") == {"": [("/", Path(os.fsdecode(b"/sys/fs/cgroup/caf\xe9")))]}
+
+
+def test_an_own_cgroup_without_use_hierarchy_still_holds_itself(tmp_path):
+    own = tmp_path / "self_cgroup"
+    own.write_text("4:memory:/job\n")
+    table = _table(tmp_path, ("/", "memory", "cgroup", "rw,memory"))
+    _v1_memory(tmp_path / "memory", 8 * GIB, 1 * GIB)
+    (tmp_path / "memory" / "memory.use_hierarchy").write_text("0\n")  # the root holds only itself
+    _v1_memory(tmp_path / "memory" / "job", 6 * GIB, 1 * GIB)
+    (tmp_path / "memory" / "job" / "memory.use_hierarchy").write_text("0\n")
+    assert memory._cgroup_available(tmp_path, own, table) == 5 * GIB
+    (tmp_path / "memory" / "memory.use_hierarchy").write_text("1\n")
+    _v1_memory(tmp_path / "memory", 4 * GIB, 1 * GIB)
+    assert memory._cgroup_available(tmp_path, own, table) == 3 * GIB
 
 
 def _remove(d: Path) -> None:
