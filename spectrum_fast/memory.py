@@ -41,12 +41,14 @@ def _meminfo_available() -> int | None:
 
 def _cgroup_available(root: Path = ROOT, own: Path = OWN, mountinfo: Path = MOUNTINFO) -> int | None:
     """The least room (limit minus usage) among this process's memory cgroups, its own and each one above it
-    (v2 and v1); None where none of them has a limit."""
+    (v2: ``memory.max`` or the lower ``memory.high``; v1: ``memory.limit_in_bytes``); None where none of them
+    has a limit."""
     rooms = []
     for d in v2_dirs(root, own, mountinfo):
-        limit = read_int(d / "memory.max")  # "max": no limit here
-        if limit is not None:
-            rooms.append(limit - (read_int(d / "memory.current") or 0) + _stat(d / "memory.stat", "inactive_file"))
+        # "max": no limit here; above memory.high (systemd's MemoryHigh=) the kernel throttles and reclaims hard
+        limits = [v for v in (read_int(d / "memory.max"), read_int(d / "memory.high")) if v is not None]
+        if limits:
+            rooms.append(min(limits) - (read_int(d / "memory.current") or 0) + _stat(d / "memory.stat", "inactive_file"))
     for i, d in enumerate(v1_dirs("memory", root, own, mountinfo)):
         limit = read_int(d / "memory.limit_in_bytes")  # "no limit" is a huge number
         # an ancestor's limit holds its descendants only with use_hierarchy (always, from Linux 5.11)

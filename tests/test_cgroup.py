@@ -161,6 +161,12 @@ def test_the_tightest_cpu_quota_and_memory_limit_on_the_way_up_wins(tmp_path):
     assert memory._cgroup_available(tmp_path, own, table) == 1 * GIB
     (scope / "memory.current").write_text(f"{5 * GIB}\n")  # over the limit (reclaim pending): no room, not less
     assert memory._cgroup_available(tmp_path, own, table) == 0
+    (scope / "memory.current").write_text(f"{2 * GIB}\n")
+    (slice_ / "memory.current").write_text(f"{5 * GIB}\n")
+    (scope / "memory.high").write_text(f"{3 * GIB}\n")  # systemd's MemoryHigh=: throttled above it
+    assert memory._cgroup_available(tmp_path, own, table) == 1 * GIB
+    (scope / "memory.high").write_text("max\n")
+    assert memory._cgroup_available(tmp_path, own, table) == 2 * GIB
 
 
 def test_odd_files_are_no_limit_never_an_error(tmp_path):
