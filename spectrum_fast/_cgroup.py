@@ -98,18 +98,19 @@ def _up_from(base: Path, path: str) -> list[Path]:
     return [base / p for p in (rel, *rel.parents)]
 
 
-def _dirs(key: str, own: Path, mountinfo: Path, fallback: list[Path]) -> list[Path]:
+def _dirs(key: str, own: Path, mountinfo: Path, fallback: Path | None) -> list[Path]:
     """The folders of hierarchy ``key`` whose limits apply to this process, innermost first: its own cgroup and
     those above it, as far up as the mount shows; empty where the process's cgroup is outside what is mounted
-    (``/proc/self/cgroup`` writes ``/../x`` for a cgroup outside this cgroup namespace)."""
+    (``/proc/self/cgroup`` writes ``/../x`` for a cgroup outside this cgroup namespace). ``fallback`` is where
+    the hierarchy is taken to be mounted, showing its root, when the mount table is unreadable."""
     path = own_paths(own).get(key)
     table = mounts(mountinfo)
     if table:
         if key not in table:
             return []
         root, base = _mount_for(path, table[key])
-    elif fallback:
-        root, base = "/", fallback[0]
+    elif fallback is not None:
+        root, base = "/", fallback
     else:
         return []
     if path is None:
@@ -126,14 +127,14 @@ def _dirs(key: str, own: Path, mountinfo: Path, fallback: list[Path]) -> list[Pa
 def v2_dirs(root: Path = ROOT, own: Path = OWN, mountinfo: Path = MOUNTINFO) -> list[Path]:
     """The cgroup v2 folders whose limits apply to this process, innermost first (``root`` is where v2 is taken
     to be mounted when ``mountinfo`` is unreadable)."""
-    return _dirs(V2, own, mountinfo, [root])
+    return _dirs(V2, own, mountinfo, root)
 
 
 def v1_dirs(controller: str, root: Path = ROOT, own: Path = OWN, mountinfo: Path = MOUNTINFO) -> list[Path]:
     """The cgroup v1 folders of ``controller`` (``"memory"``, ``"cpu"``) whose limits apply to this process,
     innermost first; empty where that hierarchy is not mounted."""
-    fallback = [root / name for name in _V1_FOLDERS[controller] if os.path.isdir(root / name)]
-    return _dirs(controller, own, mountinfo, fallback[:1])
+    fallback = next((root / name for name in _V1_FOLDERS[controller] if os.path.isdir(root / name)), None)
+    return _dirs(controller, own, mountinfo, fallback)
 
 
 def cpu_quota(root: Path = ROOT, own: Path = OWN, mountinfo: Path = MOUNTINFO) -> float | None:
