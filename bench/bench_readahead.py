@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         real_warm = cuda_engine._warm
         cuda_engine._CHUNK_BYTES = nbytes  # one matrix per engine call, as for a 100B model's ~1 GB matrices
         times: dict[str, list[float]] = {"without": [], "one_thread": [], "with": []}
-        warm = {"without": lambda infos, stop: 0, "one_thread": lambda infos, stop: real_warm(infos, stop, threads=1),
+        warm = {"without": lambda infos, stop, threads=None: 0,
+                "one_thread": lambda infos, stop, threads=None: real_warm(infos, stop, threads=1),
                 "with": real_warm}  # "with": warm_threads() threads, as the scan reads ahead
         try:
             for _ in range(args.repeats):

@@ -565,6 +565,7 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
     full launch at the end stay queued (:meth:`Session.finish` delivers them)."""
     chunks = _chunks(infos, units)
     stop = threading.Event()
+    readers = warm_threads()  # once per share: it reads the CPU affinity and the cgroup files
     warmer: threading.Thread | None = None
     try:
         for index, chunk in enumerate(chunks):
@@ -572,7 +573,7 @@ def _run_device(engine, infos: list[TensorInfo], done: Callable[[TensorInfo, Mat
                 warmer.join()  # this chunk is in the page cache (or being read as fast as the disk allows)
                 warmer = None
             if index + 1 < len(chunks):
-                thread = threading.Thread(target=_warm, args=(chunks[index + 1], stop), daemon=True,
+                thread = threading.Thread(target=_warm, args=(chunks[index + 1], stop, readers), daemon=True,
                                           name="spectrum_fast-warm")
                 thread.start()
                 warmer = thread  # only a started thread is joined below

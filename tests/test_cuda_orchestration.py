@@ -280,8 +280,11 @@ def test_next_chunk_is_read_ahead_while_the_engine_works(fake_gpu, tmp_path, mon
     warmed: list[str] = []
     real_warm = cuda_engine._warm
 
-    def spy(infos, stop):
-        real_warm(infos, stop)
+    readers: list[int | None] = []
+
+    def spy(infos, stop, threads=None):
+        real_warm(infos, stop, threads)
+        readers.append(threads)
         warmed.extend(i.name for i in infos)
 
     started: list[tuple[str, list[str]]] = []
@@ -296,6 +299,7 @@ def test_next_chunk_is_read_ahead_while_the_engine_works(fake_gpu, tmp_path, mon
     res = spectrum_fast.scan(tmp_path, device="cuda", progress=False)
     assert len(res) == 5 and len(started) == 5
     assert len(warmed) == 4  # every chunk but the first
+    assert readers == [cuda_engine.warm_threads()] * 4  # the process's read-ahead threads, taken once
     offsets = [off for off, _ in started]
     assert offsets == sorted(offsets)
     for n_before, (_, seen) in enumerate(started):
