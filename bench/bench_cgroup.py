@@ -73,13 +73,11 @@ def entering(dirs: dict[str, Path]) -> tuple[str, ...]:
 
 def counters(dirs: dict[str, Path]) -> dict:
     """The cgroups' peak memory, OOM kills and CPU throttling so far."""
-    def pairs(path: Path) -> dict[str, str]:
-        return dict(line.split() for line in path.read_text().splitlines())
-
-    cpu = pairs(dirs["cpu"] / "cpu.stat")
-    return {"cgroup_peak_gb": round((_cgroup.read_int(dirs["memory"] / "memory.max_usage_in_bytes") or 0) / 2**30, 2),
-            "oom_kills": int(pairs(dirs["memory"] / "memory.oom_control").get("oom_kill", 0)),
-            "nr_throttled": int(cpu.get("nr_throttled", 0)), "throttled_s": round(int(cpu.get("throttled_time", 0)) / 1e9, 2)}
+    mem, cpu = dirs["memory"], dirs["cpu"] / "cpu.stat"
+    return {"cgroup_peak_gb": round((_cgroup.read_int(mem / "memory.max_usage_in_bytes") or 0) / 2**30, 2),
+            "oom_kills": _cgroup.stat(mem / "memory.oom_control", "oom_kill"),
+            "nr_throttled": _cgroup.stat(cpu, "nr_throttled"),
+            "throttled_s": round(_cgroup.stat(cpu, "throttled_time") / 1e9, 2)}
 
 
 def run(tree: Path, ckpt: Path, out: Path, limits: dict[tuple[str, str], int]) -> dict:

@@ -45,6 +45,16 @@ def read_int(path: Path) -> int | None:
     return None if text is None else count(text)
 
 
+def stat(path: Path, key: str) -> int:
+    """One counter of a cgroup's ``key value`` file (``memory.stat``, ``cpu.stat``, ``memory.oom_control``); 0
+    where the file or the key is missing or the value is not a count."""
+    for line in (read_text(path) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return count(value) or 0
+    return 0
+
+
 def own_paths(own: Path = OWN) -> dict[str, str]:
     """This process's cgroup path per v1 controller (``"4:memory:/slurm/job_7"`` -> ``{"memory": ...}``), and
     its cgroup v2 path under the key :data:`V2` (``"0::/kubepods/pod1"``); empty where ``own`` is unreadable."""

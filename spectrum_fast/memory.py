@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from ._cgroup import MOUNTINFO, OWN, ROOT, count, read_int, read_text, v1_dirs, v2_dirs
+from ._cgroup import MOUNTINFO, OWN, ROOT, read_int, stat, v1_dirs, v2_dirs
 from .distributed import local_world_size
 from .errors import SpectrumError
 
@@ -48,24 +48,15 @@ def _cgroup_available(root: Path = ROOT, own: Path = OWN, mountinfo: Path = MOUN
         # "max": no limit here; above memory.high (systemd's MemoryHigh=) the kernel throttles and reclaims hard
         limits = [v for v in (read_int(d / "memory.max"), read_int(d / "memory.high")) if v is not None]
         if limits:
-            rooms.append(min(limits) - (read_int(d / "memory.current") or 0) + _stat(d / "memory.stat", "inactive_file"))
+            # the usage counts the page cache; its inactive part is given back on demand, as MemAvailable counts it
+            rooms.append(min(limits) - (read_int(d / "memory.current") or 0) + stat(d / "memory.stat", "inactive_file"))
     for i, d in enumerate(v1_dirs("memory", root, own, mountinfo)):
         limit = read_int(d / "memory.limit_in_bytes")  # "no limit" is a huge number
         # an ancestor's limit holds its descendants only with use_hierarchy (always, from Linux 5.11)
         if limit is not None and limit < 1 << 60 and (i == 0 or read_int(d / "memory.use_hierarchy") != 0):
             usage = read_int(d / "memory.usage_in_bytes") or 0
-            rooms.append(limit - usage + _stat(d / "memory.stat", "total_inactive_file"))
+            rooms.append(limit - usage + stat(d / "memory.stat", "total_inactive_file"))
     return max(0, min(rooms)) if rooms else None
-
-
-def _stat(path: Path, key: str) -> int:
-    """One counter of a cgroup's memory.stat (0 where missing): the usage counts the page cache, and the
-    inactive part of it is given back on demand, as MemAvailable counts it."""
-    for line in (read_text(path) or "").splitlines():
-        name, _, value = line.partition(" ")
-        if name == key:
-            return count(value) or 0
-    return 0
 
 
 def available_bytes() -> int | None:
