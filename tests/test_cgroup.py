@@ -8,14 +8,16 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
 from spectrum_fast import _cgroup, memory
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_cgroup  # (its cgroup maker and mover, for the test in a real cgroup)
 
 GIB = 1 << 30
 
@@ -207,40 +209,18 @@ def test_an_own_cgroup_without_use_hierarchy_still_holds_itself(tmp_path):
     assert memory._cgroup_available(tmp_path, own, table) == 3 * GIB
 
 
-def _remove(d: Path) -> None:
-    """rmdir a test cgroup, again for a moment while the kernel still counts a process that just exited."""
-    for _ in range(50):
-        try:
-            d.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.1)
-
-
 @contextmanager
 def _real_cgroups(name: str) -> Iterator[dict[str, Path]]:
     """Per controller (memory, cpu), a new cgroup ``name`` below this process's own v1 cgroup and a cgroup
-    ``inner`` in it, removed afterwards; skips where they cannot be made (not root, no writable v1)."""
-    made: list[Path] = []
-    try:
-        inner = {}
-        for controller in ("memory", "cpu"):
-            dirs = _cgroup.v1_dirs(controller)
-            if not dirs:
-                pytest.skip(f"no cgroup v1 {controller} hierarchy mounted here")
-            for d in (dirs[0] / name, dirs[0] / name / "inner"):
-                try:
-                    d.mkdir()
-                except OSError as e:
-                    pytest.skip(f"cannot create a cgroup here ({e.strerror}): needs root and a writable cgroup v1")
-                made.append(d)
-            inner[controller] = dirs[0] / name / "inner"
+    ``inner`` in it (bench/bench_cgroup.py's, removed afterwards); skips where they cannot be made (not root, no
+    writable v1)."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(bench_cgroup.cgroup(name))
+            inner = stack.enter_context(bench_cgroup.cgroup(f"{name}/inner"))
+        except SystemExit as e:  # the bench's one-line error
+            pytest.skip(str(e))
         yield inner
-    finally:
-        for d in reversed(made):
-            _remove(d)
 
 
 def test_a_process_in_a_real_cgroup_sees_the_limits_above_it():
@@ -259,10 +239,9 @@ def test_a_process_in_a_real_cgroup_sees_the_limits_above_it():
                 "print(_cgroup.cpu_quota(), memory._cgroup_available(), distributed.cores_per_rank(), "
                 "*scanner._parallelism(None))")
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_WORLD_SIZE", "SPECTRUM_FAST_MEMORY_GB")}
-        enter = f'echo $$ > "{mem}/cgroup.procs" && echo $$ > "{cpu}/cgroup.procs" && exec "$@"'
 
         def inside(*cmd: str) -> str:  # cmd's output, run as a process of the inner cgroups
-            done = subprocess.run(["sh", "-c", enter, "sh", *cmd], check=False, capture_output=True, text=True,
+            done = subprocess.run([*bench_cgroup.entering(inner), *cmd], check=False, capture_output=True, text=True,
                                   env=env, timeout=120)
             assert done.returncode == 0, done.stderr
             return done.stdout
