@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"disk {disk_bps / 1e9:.2f} GB/s; without {best['without']:.2f} s (read + compute {read_s + compute_s:.2f} s), "
           f"with {best['with']:.2f} s (overlapped {doc['overlapped_prediction_s']:.2f} s): {doc['speedup']:.2f}x; "
           f"read ahead by one thread {best['one_thread']:.2f} s ({doc['threads_speedup']:.2f}x for "
-          f"{cuda_engine.warm_threads()} threads)")
+          f"{doc['warm_threads']} threads)")
     write_result(args.json, doc)
     return 0
 
